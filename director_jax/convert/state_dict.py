@@ -1,0 +1,135 @@
+"""Reading and writing PyTorch-style state dicts safely, and checking them against a model.
+
+Shared by every converter (VAE, DiT, SR): weight files from users are untrusted, so ``.pth`` goes
+only through ``torch.load(..., weights_only=True)``; safetensors is preferred and written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+class WeightMismatchError(ValueError):
+    """A weight file does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str],
+                 mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"weights from {source} do not fit the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        for key, want, got in mismatched:
+            lines.append(f"  wrong shape: {key}: file has {got}, model needs {want}")
+        lines.append("Check that the config matches the checkpoint (e.g. base_dim, dim_mult, num_res_blocks).")
+        super().__init__("\n".join(lines))
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray],
+                     source: str) -> None:
+    """Raises WeightMismatchError unless ``state`` has exactly the expected keys and shapes."""
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [
+        (k, tuple(expected[k]), tuple(np.shape(state[k])))
+        for k in sorted(expected)
+        if k in state and tuple(np.shape(state[k])) != tuple(expected[k])
+    ]
+    if missing or unexpected or mismatched:
+        raise WeightMismatchError(source, missing, unexpected, mismatched)
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a ``.safetensors`` file, a sharded safetensors index, or a ``.pth``/``.pt`` file.
+
+    ``.pth`` files are read with ``weights_only=True`` (no arbitrary unpickling); a top-level
+    ``state_dict`` / ``model`` / ``module`` wrapper holding a dict of tensors is unwrapped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weight file {path} does not exist.")
+    if path.name.endswith(".safetensors.index.json"):
+        index = json.loads(path.read_text())
+        state: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(read_state_dict(path.parent / shard))
+        return state
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except TypeError:  # bfloat16 has no NumPy dtype: go through torch
+            from safetensors.torch import load_file as load_torch
+
+            return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        import torch
+
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(obj, dict) and set(obj) == {wrapper}:
+                obj = obj[wrapper]
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    raise ValueError(f"unknown weight file type {path.name!r}: use .safetensors, a .safetensors index, or .pth.")
+
+
+def read_diffusers_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """A diffusers model directory -> (config dict, state dict); single-file or sharded weights."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory} has no config.json: it is not a diffusers model directory.")
+    config = json.loads(config_path.read_text())
+    for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX):
+        if (directory / name).exists():
+            return config, read_state_dict(directory / name)
+    raise FileNotFoundError(f"{directory} has neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}.")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Writes through a temporary file in the same directory, then renames: never a torn file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_diffusers_dir(directory: str | os.PathLike, config: dict, state: Mapping[str, np.ndarray],
+                        class_name: str) -> Path:
+    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (float32), atomically."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": class_name, **config}
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    _atomic_write(directory / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    _atomic_write(directory / "config.json",
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return directory

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates (first use) or refreshes (requirements changed) the project's virtual environment in .venv,
+# then installs director_jax in editable mode. Sourced by scripts/demo.sh and scripts/test.sh.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DIRECTOR_JAX_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>/dev/null || {
+  echo "director_jax needs Python 3.11 (found: $("$PY" --version 2>&1)). Set PYTHON=/path/to/python3.11." >&2
+  exit 1
+}
+STAMP="$VENV/.director_jax_requirements"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" "$ROOT/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "[env] setting up $VENV (first use or requirements changed) ..." >&2
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+  # torch first, pinned, so that diffusers or anything else cannot pull a CUDA build.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    -r "$ROOT/requirements-test.txt" -c "$ROOT/requirements.lock" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$ROOT" >&2
+  echo "$WANT" > "$STAMP"
+  echo "[env] ready" >&2
+fi
+export PATH="$VENV/bin:$PATH"
+export DIRECTOR_JAX_ROOT="$ROOT"
