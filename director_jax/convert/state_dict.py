@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from director_jax.io_utils import atomic_write, atomic_write_text
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -85,7 +87,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         import torch
 
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # arbitrary pickled objects (or a corrupt file): refused
+            detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+            raise ValueError(
+                f"refusing to load {path}: torch.load(weights_only=True) found more than plain tensors in it "
+                f"({' '.join(detail.split())}). User .pth files are never fully unpickled; if you trust the "
+                "file, convert it to .safetensors yourself."
+            ) from e
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(obj, dict) and set(obj) == {wrapper}:
                 obj = obj[wrapper]
@@ -108,18 +118,6 @@ def read_diffusers_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, np
     raise FileNotFoundError(f"{directory} has neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}.")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Writes through a temporary file in the same directory, then renames: never a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_diffusers_dir(directory: str | os.PathLike, config: dict, state: Mapping[str, np.ndarray],
                         class_name: str) -> Path:
     """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (float32), atomically."""
@@ -129,7 +127,6 @@ def write_diffusers_dir(directory: str | os.PathLike, config: dict, state: Mappi
     directory.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": class_name, **config}
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
-    _atomic_write(directory / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(directory / "config.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(directory / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory

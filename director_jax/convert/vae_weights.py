@@ -35,24 +35,28 @@ def _module_key(path: tuple) -> str:
 
 
 def diffusers_param_table(vae: WanVAE) -> dict[str, _Entry]:
-    """Maps each diffusers key to where the parameter lives in ``vae`` and how to transpose it."""
+    """Maps each diffusers key to where the parameter lives in ``vae`` and how to transpose it.
+
+    Reads only shapes, so ``vae`` may be abstract (``nnx.eval_shape``), as may the ``vae`` that
+    ``load_diffusers_state_dict`` fills.
+    """
     table: dict[str, _Entry] = {}
     for path, module in nnx.iter_graph(vae):
         if not isinstance(module, CausalConv3d | Conv2d | RMSNorm):
             continue
         prefix = _module_key(path)
         if isinstance(module, CausalConv3d):
-            kt, kh, kw, cin, cout = module.kernel[...].shape
+            kt, kh, kw, cin, cout = module.kernel.get_value().shape
             table[f"{prefix}.weight"] = (path + ("kernel",), lambda a: a.transpose(4, 3, 0, 1, 2),
                                          lambda a: a.transpose(2, 3, 4, 1, 0), (cout, cin, kt, kh, kw))
             table[f"{prefix}.bias"] = (path + ("bias",), lambda a: a, lambda a: a, (cout,))
         elif isinstance(module, Conv2d):
-            kh, kw, cin, cout = module.kernel[...].shape
+            kh, kw, cin, cout = module.kernel.get_value().shape
             table[f"{prefix}.weight"] = (path + ("kernel",), lambda a: a.transpose(3, 2, 0, 1),
                                          lambda a: a.transpose(2, 3, 1, 0), (cout, cin, kh, kw))
             table[f"{prefix}.bias"] = (path + ("bias",), lambda a: a, lambda a: a, (cout,))
         else:
-            (dim,) = module.gamma[...].shape
+            (dim,) = module.gamma.get_value().shape
             shape = (dim, 1, 1) if module.images else (dim, 1, 1, 1)
             table[f"{prefix}.gamma"] = (path + ("gamma",), lambda a, s=shape: a.reshape(s),
                                         lambda a: a.reshape(-1), shape)
@@ -78,7 +82,7 @@ def load_diffusers_state_dict(vae: WanVAE, state: Mapping[str, np.ndarray], sour
     check_state_dict({k: e[3] for k, e in table.items()}, state, source)
     for key, (path, _, from_torch, _) in table.items():
         param = _get(vae, path)
-        param.set_value(jnp.asarray(from_torch(np.asarray(state[key], np.float32)), param[...].dtype))
+        param.set_value(jnp.asarray(from_torch(np.asarray(state[key], np.float32)), param.get_value().dtype))
     return vae
 
 

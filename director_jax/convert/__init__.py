@@ -1,0 +1,9 @@
+"""Weight conversion: official Wan2.1 / diffusers checkpoints <-> this project's Flax modules.
+
+``python -m director_jax.convert import|export --model vae ...`` is the command line.
+"""
+
+from director_jax.convert.state_dict import WeightMismatchError
+from director_jax.convert.vae import VAECheckpoint, export_vae, load_vae, read_vae_checkpoint
+
+__all__ = ["VAECheckpoint", "WeightMismatchError", "export_vae", "load_vae", "read_vae_checkpoint"]

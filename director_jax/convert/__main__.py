@@ -1,0 +1,88 @@
+"""Command line for weight conversion.
+
+    python -m director_jax.convert import --model vae --src PATH [--config JSON] --out DIR
+    python -m director_jax.convert export --model vae --src DIR --out DIR
+
+``import`` reads any supported checkpoint (a diffusers directory, a .safetensors or .pth file in the
+diffusers or official Wan2.1 layout), checks it against the model and writes this project's format:
+a diffusers-layout directory. ``export`` re-writes such a directory for diffusers / PyTorch users.
+``--config`` is a config.json path or an inline JSON object with diffusers' AutoencoderKLWan keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from director_jax.convert import vae as vae_convert
+from director_jax.convert.state_dict import WeightMismatchError
+
+
+def _config_arg(text: str | None):
+    if text is None:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config is not valid JSON: {e}") from e
+    return Path(text)
+
+
+def _import_vae(args: argparse.Namespace) -> str:
+    ckpt = vae_convert.read_vae_checkpoint(args.src, _config_arg(args.config))
+    vae = vae_convert.vae_from_checkpoint(ckpt)
+    out = vae_convert.export_vae(vae, args.out)
+    return f"imported vae: {vae_convert.parameter_count(vae):,} parameters, {ckpt.describe()} -> {out}"
+
+
+def _export_vae(args: argparse.Namespace) -> str:
+    if not Path(args.src).is_dir():
+        raise ValueError(f"export reads a model directory written by `import`; {args.src} is not a directory "
+                         "(use `import` for weight files).")
+    ckpt = vae_convert.read_vae_checkpoint(args.src, _config_arg(args.config))
+    vae = vae_convert.vae_from_checkpoint(ckpt)
+    out = vae_convert.export_vae(vae, args.out)
+    return f"exported vae: {vae_convert.parameter_count(vae):,} parameters, {ckpt.describe()} -> {out} (diffusers)"
+
+
+# model name -> command -> handler; add "dit" and "sr" here.
+MODELS: dict[str, dict[str, Callable[[argparse.Namespace], str]]] = {
+    "vae": {"import": _import_vae, "export": _export_vae},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m director_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("import", "any supported checkpoint -> this project's format"),
+                       ("export", "this project's format -> a diffusers directory")):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--model", required=True, help=f"which model's weights: {', '.join(sorted(MODELS))}")
+        sub.add_argument("--src", required=True, help="the checkpoint to read")
+        sub.add_argument("--config", help="config.json path or inline JSON (needed for bare diffusers files)")
+        sub.add_argument("--out", required=True, help="the directory to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = MODELS.get(args.model)
+    if handlers is None:
+        print(f"error: --model {args.model!r} cannot be converted yet; supported: {', '.join(sorted(MODELS))}.",
+              file=sys.stderr)
+        return 2
+    try:
+        print(handlers[args.command](args))
+    except (WeightMismatchError, OSError, ValueError) as e:  # user errors: a message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Writing results people look at: H.264 mp4 files and PNG contact sheets (atomic writes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from director_jax.io_utils import atomic_write
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """[-1, 1] float frames -> uint8 RGB."""
+    return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
+    return frames if scale == 1 else frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, scale: int = 1, crf: int = 16) -> Path:
+    """Writes (T, H, W, 3) frames in [-1, 1] as an H.264 mp4 (sizes rounded up to even by padding)."""
+    import av
+
+    pixels = _upscale(to_uint8(frames), scale)
+    t, h, w, _ = pixels.shape
+    pixels = np.pad(pixels, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=round(fps) if float(fps).is_integer() else fps)
+            stream.width, stream.height = pixels.shape[2], pixels.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in pixels:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+    return atomic_write(path, write)
+
+
+def contact_sheet(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray]], marked: Sequence[int] = (),
+                  scale: int = 2, max_columns: int = 24) -> Path:
+    """A PNG grid: one row per labelled (T, H, W, 3) video, frames left to right.
+
+    Frames listed in ``marked`` (keyframe positions) get a yellow border, so one can see at a
+    glance that keyframes sit on the exact frames asked for.
+    """
+    from PIL import Image, ImageDraw
+
+    num_frames = rows[0][1].shape[0]
+    step = max(1, -(-num_frames // max_columns))
+    columns = sorted(set(range(0, num_frames, step)) | {m for m in marked if 0 <= m < num_frames})
+    h, w = rows[0][1].shape[1] * scale, rows[0][1].shape[2] * scale
+    label_w, pad = 110, 3
+    sheet = Image.new("RGB", (label_w + len(columns) * (w + pad), 16 + len(rows) * (h + pad)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for ci, f in enumerate(columns):
+        draw.text((label_w + ci * (w + pad), 2), f"#{f}", fill=(255, 220, 0) if f in marked else (200, 200, 200))
+    for ri, (label, video) in enumerate(rows):
+        y = 16 + ri * (h + pad)
+        draw.text((4, y + h // 2 - 6), label[:16], fill=(230, 230, 230))
+        pixels = _upscale(to_uint8(video), scale)
+        for ci, f in enumerate(columns):
+            x = label_w + ci * (w + pad)
+            sheet.paste(Image.fromarray(pixels[f]), (x, y))
+            if f in marked:
+                draw.rectangle([x - 1, y - 1, x + w, y + h], outline=(255, 220, 0), width=2)
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

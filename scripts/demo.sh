@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's first command: the CPU demo on its embedded default config. Sets up .venv on first
+# use. Extra arguments go to the demo (e.g. --workdir DIR, --config.train.steps 100).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$DIRECTOR_JAX_ROOT"
+exec python -m director_jax.demo --config configs/demo.py --workdir runs/demo "$@"
