@@ -51,7 +51,7 @@ def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str
         raise WeightMismatchError(source, missing, unexpected, mismatched)
 
 
-def _to_numpy(value) -> np.ndarray:
+def to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
@@ -83,7 +83,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except TypeError:  # bfloat16 has no NumPy dtype: go through torch
             from safetensors.torch import load_file as load_torch
 
-            return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
+            return {k: to_numpy(v) for k, v in load_torch(str(path)).items()}
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         import torch
 
@@ -101,7 +101,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 obj = obj[wrapper]
         if not isinstance(obj, dict):
             raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
-        return {k: _to_numpy(v) for k, v in obj.items()}
+        return {k: to_numpy(v) for k, v in obj.items()}
     raise ValueError(f"unknown weight file type {path.name!r}: use .safetensors, a .safetensors index, or .pth.")
 
 

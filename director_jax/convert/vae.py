@@ -29,10 +29,10 @@ import numpy as np
 from flax import nnx
 
 from director_jax.convert.state_dict import (
-    _to_numpy,
     check_state_dict,
     read_diffusers_dir,
     read_state_dict,
+    to_numpy,
     write_diffusers_dir,
 )
 from director_jax.convert.vae_weights import (
@@ -120,7 +120,7 @@ def read_vae_checkpoint(src: str | os.PathLike | Mapping[str, Any], config: Conf
         if cfg is None:
             raise ValueError("a state dict carries no config: pass config= (a WanVAEConfig, a diffusers "
                              "config dict, or a config.json path).")
-        state = {str(k): _to_numpy(v) for k, v in src.items()}
+        state = {str(k): to_numpy(v) for k, v in src.items()}
         return VAECheckpoint(cfg, state, _layout(state), "a state dict")
 
     path = Path(src)
@@ -173,9 +173,8 @@ def vae_from_checkpoint(ckpt: VAECheckpoint, *, dtype: Any = jnp.float32, param_
 def _empty_vae(config: WanVAEConfig, dtype: Any, param_dtype: Any) -> WanVAE:
     """The VAE with abstract parameters (shapes only), to be filled from a checkpoint.
 
-    A random init only to overwrite it costs tens of seconds on a CPU (every parameter shape is a
-    separately compiled random kernel). With dropout the module also holds RNG state, which a
-    checkpoint does not carry: then the VAE is initialised for real.
+    Nothing is drawn or allocated only to be overwritten. With dropout the module also holds RNG
+    state, which a checkpoint does not carry: then the VAE is initialised for real.
     """
     def build() -> WanVAE:
         return WanVAE(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
