@@ -4,5 +4,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$DIRECTOR_JAX_ROOT"
-ruff check director_jax tests benchmarks configs scripts
+ruff check .
 exec python -m pytest "$@"
