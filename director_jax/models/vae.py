@@ -195,8 +195,9 @@ class CausalConv3d(nnx.Module):
         """A sum over the kt time taps of 2D convolutions of the (strided) shifted frames.
 
         Same result as one 3D convolution; XLA's CPU backend runs it ~4x faster (72 vs 16 GFLOP/s
-        forward on a 2-core x86 machine, benchmarks/vae.py), and 2D convolutions are first-class
-        on TPU and GPU as well.
+        forward on a 2-core x86 machine: benchmarks/conv.py), and 2D convolutions are first-class
+        on TPU and GPU as well. The price: XLA's CPU backend materialises the kernel slices, one
+        transient copy of the conv weights per step (~250 MiB for the Wan-sized decoder).
         """
         x = x.astype(self.dtype)
         if any(time_padding):
