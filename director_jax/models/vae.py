@@ -200,21 +200,34 @@ class CausalConv3d(nnx.Module):
         transient copy of the conv weights per step (~250 MiB for the Wan-sized decoder).
         """
         x = x.astype(self.dtype)
-        if any(time_padding):
-            x = jnp.pad(x, ((0, 0), time_padding, (0, 0), (0, 0), (0, 0)))
         kernel = self.kernel[...].astype(self.dtype)
         kt, st = kernel.shape[0], self.stride[0]
-        b, t, h, w, c = x.shape
-        t_out = (t - kt) // st + 1
-        y = None
-        for i in range(kt):
-            frames = x[:, i:i + st * (t_out - 1) + 1:st].reshape(b * t_out, h, w, c)
-            tap = jax.lax.conv_general_dilated(
-                frames, kernel[i], window_strides=self.stride[1:], padding=self.spatial_pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            y = tap if y is None else y + tap
-        y = y + self.bias[...].astype(self.dtype)
-        return y.reshape(b, t_out, *y.shape[1:])
+        bias = self.bias[...].astype(self.dtype)
+        if time_padding == (0, 0):
+            t_out = (x.shape[1] - kt) // st + 1
+            y = sum(self._tap(x[:, i:i + st * (t_out - 1) + 1:st], kernel[i]) for i in range(kt))
+            return y + bias
+        # Causal zero padding without padding the input: tap i reaches output frame t from input
+        # frame t - shift, shift = pad - i, so it adds into the outputs from `shift` on (~15% faster
+        # than jnp.pad on the CPU: no copy of the activation per conv).
+        pad = time_padding[0]
+        if st != 1 or time_padding[1] != 0 or pad != kt - 1:
+            raise NotImplementedError(f"causal conv with stride {st} and time padding {time_padding}")
+        t = x.shape[1]
+        y = self._tap(x, kernel[kt - 1]) + bias
+        for i in range(kt - 1):
+            shift = pad - i
+            if shift < t:
+                y = y.at[:, shift:].add(self._tap(x[:, :t - shift], kernel[i]))
+        return y
+
+    def _tap(self, frames: jax.Array, kernel: jax.Array) -> jax.Array:
+        """One time tap: a 2D convolution of every frame in (B, T, H, W, C)."""
+        b, t = frames.shape[:2]
+        y = jax.lax.conv_general_dilated(
+            frames.reshape(b * t, *frames.shape[2:]), kernel, window_strides=self.stride[1:],
+            padding=self.spatial_pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y.reshape(b, t, *y.shape[1:])
 
     def valid(self, x: jax.Array) -> jax.Array:
         """The convolution with no temporal padding (the caller put the history in front)."""
