@@ -55,3 +55,26 @@ def reference_encode(model: AutoencoderKLWan, video: np.ndarray) -> tuple[np.nda
 @torch.no_grad()
 def reference_decode(model: AutoencoderKLWan, z: np.ndarray) -> np.ndarray:
     return from_torch_video(model.decode(to_torch_video(z)).sample)
+
+
+def reference_transformer(cfg, seed: int = 0):
+    """A diffusers WanTransformer3DModel with every parameter random (norm gains and biases too)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**cfg.to_diffusers_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name) and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@torch.no_grad()
+def reference_transformer_forward(model, latents: np.ndarray, timestep: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Channels-last latents (B, F, h, w, C) through the diffusers DiT; returns channels-last."""
+    out = model(to_torch_video(latents), timestep=torch.from_numpy(np.asarray(timestep)),
+                encoder_hidden_states=torch.from_numpy(np.asarray(text)), return_dict=False)[0]
+    return from_torch_video(out)

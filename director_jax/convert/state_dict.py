@@ -118,15 +118,53 @@ def read_diffusers_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, np
     raise FileNotFoundError(f"{directory} has neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}.")
 
 
+DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' save_pretrained default ("10GB")
+
+
+def _shard(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    return shards
+
+
 def write_diffusers_dir(directory: str | os.PathLike, config: dict, state: Mapping[str, np.ndarray],
-                        class_name: str) -> Path:
-    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (float32), atomically."""
+                        class_name: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes ``config.json`` and float32 safetensors weights, every file atomically.
+
+    Weights over ``max_shard_bytes`` are split into diffusers' sharded form
+    (``diffusion_pytorch_model-0000i-of-0000n.safetensors`` + ``...safetensors.index.json``), which
+    ``from_pretrained`` reads. Weight files of an earlier export in the other form are removed, so a
+    reader never picks up stale weights.
+    """
     from safetensors.numpy import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": class_name, **config}
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
-    atomic_write(directory / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    shards = _shard(tensors, max_shard_bytes)
+    old_shards = set(directory.glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    if len(shards) == 1:
+        atomic_write(directory / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+        stale = [directory / DIFFUSERS_INDEX, *old_shards]
+    else:
+        weight_map = {}
+        names = []
+        for i, shard in enumerate(shards, 1):
+            name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp))
+            weight_map.update(dict.fromkeys(shard, name))
+            names.append(directory / name)
+        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+        atomic_write_text(directory / DIFFUSERS_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        stale = [directory / DIFFUSERS_WEIGHTS, *(old_shards - set(names))]
+    for path in stale:
+        path.unlink(missing_ok=True)
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory

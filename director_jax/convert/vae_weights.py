@@ -8,13 +8,12 @@ by the structure rules of the original code (flat ``downsamples`` / ``upsamples`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from director_jax.convert.state_dict import check_state_dict
+from director_jax.convert.param_table import ParamEntry, export_state_dict, load_state_dict
 from director_jax.models.vae import (
     CausalConv3d,
     Conv2d,
@@ -24,9 +23,6 @@ from director_jax.models.vae import (
     WanVAEConfig,
 )
 
-# (nnx path, torch-from-jax transform, jax-from-torch transform, torch shape)
-_Entry = tuple[tuple, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray], tuple[int, ...]]
-
 
 def _module_key(path: tuple) -> str:
     parts = [str(p) for p in path]
@@ -34,56 +30,44 @@ def _module_key(path: tuple) -> str:
     return ".".join("resample.1" if p == "resample" else p for p in parts)
 
 
-def diffusers_param_table(vae: WanVAE) -> dict[str, _Entry]:
+def diffusers_param_table(vae: WanVAE) -> dict[str, ParamEntry]:
     """Maps each diffusers key to where the parameter lives in ``vae`` and how to transpose it.
 
     Reads only shapes, so ``vae`` may be abstract (``nnx.eval_shape``), as may the ``vae`` that
     ``load_diffusers_state_dict`` fills.
     """
-    table: dict[str, _Entry] = {}
+    table: dict[str, ParamEntry] = {}
     for path, module in nnx.iter_graph(vae):
         if not isinstance(module, CausalConv3d | Conv2d | RMSNorm):
             continue
         prefix = _module_key(path)
         if isinstance(module, CausalConv3d):
             kt, kh, kw, cin, cout = module.kernel.get_value().shape
-            table[f"{prefix}.weight"] = (path + ("kernel",), lambda a: a.transpose(4, 3, 0, 1, 2),
-                                         lambda a: a.transpose(2, 3, 4, 1, 0), (cout, cin, kt, kh, kw))
-            table[f"{prefix}.bias"] = (path + ("bias",), lambda a: a, lambda a: a, (cout,))
+            table[f"{prefix}.weight"] = ParamEntry(path + ("kernel",), (cout, cin, kt, kh, kw),
+                                                   lambda a: a.transpose(4, 3, 0, 1, 2),
+                                                   lambda a: a.transpose(2, 3, 4, 1, 0))
+            table[f"{prefix}.bias"] = ParamEntry(path + ("bias",), (cout,))
         elif isinstance(module, Conv2d):
             kh, kw, cin, cout = module.kernel.get_value().shape
-            table[f"{prefix}.weight"] = (path + ("kernel",), lambda a: a.transpose(3, 2, 0, 1),
-                                         lambda a: a.transpose(2, 3, 1, 0), (cout, cin, kh, kw))
-            table[f"{prefix}.bias"] = (path + ("bias",), lambda a: a, lambda a: a, (cout,))
+            table[f"{prefix}.weight"] = ParamEntry(path + ("kernel",), (cout, cin, kh, kw),
+                                                   lambda a: a.transpose(3, 2, 0, 1), lambda a: a.transpose(2, 3, 1, 0))
+            table[f"{prefix}.bias"] = ParamEntry(path + ("bias",), (cout,))
         else:
             (dim,) = module.gamma.get_value().shape
             shape = (dim, 1, 1) if module.images else (dim, 1, 1, 1)
-            table[f"{prefix}.gamma"] = (path + ("gamma",), lambda a, s=shape: a.reshape(s),
-                                        lambda a: a.reshape(-1), shape)
+            table[f"{prefix}.gamma"] = ParamEntry(path + ("gamma",), shape, lambda a, s=shape: a.reshape(s),
+                                                  lambda a: a.reshape(-1))
     return table
-
-
-def _get(vae: WanVAE, path: tuple) -> nnx.Param:
-    obj = vae
-    for p in path:
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
-    return obj
 
 
 def export_diffusers_state_dict(vae: WanVAE) -> dict[str, np.ndarray]:
     """The VAE's parameters as a diffusers AutoencoderKLWan state dict (float32 NumPy)."""
-    return {key: np.asarray(to_torch(np.asarray(_get(vae, path)[...], np.float32)))
-            for key, (path, to_torch, _, _) in diffusers_param_table(vae).items()}
+    return export_state_dict(vae, diffusers_param_table(vae))
 
 
 def load_diffusers_state_dict(vae: WanVAE, state: Mapping[str, np.ndarray], source: str = "state dict") -> WanVAE:
     """Copies a diffusers-layout state dict into ``vae`` in place; every key must fit exactly."""
-    table = diffusers_param_table(vae)
-    check_state_dict({k: e[3] for k, e in table.items()}, state, source)
-    for key, (path, _, from_torch, _) in table.items():
-        param = _get(vae, path)
-        param.set_value(jnp.asarray(from_torch(np.asarray(state[key], np.float32)), param.get_value().dtype))
-    return vae
+    return load_state_dict(vae, diffusers_param_table(vae), state, source)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from director_jax.models.layers import torch_uniform
+
 # Wan2.1's per-channel latent statistics (diffusers' AutoencoderKLWan defaults).
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -147,21 +149,6 @@ def _last_frames(x: jax.Array, n: int) -> jax.Array:
 # Layers
 
 
-def _torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype: Any) -> jax.Array:
-    """PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): matches the reference scale.
-
-    Drawn with NumPy from a seed taken off the JAX key: eager ``jax.random.uniform`` compiles once
-    per parameter shape, which made building a Wan-sized VAE take tens of seconds on a CPU. Under
-    ``nnx.eval_shape`` (abstract construction) it returns a traced-free abstract array instead.
-    """
-    bound = 1.0 / math.sqrt(fan_in)
-    if isinstance(key, jax.core.Tracer):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
-    values = np.random.default_rng(seed).uniform(-bound, bound, shape).astype(np.float32)
-    return jnp.asarray(values, dtype)
-
-
 class CausalConv3d(nnx.Module):
     """3D convolution, causal in time (2 * pad_t zero frames in front, none behind).
 
@@ -184,8 +171,8 @@ class CausalConv3d(nnx.Module):
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         fan_in = in_dim * kt * kh * kw
         k1, k2 = jax.random.split(rngs.params())
-        self.kernel = nnx.Param(_torch_uniform(k1, (kt, kh, kw, in_dim, out_dim), fan_in, param_dtype))
-        self.bias = nnx.Param(_torch_uniform(k2, (out_dim,), fan_in, param_dtype))
+        self.kernel = nnx.Param(torch_uniform(k1, (kt, kh, kw, in_dim, out_dim), fan_in, param_dtype))
+        self.bias = nnx.Param(torch_uniform(k2, (out_dim,), fan_in, param_dtype))
         self.stride = stride
         self.time_pad = 2 * pt
         self.spatial_pad = ((ph, ph), (pw, pw))
@@ -254,8 +241,8 @@ class Conv2d(nnx.Module):
         fan_in = in_dim * kernel_size * kernel_size
         k1, k2 = jax.random.split(rngs.params())
         self.kernel = nnx.Param(
-            _torch_uniform(k1, (kernel_size, kernel_size, in_dim, out_dim), fan_in, param_dtype))
-        self.bias = nnx.Param(_torch_uniform(k2, (out_dim,), fan_in, param_dtype))
+            torch_uniform(k1, (kernel_size, kernel_size, in_dim, out_dim), fan_in, param_dtype))
+        self.bias = nnx.Param(torch_uniform(k2, (out_dim,), fan_in, param_dtype))
         self.stride = stride
         self.padding = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
         self.dtype = dtype
