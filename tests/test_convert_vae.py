@@ -162,8 +162,8 @@ def test_cli_import_official_then_export(official, tmp_path, capsys):
 
 
 def test_cli_rejects_other_models(tmp_path, capsys):
-    assert main(["import", "--model", "dit", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "'dit' cannot be converted yet; supported: vae" in capsys.readouterr().err
+    assert main(["import", "--model", "sr", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "'sr' cannot be converted yet; supported: dit, vae" in capsys.readouterr().err
 
 
 def test_mismatched_diffusers_file_lists_every_bad_key(tiny_ref, tmp_path):

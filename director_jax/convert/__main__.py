@@ -1,22 +1,25 @@
 """Command line for weight conversion.
 
-    python -m director_jax.convert import --model vae --src PATH [--config JSON] --out DIR
-    python -m director_jax.convert export --model vae --src DIR --out DIR
+    python -m director_jax.convert import --model vae|dit --src PATH [--config JSON] --out DIR
+    python -m director_jax.convert export --model vae|dit --src DIR --out DIR
 
 ``import`` reads any supported checkpoint (a diffusers directory, a .safetensors or .pth file in the
 diffusers or official Wan2.1 layout), checks it against the model and writes this project's format:
 a diffusers-layout directory. ``export`` re-writes such a directory for diffusers / PyTorch users.
-``--config`` is a config.json path or an inline JSON object with diffusers' AutoencoderKLWan keys.
+``--config`` is a config.json path or an inline JSON object with diffusers' keys (AutoencoderKLWan
+for the VAE, WanTransformer3DModel for the DiT). ``dit`` is the Wan2.1 T2V transformer (Director-Gen).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from director_jax.convert import dit as dit_convert
 from director_jax.convert import vae as vae_convert
 from director_jax.convert.state_dict import WeightMismatchError
 
@@ -32,26 +35,46 @@ def _config_arg(text: str | None):
     return Path(text)
 
 
-def _import_vae(args: argparse.Namespace) -> str:
-    ckpt = vae_convert.read_vae_checkpoint(args.src, _config_arg(args.config))
-    vae = vae_convert.vae_from_checkpoint(ckpt)
-    out = vae_convert.export_vae(vae, args.out)
-    return f"imported vae: {vae_convert.parameter_count(vae):,} parameters, {ckpt.describe()} -> {out}"
+def _import(convert, name: str):
+    def run(args: argparse.Namespace) -> str:
+        ckpt = convert.read(args.src, _config_arg(args.config))
+        model = convert.build(ckpt)
+        out = convert.export(model, args.out)
+        return f"imported {name}: {convert.parameter_count(model):,} parameters, {ckpt.describe()} -> {out}"
+    return run
 
 
-def _export_vae(args: argparse.Namespace) -> str:
-    if not Path(args.src).is_dir():
-        raise ValueError(f"export reads a model directory written by `import`; {args.src} is not a directory "
-                         "(use `import` for weight files).")
-    ckpt = vae_convert.read_vae_checkpoint(args.src, _config_arg(args.config))
-    vae = vae_convert.vae_from_checkpoint(ckpt)
-    out = vae_convert.export_vae(vae, args.out)
-    return f"exported vae: {vae_convert.parameter_count(vae):,} parameters, {ckpt.describe()} -> {out} (diffusers)"
+def _export(convert, name: str):
+    def run(args: argparse.Namespace) -> str:
+        if not Path(args.src).is_dir():
+            raise ValueError(f"export reads a model directory written by `import`; {args.src} is not a directory "
+                             "(use `import` for weight files).")
+        ckpt = convert.read(args.src, _config_arg(args.config))
+        model = convert.build(ckpt)
+        out = convert.export(model, args.out)
+        return (f"exported {name}: {convert.parameter_count(model):,} parameters, {ckpt.describe()} -> {out} "
+                "(diffusers)")
+    return run
 
 
-# model name -> command -> handler; add "dit" and "sr" here.
+@dataclasses.dataclass(frozen=True)
+class _Converter:
+    read: Callable
+    build: Callable
+    export: Callable
+    parameter_count: Callable
+
+
+_CONVERTERS = {
+    "vae": _Converter(vae_convert.read_vae_checkpoint, vae_convert.vae_from_checkpoint, vae_convert.export_vae,
+                      vae_convert.parameter_count),
+    "dit": _Converter(dit_convert.read_transformer_checkpoint, dit_convert.transformer_from_checkpoint,
+                      dit_convert.export_transformer, dit_convert.parameter_count),
+}
+
+# model name -> command -> handler; add "sr" here.
 MODELS: dict[str, dict[str, Callable[[argparse.Namespace], str]]] = {
-    "vae": {"import": _import_vae, "export": _export_vae},
+    name: {"import": _import(conv, name), "export": _export(conv, name)} for name, conv in _CONVERTERS.items()
 }
 
 
