@@ -322,3 +322,30 @@ class WanDiT(nnx.Module):
         pt, ph, pw = self.config.patch_size
         x = x.reshape(b, f, h, w, pt, ph, pw, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)
         return x.reshape(b, f * pt, h * ph, w * pw, -1)
+
+
+class DirectorGen(nnx.Module):
+    """Director-Gen: the Wan DiT over a timeline's chunk latents, given latent frames held clean.
+
+    ``gen(latents, sigma_frames, text, positions=..., text_mask=None) -> velocity``: latents
+    (B, L, h, w, C) are the normalized chunk latents laid end to end (``TimelineLayout`` order);
+    ``sigma_frames`` (B, L) is the flow time of every latent frame, 0 for given (keyframe / video)
+    frames, which is how they enter the sequence as clean tokens; ``positions`` (L,) or (B, L) are
+    the MC-RoPE positions (``TimelineLayout.position``). The velocity is returned for every frame;
+    the loss and the sampler use it on generated frames only.
+    """
+
+    def __init__(self, dit: WanDiT):
+        self.dit = dit
+
+    @property
+    def config(self) -> WanDiTConfig:
+        return self.dit.config
+
+    def __call__(self, latents: jax.Array, sigma_frames: jax.Array, text: jax.Array, *, positions: jax.Array,
+                 text_mask: jax.Array | None = None) -> jax.Array:
+        sigma_frames = jnp.asarray(sigma_frames, jnp.float32)
+        if sigma_frames.shape != latents.shape[:2]:
+            raise ValueError(f"sigma_frames has shape {sigma_frames.shape}; it needs one flow time per latent frame, "
+                             f"shape {latents.shape[:2]}.")
+        return self.dit(latents, NUM_TRAIN_TIMESTEPS * sigma_frames, text, positions=positions, text_mask=text_mask)

@@ -1,10 +1,12 @@
-"""Training objectives. The VAE's: L1 reconstruction plus a small KL to the unit Gaussian."""
+"""Training objectives: the VAE's (L1 + small KL) and Director-Gen's (flow matching on generated frames)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from director_jax.diffusion import flow_matching_loss, noisy_latents, sample_timesteps, velocity_target
+from director_jax.models.dit import DirectorGen
 from director_jax.models.vae import WanVAE, kl_divergence, sample_posterior
 
 
@@ -24,3 +26,29 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     l1 = jnp.mean(jnp.abs(recon - video))
     kl = jnp.mean(kl_divergence(mean, logvar))
     return l1 + kl_weight * kl, {"l1": l1, "kl": kl}
+
+
+def gen_loss(gen: DirectorGen, latents: jax.Array, given: jax.Array, positions: jax.Array, text: jax.Array,
+             key: jax.Array, *, text_mask: jax.Array | None = None, timestep_sampling: str = "logit_normal",
+             logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Flow-matching loss of Director-Gen on one batch of timelines.
+
+    ``latents`` (B, L, h, w, C): clean normalized chunk latents; ``given`` (B, L) bool: keyframe /
+    video frames, which stay clean (sigma 0) and are left out of the loss; ``positions`` (L,) or
+    (B, L): MC-RoPE positions. One flow time per sample is drawn (logit-normal or uniform, then
+    shifted) and shared by all its generated frames, as in Wan's training.
+    """
+    given = jnp.asarray(given, bool)
+    if given.shape != latents.shape[:2]:
+        raise ValueError(f"given has shape {given.shape}; it needs one bool per latent frame, shape "
+                         f"{latents.shape[:2]}.")
+    k_time, k_noise = jax.random.split(key)
+    t = sample_timesteps(k_time, latents.shape[0], kind=timestep_sampling, mean=logit_mean, std=logit_std,
+                         shift=shift)
+    sigma_frames = jnp.where(given, 0.0, t[:, None])
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    x_t = noisy_latents(latents, noise, sigma_frames)
+    velocity = gen(x_t, sigma_frames, text, positions=positions, text_mask=text_mask)
+    loss = flow_matching_loss(velocity, velocity_target(latents, noise), ~given)
+    return loss, {"flow_mse": loss, "t_mean": jnp.mean(t)}
