@@ -185,3 +185,22 @@ def test_place_given_frames():
     assert (video[0:3] == -0.5).all() and (video[6] == 0.5).all() and (video[[3, 4, 5, 7]] == 0).all()
     with pytest.raises(ValueError, match="outside"):
         place_given_frames(8, {7: clip})
+
+
+def test_keyframe_times_and_too_many_spans():
+    from director_jax.models.timeline import frame_at_time
+
+    assert frame_at_time(0, 16, 81) == 0
+    assert frame_at_time("2.5s", 16, 81) == 40
+    assert frame_at_time("5", 16, 81) == 80  # the last frame of a 81-frame, 16 fps video
+    assert frame_at_time("#13", 16, 81) == 13
+    with pytest.raises(ValueError, match=r"outside the video: 81 frames = 5.0625 s"):
+        frame_at_time(5.1, 16, 81)
+    with pytest.raises(ValueError, match="outside the video"):
+        frame_at_time("#81", 16, 81)
+    with pytest.raises(ValueError, match="neither seconds"):
+        frame_at_time("two", 16, 81)
+    with pytest.raises(ValueError, match="4 given spans hold 4 frames but the timeline has only 3"):
+        Timeline.from_keyframes(3, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="hold 7 frames but the timeline has only 6"):
+        Timeline.from_keyframes(6, [0], videos=[(1, 6)])

@@ -91,6 +91,12 @@ class Timeline:
         object.__setattr__(self, "spans", spans)
         if self.num_frames < 1:
             raise ValueError(f"the timeline is empty (num_frames={self.num_frames}): give at least one frame.")
+        given_frames = sum(max(s.length, 0) for s in spans)
+        if given_frames > self.num_frames:
+            raise ValueError(
+                f"{len(spans)} given spans hold {given_frames} frames but the timeline has only {self.num_frames}: "
+                "make the video longer (more frames or a higher fps) or give fewer keyframes."
+            )
         for span in spans:
             if span.length < 1:
                 raise ValueError(f"given span at frame {span.start} has length {span.length}; it needs >= 1 frame.")
@@ -119,6 +125,35 @@ class Timeline:
     @functools.cached_property
     def layout(self) -> TimelineLayout:
         return TimelineLayout.build(self)
+
+
+def frame_at_time(when: str | float, fps: float, num_frames: int) -> int:
+    """A keyframe time -> a frame index: seconds (``2.5``, ``"2.5"``, ``"2.5s"``) or ``"#frame"``.
+
+    Seconds are rounded to the nearest frame. Times past the end (or before 0) are refused with the
+    video's duration in the message, not clipped: a keyframe silently moved is a wrong video.
+    """
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}.")
+    duration = num_frames / fps
+    text = str(when).strip()
+    if text.startswith("#"):
+        try:
+            frame = int(text[1:])
+        except ValueError:
+            raise ValueError(f"keyframe time {when!r}: '#' takes a whole frame index, e.g. #12.") from None
+        label = f"frame {frame}"
+    else:
+        try:
+            seconds = float(text[:-1] if text.endswith("s") else text)
+        except ValueError:
+            raise ValueError(f"keyframe time {when!r} is neither seconds (2.5) nor a frame index (#12).") from None
+        frame = int(round(seconds * fps))
+        label = f"{seconds:g} s (frame {frame} at {fps:g} fps)"
+    if not 0 <= frame < num_frames:
+        raise ValueError(f"keyframe time {label} is outside the video: {num_frames} frames = {duration:g} s, valid "
+                         f"frames 0..{num_frames - 1}, times 0..{(num_frames - 1) / fps:g} s.")
+    return frame
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
