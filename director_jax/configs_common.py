@@ -41,3 +41,25 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
 def dit_config(model: ml_collections.ConfigDict) -> WanDiTConfig:
     """The ``model`` section of a config as a WanDiTConfig."""
     return WanDiTConfig.from_diffusers_config(model.to_dict())
+
+
+def build_director_gen(cfg: ml_collections.ConfigDict, *, seed: int | None = None):
+    """Director-Gen as the config says: random init, or ``cfg.init_from`` (any Wan2.1 T2V checkpoint)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from director_jax.convert.dit import load_transformer
+    from director_jax.models.dit import DirectorGen, WanDiT
+
+    opts = cfg.model_options
+    kw = dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
+              attention_impl=opts.attention_impl, remat_policy=opts.remat_policy)
+    model_cfg = dit_config(cfg.model)
+    if cfg.init_from:
+        dit = load_transformer(cfg.init_from, **kw)
+        if dit.config != model_cfg:
+            raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}, but the run's config "
+                             f"says {model_cfg}: fix --config.model.* or pick the matching checkpoint.")
+    else:
+        dit = WanDiT(model_cfg, rngs=nnx.Rngs(cfg.seed if seed is None else seed), **kw)
+    return DirectorGen(dit)

@@ -232,3 +232,29 @@ def test_config_files_build_the_released_sizes():
             assert 1.2e9 < expected < 1.5e9
         if name == "gen_14b":
             assert 13e9 < expected < 15e9
+
+
+def test_build_from_config_random_and_from_checkpoint(tmp_path, reference):
+    import importlib.util
+
+    from director_jax.configs_common import build_director_gen
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_tiny", repo / "configs" / "gen_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    gen = build_director_gen(cfg)
+    assert gen.dit.remat_policy == cfg.model_options.remat_policy and gen.dit.dtype == jnp.bfloat16
+    # init_from a checkpoint whose config disagrees with the run's: named, not silently used
+    _, state = reference
+    export_transformer(load_transformer(state, TINY), tmp_path / "wan")
+    cfg.init_from = str(tmp_path / "wan")
+    with pytest.raises(ValueError, match="but the run's config says"):
+        build_director_gen(cfg)
+    for key, value in TINY.to_diffusers_config().items():
+        if key in cfg.model:
+            cfg.model[key] = tuple(value) if isinstance(value, list) else value
+    cfg.model_options.dtype = "float32"
+    gen = build_director_gen(cfg)
+    np.testing.assert_allclose(_run(gen.dit), _run(load_transformer(state, TINY)), atol=1e-6)
