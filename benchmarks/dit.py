@@ -1,0 +1,724 @@
+#!/usr/bin/env python
+"""Wan DiT benchmark: this project's JAX WanDiT against diffusers' WanTransformer3DModel (PyTorch), same weights.
+
+One mid-size Wan DiT (default: 4 heads x 128 = dim 512, 4 layers, FFN 2048, text_dim 4096 with 512 text
+tokens as in Wan, a 1x4x32x32x16 latent -> 4*16*16 = 1024 video tokens, float32) is built in diffusers with
+random weights; its state dict is loaded into the JAX model with ``director_jax.convert.load_transformer``.
+Both then run, in this one process and one after the other:
+
+* **forward**: JAX ``jax.jit`` of ``WanDiT.__call__`` (AOT ``lower().compile()``, compile time reported on
+  its own); PyTorch ``model(...)`` under ``torch.no_grad()``;
+* **forward + backward**: the gradient of ``mean(output ** 2)`` with respect to every parameter: JAX
+  ``jax.jit(jax.value_and_grad(loss))``, once per remat policy (``none`` / ``full`` / ``dots_saveable`` by
+  default); PyTorch ``loss.backward()`` (and once more with diffusers' gradient checkpointing, the
+  counterpart of remat ``full``).
+
+Before any timing the run checks that the two compute the same thing: max abs difference of the forward
+outputs, of the losses and of every parameter's gradient (the JAX gradients exported to diffusers' names).
+
+Timings: ``--warmup`` untimed calls, then the median (and best) of ``--repeats`` timed calls; JAX results
+are ``block_until_ready``-ed. PyTorch runs with ``torch.set_num_threads(<usable cores>)``; XLA uses its
+default CPU thread pool (all cores). Memory: XLA's ``compiled.memory_analysis()`` temp bytes (the scratch
+the executable allocates besides arguments and outputs), and, on CPU, the peak RSS increase during one call
+over the RSS just before it (the kernel's ``VmHWM``, reset through ``/proc/self/clear_refs``, after
+``gc.collect()`` + ``malloc_trim``) -- the same measure for both frameworks.
+
+Run from the repository root::
+
+    python benchmarks/dit.py                    # defaults: dim 512, 4 layers, 1024 tokens, 5 timed calls
+    python benchmarks/dit.py --quick            # tiny sizes, 1 timed call: smoke test in well under a minute
+    python benchmarks/dit.py --write-results    # also put the tables into benchmarks/RESULTS.md (## DiT)
+    python benchmarks/dit.py --dtype bfloat16   # bf16 compute (JAX dtype=bf16, torch autocast), f32 params
+
+Progress goes to stderr, the markdown tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
+SECTION = "## DiT"
+MIB = 1024.0**2
+
+# Defaults; --quick swaps in the second column. Explicit flags always win.
+DEFAULTS = {
+    "heads": (4, 2),
+    "head_dim": (128, 32),
+    "layers": (4, 2),
+    "ffn_dim": (2048, 256),
+    "text_dim": (4096, 256),
+    "text_len": (512, 32),
+    "frames": (4, 2),
+    "height": (32, 16),
+    "width": (32, 16),
+    "repeats": (5, 1),
+    "warmup": (1, 1),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[dit-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+class PeakRSS:
+    """Peak RSS increase of this process during a call: Linux ``VmHWM``, reset via ``/proc/self/clear_refs``.
+
+    ``available`` is False where that interface is missing (then no peak is reported: nothing is guessed).
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._reset()
+            self._field("VmHWM")
+            self.available = True
+        except (OSError, KeyError):
+            self.available = False
+
+    @staticmethod
+    def _reset() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    @staticmethod
+    def _field(name: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(name)
+
+    def start(self) -> int | None:
+        """Frees what can be freed, resets the high-water mark and returns the RSS it is measured against."""
+        if not self.available:
+            return None
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self._reset()
+        return self._field("VmRSS")
+
+    def increase(self, baseline: int | None) -> int | None:
+        return None if baseline is None else self._field("VmHWM") - baseline
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, mem: PeakRSS | None, label: str,
+               cleanup: Callable[[], None] | None = None) -> dict:
+    """``warmup`` untimed calls, then ``repeats`` timed ones (every call after ``cleanup``); returns the seconds of
+    the first call, of every timed call, the peak RSS increase over the timed calls, and the last output."""
+    out, first_s = None, None
+    for i in range(warmup):
+        out = None
+        if cleanup is not None:
+            cleanup()
+        t0 = time.perf_counter()
+        out = fn()
+        if i == 0:
+            first_s = time.perf_counter() - t0
+        log(f"{label}: warm-up call {i + 1}/{warmup}: {time.perf_counter() - t0:.3f} s")
+    times, peak = [], None
+    for i in range(repeats):
+        out = None  # drop the previous output (JAX buffers, torch grads) before measuring the next call
+        if cleanup is not None:
+            cleanup()
+        base = mem.start() if mem is not None else None
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        inc = mem.increase(base) if mem is not None else None
+        if inc is not None:
+            peak = inc if peak is None else max(peak, inc)
+        log(f"{label}: timed call {i + 1}/{repeats}: {times[-1]:.3f} s")
+    if first_s is None:
+        first_s = times[0]
+    return {"first_s": first_s, "times": times, "peak_rss": peak, "out": out}
+
+
+def xla_stats(compiled: Any) -> dict:
+    """Temp bytes from ``memory_analysis()`` and flops from ``cost_analysis()`` (None where not implemented)."""
+    stats: dict[str, Any] = {"temp": None, "flops": None}
+    with contextlib.suppress(Exception):
+        ma = compiled.memory_analysis()
+        if ma is not None:
+            stats["temp"] = int(ma.temp_size_in_bytes)
+            stats["argument"] = int(ma.argument_size_in_bytes)
+            stats["output"] = int(ma.output_size_in_bytes)
+    with contextlib.suppress(Exception):
+        ca = compiled.cost_analysis()
+        if isinstance(ca, list | tuple):
+            ca = ca[0] if ca else None
+        if ca and ca.get("flops"):
+            stats["flops"] = float(ca["flops"])
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# The two models
+
+
+def build_config(args: argparse.Namespace):
+    from director_jax.models.dit import WanDiTConfig
+
+    return WanDiTConfig(num_attention_heads=args.heads, attention_head_dim=args.head_dim, in_channels=16,
+                        out_channels=16, text_dim=args.text_dim, freq_dim=256, ffn_dim=args.ffn_dim,
+                        num_layers=args.layers)
+
+
+def build_torch_model(cfg, seed: int):
+    """diffusers' WanTransformer3DModel with random weights; norm gains and biases randomised as well, as in
+    tests/torch_reference.py, so no parameter is a trivial 1 or 0."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**cfg.to_diffusers_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(args.seed)
+    b = args.batch
+    return {
+        "latents": rng.standard_normal((b, args.frames, args.height, args.width, 16)).astype(np.float32),
+        "timestep": np.linspace(250.0, 750.0, b).astype(np.float32),
+        "text": rng.standard_normal((b, args.text_len, args.text_dim)).astype(np.float32),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark
+
+
+class JaxSide:
+    """The JAX model loaded from the diffusers state dict, its compiled forward, and the timed runs."""
+
+    def __init__(self, args: argparse.Namespace, cfg, state: dict[str, np.ndarray], inputs: dict) -> None:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from director_jax.convert import load_transformer
+
+        self.args = args
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        self.model = load_transformer(state, cfg, dtype=dtype, param_dtype=jnp.float32)
+        self.x = {k: jnp.asarray(v) for k, v in inputs.items()}
+        self.res: dict[str, Any] = {
+            "backend": jax.default_backend(), "devices": str(jax.devices()[0]), "policies": {},
+            "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(self.model, nnx.Param)))}
+        graphdef, self.params, rest = nnx.split(self.model, nnx.Param, ...)
+
+        def forward(params, latents, timestep, text):
+            return nnx.merge(graphdef, params, rest)(latents, timestep, text)
+
+        log("jax: compiling forward")
+        self.fwd, self.res["fwd_compile_s"] = self._aot(forward, self.params)
+        self.res["fwd_xla"] = xla_stats(self.fwd)
+
+    def _aot(self, fn, params):
+        import jax
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(params, self.x["latents"], self.x["timestep"], self.x["text"]).compile()
+        return compiled, time.perf_counter() - t0
+
+    def forward_call(self):
+        import jax
+
+        return jax.block_until_ready(self.fwd(self.params, self.x["latents"], self.x["timestep"], self.x["text"]))
+
+    def run(self, mem: PeakRSS | None) -> dict:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from director_jax.convert.dit_weights import diffusers_param_table
+        from director_jax.convert.param_table import export_state_dict
+
+        args, x, res, model = self.args, self.x, self.res, self.model
+        r = time_calls(self.forward_call, args.warmup, args.repeats, mem, "jax forward")
+        res["out"] = np.asarray(r.pop("out"), np.float32)
+        res["fwd"] = r
+
+        for policy in args.policies:
+            model.remat_policy = policy  # a static attribute: part of the graphdef, so a new program
+            g_def, g_params, g_rest = nnx.split(model, nnx.Param, ...)
+
+            def loss(params, latents, timestep, text, g_def=g_def, g_rest=g_rest):
+                out = nnx.merge(g_def, params, g_rest)(latents, timestep, text)
+                return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+            log(f"jax: compiling forward + backward, remat {policy}")
+            try:
+                step, compile_s = self._aot(jax.value_and_grad(loss), g_params)
+            except Exception as e:  # e.g. the offload policy on a backend without pinned host memory
+                res["policies"][policy] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                log(f"jax: remat {policy} failed to compile: {res['policies'][policy]['error']}")
+                continue
+
+            def step_call(step=step, g_params=g_params):
+                return jax.block_until_ready(step(g_params, x["latents"], x["timestep"], x["text"]))
+
+            r = time_calls(step_call, args.warmup, args.repeats, mem, f"jax fwd+bwd remat {policy}")
+            loss_value, grads = r.pop("out")
+            grad_model = nnx.merge(g_def, grads, g_rest)
+            res["policies"][policy] = {**r, "compile_s": compile_s, "xla": xla_stats(step),
+                                       "loss": float(loss_value),
+                                       "grads": export_state_dict(grad_model, diffusers_param_table(grad_model))}
+        model.remat_policy = "none"
+        return res
+
+
+class TorchSide:
+    """diffusers' model on ``--torch-device``: forward under no_grad, forward + backward, timed runs."""
+
+    def __init__(self, args: argparse.Namespace, model, inputs: dict) -> None:
+        import torch
+
+        self.args = args
+        self.device = torch.device(args.torch_device)
+        self.model = model.to(self.device).eval()  # no dropout in Wan; eval() only to be explicit
+        self.cuda = self.device.type == "cuda"
+        # (B, F, H, W, C) -> diffusers' (B, C, F, H, W)
+        self.lat = torch.from_numpy(inputs["latents"]).permute(0, 4, 1, 2, 3).contiguous().to(self.device)
+        self.ts = torch.from_numpy(inputs["timestep"]).to(self.device)
+        self.text = torch.from_numpy(inputs["text"]).to(self.device)
+        self.res: dict[str, Any] = {"threads": torch.get_num_threads(), "device": str(self.device)}
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _forward(self):
+        import torch
+
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.args.dtype == "bfloat16"
+                    else contextlib.nullcontext())
+        with autocast:
+            return self.model(self.lat, timestep=self.ts, encoder_hidden_states=self.text, return_dict=False)[0]
+
+    def forward_call(self):
+        import torch
+
+        with torch.no_grad():
+            out = self._forward()
+        self._sync()
+        return out
+
+    def fwd_bwd_call(self):
+        loss = self._forward().float().square().mean()
+        loss.backward()
+        self._sync()
+        return loss
+
+    @staticmethod
+    def to_channels_last(out) -> np.ndarray:
+        return out.float().permute(0, 2, 3, 4, 1).cpu().numpy()
+
+    def _drop_grads(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _cuda_peak(self, r: dict) -> None:
+        if self.cuda:
+            import torch
+
+            r["peak_rss"] = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def run(self, mem: PeakRSS | None) -> dict:
+        args, model, res = self.args, self.model, self.res
+        mem = None if self.cuda else mem
+        model.disable_gradient_checkpointing()
+        self._drop_grads()
+        r = time_calls(self.forward_call, args.warmup, args.repeats, mem, "torch forward", cleanup=self._drop_grads)
+        self._cuda_peak(r)
+        r["first_s"] = res.get("first_fwd_s", r["first_s"])  # the agreement check made the very first call
+        res["out"] = self.to_channels_last(r.pop("out"))
+        res["fwd"] = r
+
+        model.train()  # diffusers' gradient checkpointing only acts in training mode with grad enabled
+        for name, ckpt in (("eager", False), ("grad_ckpt", True)):
+            if ckpt and not args.torch_grad_ckpt:
+                continue
+            if ckpt:
+                model.enable_gradient_checkpointing()
+            r = time_calls(self.fwd_bwd_call, args.warmup, args.repeats, mem,
+                           f"torch fwd+bwd{' (gradient checkpointing)' if ckpt else ''}", cleanup=self._drop_grads)
+            self._cuda_peak(r)
+            r["loss"] = r.pop("out").item()
+            if not ckpt:
+                res["grads"] = {k: p.grad.detach().float().cpu().numpy().copy() for k, p in model.named_parameters()}
+            res[name] = r
+            model.disable_gradient_checkpointing()
+        self._drop_grads()
+        model.eval()
+        return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 10 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def fmt_mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / MIB:,.0f}"
+
+
+def med_best(r: dict | None) -> str:
+    if not r or not r.get("times"):
+        return "-"
+    return f"{fmt_s(statistics.median(r['times']))} ({fmt_s(min(r['times']))})"
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or not a.get("times") or not b.get("times"):
+        return "-"
+    return f"{statistics.median(a['times']) / statistics.median(b['times']):.2f}"
+
+
+def grad_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, float, str]:
+    """Max abs difference over all parameters' gradients, the largest per-tensor difference relative to that
+    tensor's max |grad|, and the tensor it occurs in."""
+    worst, worst_rel, worst_key = 0.0, 0.0, ""
+    for k in sorted(a):
+        d = float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+        scale = float(np.max(np.abs(b[k]))) or 1.0
+        worst = max(worst, d)
+        if d / scale > worst_rel:
+            worst_rel, worst_key = d / scale, k
+    return worst, worst_rel, worst_key
+
+
+def machine_description(args: argparse.Namespace) -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    mem = ""
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/meminfo") as f:
+            total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+        mem = f", {total / 2**20:.0f} GiB RAM"
+
+    def ver(p: str) -> str:
+        try:
+            return metadata.version(p)
+        except metadata.PackageNotFoundError:
+            return "n/a"
+
+    code = "n/a"
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        git = ["git", "-C", str(REPO)]
+        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "director_jax", "benchmarks/dit.py"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        code = sha.stdout.strip() + (" + uncommitted changes (director_jax/ or benchmarks/dit.py)" if dirty else "")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return [
+        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Machine: {platform.platform()}; {cpu}; os.cpu_count() = {os.cpu_count()}, usable cores = "
+        f"{usable_cores()}{mem}; load average at start: {load}",
+        f"- Software: Python {platform.python_version()}, jax {ver('jax')} (JAX_PLATFORMS="
+        f"{os.environ.get('JAX_PLATFORMS', '')}), flax {ver('flax')}, torch {ver('torch')}, "
+        f"diffusers {ver('diffusers')}",
+        f"- Code: git {code}",
+        f"- Command: `{shlex.join(['python', 'benchmarks/dit.py', *sys.argv[1:]])}`",
+    ]
+
+
+def report(args: argparse.Namespace, jx: dict, th: dict, agree: list[str], machine: list[str], wall: float
+           ) -> list[str]:
+    tokens = args.frames * (args.height // 2) * (args.width // 2)
+    dim = args.heads * args.head_dim
+    title = "Wan DiT forward + backward: JAX vs diffusers PyTorch"
+    if args.quick:
+        title += " -- SMOKE TEST (--quick: tiny sizes, numbers not meaningful)"
+    on_cpu = jx["backend"] == "cpu" and th["device"] == "cpu"
+    mem_col = "peak RSS Δ fwd / fwd+bwd (MiB)" if on_cpu else "peak memory Δ fwd / fwd+bwd (MiB)"
+    lines = [
+        f"### {title}",
+        "",
+        *machine,
+        f"- Model: WanDiTConfig(heads {args.heads} x head_dim {args.head_dim} = dim {dim}, {args.layers} layers, "
+        f"ffn {args.ffn_dim}, text_dim {args.text_dim}, freq_dim 256, patch (1, 2, 2), 16 -> 16 channels), "
+        f"{jx['params'] / 1e6:.1f}M parameters, random weights (seed {args.seed}), {args.dtype}"
+        + (" compute with float32 parameters (JAX dtype=bf16; torch.autocast)" if args.dtype == "bfloat16" else ""),
+        f"- Inputs: latents {args.batch}x{args.frames}x{args.height}x{args.width}x16 (BxFxHxWxC) -> {tokens} video "
+        f"tokens per sample; text {args.batch}x{args.text_len}x{args.text_dim}; one timestep per sample; loss = "
+        "mean(output²), gradients w.r.t. every parameter",
+        f"- {args.repeats} timed call(s) after {args.warmup} warm-up call(s); JAX on {jx['devices']}, PyTorch on "
+        f"{th['device']} with torch.set_num_threads({th['threads']})",
+        "",
+        f"| Variant | compile (s) | forward median (best) (s) | fwd+bwd median (best) (s) | JAX / PyTorch "
+        f"forward | JAX / PyTorch fwd+bwd | XLA temp fwd / fwd+bwd (MiB) | {mem_col} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    t_eager = th.get("eager")
+    for i, policy in enumerate(args.policies):
+        p = jx["policies"].get(policy, {})
+        name = f"JAX jit, remat `{policy}`"
+        if "error" in p:
+            lines.append(f"| {name} | failed: {p['error']} | | | | | | |")
+            continue
+        fwd = jx["fwd"] if i == 0 else None
+        compile_s = (f"fwd {fmt_s(jx['fwd_compile_s'])} + fwd+bwd {fmt_s(p['compile_s'])}" if i == 0
+                     else f"fwd+bwd {fmt_s(p['compile_s'])}")
+        temp_f = fmt_mib(jx["fwd_xla"]["temp"]) if i == 0 else "-"
+        peak_f = fmt_mib(jx["fwd"]["peak_rss"]) if i == 0 else "-"
+        lines.append(f"| {name} | {compile_s} | {med_best(fwd)} | {med_best(p)} | {ratio(fwd, th['fwd'])} | "
+                     f"**{ratio(p, t_eager)}** | {temp_f} / {fmt_mib(p['xla']['temp'])} | "
+                     f"{peak_f} / {fmt_mib(p['peak_rss'])} |")
+    lines.append(f"| diffusers PyTorch (eager; baseline) | first calls: fwd {fmt_s(th['fwd']['first_s'])}, fwd+bwd "
+                 f"{fmt_s(t_eager['first_s'])} | {med_best(th['fwd'])} | {med_best(t_eager)} | 1 | 1 | n/a | "
+                 f"{fmt_mib(th['fwd']['peak_rss'])} / {fmt_mib(t_eager['peak_rss'])} |")
+    if th.get("grad_ckpt"):
+        g = th["grad_ckpt"]
+        lines.append(f"| diffusers PyTorch, gradient checkpointing | first call {fmt_s(g['first_s'])} | - | "
+                     f"{med_best(g)} | - | {ratio(g, t_eager)} (vs eager) | n/a | - / {fmt_mib(g['peak_rss'])} |")
+
+    flops_f = jx["fwd_xla"].get("flops")
+    flops_b = jx["policies"].get("none", {}).get("xla", {}).get("flops")
+    lines += [""]
+    if flops_f and th["fwd"]["times"]:
+        rate = [f"forward: JAX {flops_f / statistics.median(jx['fwd']['times']) / 1e9:.0f}, PyTorch "
+                f"{flops_f / statistics.median(th['fwd']['times']) / 1e9:.0f}"]
+        if flops_b and "none" in jx["policies"] and t_eager:
+            t_none = statistics.median(jx["policies"]["none"]["times"])
+            rate.append(f"fwd+bwd (remat none): JAX {flops_b / t_none / 1e9:.0f}, PyTorch "
+                        f"{flops_b / statistics.median(t_eager['times']) / 1e9:.0f}")
+        lines.append(f"- Work (XLA `cost_analysis()` flops): forward {flops_f / 1e9:.1f} GFLOP"
+                     + (f", fwd+bwd {flops_b / 1e9:.1f} GFLOP" if flops_b else "")
+                     + "; the same work divided by each framework's median time, in GFLOP/s: " + "; ".join(rate) + ".")
+    lines += [
+        "- JAX / PyTorch < 1 means JAX is faster (ratio of medians). The fwd+bwd ratio of every remat policy is "
+        "against PyTorch eager (no checkpointing); PyTorch's own gradient-checkpointing row is relative to eager.",
+        "- Compile: JAX `jax.jit(fn).lower(...).compile()` (trace + XLA compile, cold, no persistent cache); PyTorch "
+        "has none (eager), its first-call time (one-off allocator / oneDNN set-up) is given instead. Neither is in "
+        "the timed calls.",
+        "- XLA temp: `compiled.memory_analysis().temp_size_in_bytes`, the executable's scratch besides its "
+        "arguments (parameters, inputs) and outputs (the output, or loss + gradients).",
+    ]
+    if on_cpu:
+        lines.append(
+            "- Peak RSS Δ: the kernel's high-water mark `VmHWM` (reset through `/proc/self/clear_refs` after "
+            "`gc.collect()` + `malloc_trim(0)`) minus the RSS just before the call, max over the timed calls; both "
+            "frameworks run in this one process, one after the other, and PyTorch's gradients of the previous call "
+            "are dropped before each call. It counts activations, outputs and gradients newly touched by the call; "
+            "memory an allocator kept from an earlier call and reuses is already in the baseline and does not "
+            "count, so it is a lower bound.")
+    else:
+        lines.append("- Peak memory Δ: PyTorch `torch.cuda.max_memory_allocated()` minus the allocation before the "
+                     "call; JAX: n/a on this backend.")
+    lines += ["", "Agreement (same weights and inputs; checked on the timed calls' own outputs):", "",
+              "| Comparison | max abs difference | scale |", "|---|---|---|", *agree, "",
+              f"Total benchmark wall time: {wall:.0f} s."]
+    return lines
+
+
+def agreement(jx: dict, th: dict) -> list[str]:
+    rows = []
+    out_t, out_j = th["out"], jx["out"]
+    rows.append(f"| forward output: JAX vs PyTorch | {np.max(np.abs(out_j - out_t)):.2e} | max abs output "
+                f"{np.max(np.abs(out_t)):.3g}, mean abs {np.mean(np.abs(out_t)):.3g} |")
+    if "grads" in th:
+        t_loss = th["eager"]["loss"]
+        for policy, p in jx["policies"].items():
+            if "grads" not in p:
+                continue
+            rows.append(f"| loss, JAX remat `{policy}` vs PyTorch | {abs(p['loss'] - t_loss):.2e} | "
+                        f"loss {t_loss:.4g} |")
+            d, rel, key = grad_diff(p["grads"], th["grads"])
+            gmax = max(float(np.max(np.abs(g))) for g in th["grads"].values())
+            rows.append(f"| gradients (all {len(th['grads'])} tensors), JAX remat `{policy}` vs PyTorch | {d:.2e} | "
+                        f"max abs grad {gmax:.3g}; worst tensor relative to its own max: {rel:.1e} (`{key}`) |")
+    ref = jx["policies"].get("none", {}).get("grads")
+    for policy, p in jx["policies"].items():
+        if policy != "none" and ref is not None and "grads" in p:
+            d, _, _ = grad_diff(p["grads"], ref)
+            rows.append(f"| gradients, JAX remat `{policy}` vs remat `none` | {d:.2e} | |")
+    return rows
+
+
+def write_results(path: Path, block: str, quick: bool) -> None:
+    """Replaces this kind of run's generated block (quick or not) in the ``## DiT`` section of ``path``, or adds
+    it at the end of that section (the section itself is appended when missing)."""
+    tag = "dit-bench:quick" if quick else "dit-bench:run"
+    begin, end = f"<!-- {tag} begin (written by benchmarks/dit.py --write-results) -->", f"<!-- {tag} end -->"
+    new = f"{begin}\n{block.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(begin.split(" (")[0]) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: new, text, count=1)
+    else:
+        m = re.search(rf"^{re.escape(SECTION)}\b.*$", text, re.M)
+        if m is None:
+            text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{new}"
+        else:
+            nxt = re.search(r"^## ", text[m.end():], re.M)
+            at = m.end() + nxt.start() if nxt else len(text)
+            head, tail = text[:at].rstrip("\n"), text[at:]
+            text = head + "\n\n" + new + ("\n" + tail if tail else "")
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="See the module docstring and benchmarks/RESULTS.md (## DiT) for what is "
+                                       "measured.")
+    d = {k: v[0] for k, v in DEFAULTS.items()}
+    g = p.add_argument_group("model and inputs")
+    g.add_argument("--heads", type=int, help=f"attention heads [default {d['heads']}]")
+    g.add_argument("--head-dim", type=int, help=f"attention head dim [default {d['head_dim']}]")
+    g.add_argument("--layers", type=int, help=f"transformer blocks [default {d['layers']}]")
+    g.add_argument("--ffn-dim", type=int, help=f"feed-forward hidden size [default {d['ffn_dim']}]")
+    g.add_argument("--text-dim", type=int, help=f"text embedding width (umT5: 4096) [default {d['text_dim']}]")
+    g.add_argument("--text-len", type=int, help=f"text tokens (Wan pads to 512) [default {d['text_len']}]")
+    g.add_argument("--frames", type=int, help=f"latent frames [default {d['frames']}]")
+    g.add_argument("--height", type=int, help=f"latent height (even) [default {d['height']}]")
+    g.add_argument("--width", type=int, help=f"latent width (even) [default {d['width']}]")
+    g.add_argument("--batch", type=int, default=1, help="samples per batch [default 1]")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype; parameters stay float32 [default float32]")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs [default 0]")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, help=f"timed calls per variant [default {d['repeats']}]")
+    g.add_argument("--warmup", type=int, help=f"untimed calls before them [default {d['warmup']}]")
+    g.add_argument("--policies", default="none,full,dots_saveable",
+                   help="JAX remat policies for forward + backward, comma-separated; the first one also gives the "
+                        "forward row [default none,full,dots_saveable]")
+    g.add_argument("--no-torch-grad-ckpt", dest="torch_grad_ckpt", action="store_false",
+                   help="skip the PyTorch gradient-checkpointing row")
+    g.add_argument("--threads", type=int, default=usable_cores(),
+                   help="torch.set_num_threads [default: the usable cores]")
+    g.add_argument("--torch-device", default="cpu", help="PyTorch device [default cpu]")
+    g.add_argument("--jax-platforms", default="cpu",
+                   help="JAX_PLATFORMS unless already set in the environment [default cpu]")
+    g = p.add_argument_group("general")
+    g.add_argument("--quick", action="store_true",
+                   help="smoke test: dim 64, 2 layers, 128 tokens, text 32x256, 1 timed call")
+    g.add_argument("--write-results", action="store_true",
+                   help="put the tables into --results-file, replacing the previous block of the same kind "
+                        "(quick or not) in its '## DiT' section")
+    g.add_argument("--results-file", type=Path, default=DEFAULT_RESULTS,
+                   help="[default benchmarks/RESULTS.md]")
+    args = p.parse_args(argv)
+    for key, (normal, quick) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else normal)
+    args.policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+    from_module = {"none", "full", "dots_saveable", "offload"}
+    if not args.policies or set(args.policies) - from_module:
+        p.error(f"--policies takes a comma-separated subset of {sorted(from_module)}; got {args.policies}")
+    if args.height % 2 or args.width % 2 or min(args.height, args.width, args.frames) < 1:
+        p.error("latent height and width must be positive and even (patch 1x2x2)")
+    if args.head_dim % 2 or args.head_dim < 6:
+        p.error("--head-dim must be even and >= 6 (3D RoPE)")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", args.jax_platforms)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    machine = machine_description(args)  # before the run: the load average is the one at the start
+    t_start = time.perf_counter()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = build_config(args)
+    log(f"building diffusers WanTransformer3DModel (dim {cfg.inner_dim}, {cfg.num_layers} layers) with random "
+        "weights")
+    torch_model = build_torch_model(cfg, args.seed)
+    state = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
+    inputs = make_inputs(args)
+    mem = PeakRSS()
+    if not mem.available:
+        log("no /proc/self/clear_refs: peak RSS will not be reported")
+
+    jax_side = JaxSide(args, cfg, state, inputs)
+    del state
+    torch_side = TorchSide(args, torch_model, inputs)
+
+    # Before any timing: one forward each, same weights and inputs; stop if they do not compute the same thing.
+    out_j = np.asarray(jax_side.forward_call(), np.float32)
+    t0 = time.perf_counter()
+    out_t = torch_side.to_channels_last(torch_side.forward_call())
+    torch_side.res["first_fwd_s"] = time.perf_counter() - t0
+    diff, scale = float(np.max(np.abs(out_j - out_t))), float(np.max(np.abs(out_t)))
+    tol = (2e-2 if args.dtype == "bfloat16" else 1e-4) * max(scale, 1.0)
+    log(f"agreement before timing: forward max abs diff JAX vs PyTorch {diff:.2e} (max abs output {scale:.3g}, "
+        f"tolerance {tol:.1e})")
+    if not diff <= tol:
+        log("the two models disagree: not timing them (see the diff above)")
+        return 1
+
+    jx = jax_side.run(mem)
+    th = torch_side.run(mem)
+    agree = agreement(jx, th)
+    lines = report(args, jx, th, agree, machine, time.perf_counter() - t_start)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write_results:
+        write_results(args.results_file, text, args.quick)
+        log(f"wrote the tables into {args.results_file} ({SECTION} section)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
