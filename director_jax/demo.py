@@ -69,7 +69,10 @@ def _sample_clips(movies, rng: np.random.Generator, batch: int, frames: int) -> 
 def fit_vae(vae: WanVAE, movies, cfg: ml_collections.ConfigDict) -> list[dict]:
     """A short single-device fit of the VAE (L1 + KL) with AdamW and warmup-cosine; returns the log."""
     t = cfg.train
-    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, t.steps, t.learning_rate / 20)
+    if t.steps < 1:
+        raise ValueError(f"--config.train.steps must be >= 1, got {t.steps}.")
+    warmup = min(t.warmup_steps, t.steps - 1)  # a short smoke run keeps a decay phase of at least one step
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, warmup, t.steps, t.learning_rate / 20)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
     graphdef, params = nnx.split(vae, nnx.Param)
     opt_state = tx.init(params)
