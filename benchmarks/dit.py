@@ -37,28 +37,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import datetime
-import gc
 import os
-import platform
 import re
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_common import (
+    REPO,
+    RSSMonitor,
+    fmt_mib,
+    fmt_s,
+    machine_description,
+    make_log,
+    release_free_memory,
+    usable_cores,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+log = make_log("dit-bench")
+
 DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "## DiT"
-MIB = 1024.0**2
 
 # Defaults; --quick swaps in the second column. Explicit flags always win.
 DEFAULTS = {
@@ -76,63 +79,11 @@ DEFAULTS = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[dit-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 # ------------------------------------------------------------------------------------------------
 # Measurement helpers
 
 
-class PeakRSS:
-    """Peak RSS increase of this process during a call: Linux ``VmHWM``, reset via ``/proc/self/clear_refs``.
-
-    ``available`` is False where that interface is missing (then no peak is reported: nothing is guessed).
-    """
-
-    def __init__(self) -> None:
-        try:
-            self._reset()
-            self._field("VmHWM")
-            self.available = True
-        except (OSError, KeyError):
-            self.available = False
-
-    @staticmethod
-    def _reset() -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-    @staticmethod
-    def _field(name: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(name)
-
-    def start(self) -> int | None:
-        """Frees what can be freed, resets the high-water mark and returns the RSS it is measured against."""
-        if not self.available:
-            return None
-        gc.collect()
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self._reset()
-        return self._field("VmRSS")
-
-    def increase(self, baseline: int | None) -> int | None:
-        return None if baseline is None else self._field("VmHWM") - baseline
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, mem: PeakRSS | None, label: str,
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, mem: RSSMonitor | None, label: str,
                cleanup: Callable[[], None] | None = None) -> dict:
     """``warmup`` untimed calls, then ``repeats`` timed ones (every call after ``cleanup``); returns the seconds of
     the first call, of every timed call, the peak RSS increase over the timed calls, and the last output."""
@@ -151,11 +102,15 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, mem: PeakRSS | 
         out = None  # drop the previous output (JAX buffers, torch grads) before measuring the next call
         if cleanup is not None:
             cleanup()
-        base = mem.start() if mem is not None else None
+        base = None
+        if mem is not None:
+            release_free_memory()  # so earlier calls' freed memory does not hide this call's
+            mem.reset_peak()
+            base = mem.rss()
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-        inc = mem.increase(base) if mem is not None else None
+        inc = mem.peak() - base if mem is not None else None
         if inc is not None:
             peak = inc if peak is None else max(peak, inc)
         log(f"{label}: timed call {i + 1}/{repeats}: {times[-1]:.3f} s")
@@ -263,7 +218,7 @@ class JaxSide:
 
         return jax.block_until_ready(self.fwd(self.params, self.x["latents"], self.x["timestep"], self.x["text"]))
 
-    def run(self, mem: PeakRSS | None) -> dict:
+    def run(self, mem: RSSMonitor | None) -> dict:
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -366,7 +321,7 @@ class TorchSide:
 
             r["peak_rss"] = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
 
-    def run(self, mem: PeakRSS | None) -> dict:
+    def run(self, mem: RSSMonitor | None) -> dict:
         args, model, res = self.args, self.model, self.res
         mem = None if self.cuda else mem
         model.disable_gradient_checkpointing()
@@ -400,16 +355,6 @@ class TorchSide:
 # Report
 
 
-def fmt_s(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3f}" if x < 10 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
-
-
-def fmt_mib(x: float | None) -> str:
-    return "-" if x is None else f"{x / MIB:,.0f}"
-
-
 def med_best(r: dict | None) -> str:
     if not r or not r.get("times"):
         return "-"
@@ -433,42 +378,6 @@ def grad_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float
         if d / scale > worst_rel:
             worst_rel, worst_key = d / scale, k
     return worst, worst_rel, worst_key
-
-
-def machine_description(args: argparse.Namespace) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    mem = ""
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-        mem = f", {total / 2**20:.0f} GiB RAM"
-
-    def ver(p: str) -> str:
-        try:
-            return metadata.version(p)
-        except metadata.PackageNotFoundError:
-            return "n/a"
-
-    code = "n/a"
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        git = ["git", "-C", str(REPO)]
-        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "director_jax", "benchmarks/dit.py"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        code = sha.stdout.strip() + (" + uncommitted changes (director_jax/ or benchmarks/dit.py)" if dirty else "")
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return [
-        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Machine: {platform.platform()}; {cpu}; os.cpu_count() = {os.cpu_count()}, usable cores = "
-        f"{usable_cores()}{mem}; load average at start: {load}",
-        f"- Software: Python {platform.python_version()}, jax {ver('jax')} (JAX_PLATFORMS="
-        f"{os.environ.get('JAX_PLATFORMS', '')}), flax {ver('flax')}, torch {ver('torch')}, "
-        f"diffusers {ver('diffusers')}",
-        f"- Code: git {code}",
-        f"- Command: `{shlex.join(['python', 'benchmarks/dit.py', *sys.argv[1:]])}`",
-    ]
 
 
 def report(args: argparse.Namespace, jx: dict, th: dict, agree: list[str], machine: list[str], wall: float
@@ -675,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    machine = machine_description(args)  # before the run: the load average is the one at the start
+    # before the run: the load average is the one at the start
+    machine = machine_description("benchmarks/dit.py", ("director_jax", "benchmarks/dit.py"))
     t_start = time.perf_counter()
 
     import torch
@@ -687,9 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_model = build_torch_model(cfg, args.seed)
     state = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
     inputs = make_inputs(args)
-    mem = PeakRSS()
-    if not mem.available:
-        log("no /proc/self/clear_refs: peak RSS will not be reported")
+    mem = RSSMonitor()
+    log(f"peak RSS measured by {mem.method}")
 
     jax_side = JaxSide(args, cfg, state, inputs)
     del state

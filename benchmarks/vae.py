@@ -38,30 +38,32 @@ to benchmarks/RESULTS.md with the date, machine and command line).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import datetime
-import gc
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_common import (
+    REPO,
+    RSSMonitor,
+    fmt_mib,
+    fmt_s,
+    machine_description,
+    make_log,
+    release_free_memory,
+    usable_cores,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+log = make_log("vae-bench")
+
 DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
-MIB = 1024.0**2
 
 # Defaults; --quick swaps in the second column. Explicit flags always win. (The quick size is 24, not 16:
 # at 16x16 the 2x2 latent makes XLA's CPU compiler take ~10x longer than at 24 or 32.)
@@ -77,104 +79,8 @@ DEFAULTS = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[vae-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 # ------------------------------------------------------------------------------------------------
 # Peak-memory measurement (used inside the workers)
-
-
-class RSSMonitor:
-    """Current RSS and a resettable peak RSS of this process, in bytes.
-
-    Linux: the kernel's VmHWM, reset by writing 5 to /proc/self/clear_refs (exact, no sampling).
-    Elsewhere: a psutil sampling thread (every 2 ms), or, without psutil, ru_maxrss (not resettable).
-    """
-
-    def __init__(self) -> None:
-        self.method = "ru_maxrss (not resettable: peak since process start)"
-        self._sampler: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._max = 0
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._status("VmHWM")
-            self.method = "VmHWM (reset via /proc/self/clear_refs)"
-            self._kind = "hwm"
-            return
-        except (OSError, KeyError):
-            pass
-        try:
-            import psutil
-
-            self._proc = psutil.Process()
-            self.method = "psutil RSS sampled every 2 ms"
-            self._kind = "psutil"
-        except ImportError:
-            self._kind = "ru"
-
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(field)
-
-    def rss(self) -> int:
-        if self._kind == "hwm":
-            return self._status("VmRSS")
-        if self._kind == "psutil":
-            return self._proc.memory_info().rss
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-    def reset_peak(self) -> None:
-        if self._kind == "hwm":
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        elif self._kind == "psutil":
-            self._stop_sampler()
-            self._max = self.rss()
-            self._stop.clear()
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._max = max(self._max, self._proc.memory_info().rss)
-
-    def _stop_sampler(self) -> None:
-        if self._sampler is not None:
-            self._stop.set()
-            self._sampler.join()
-            self._sampler = None
-
-    def peak(self) -> int:
-        if self._kind == "hwm":
-            return self._status("VmHWM")
-        if self._kind == "psutil":
-            self._stop_sampler()
-            return max(self._max, self.rss())
-        return self.rss()
-
-
-def release_free_memory() -> None:
-    """Collects garbage and returns freed heap pages to the OS, so one phase's leftovers do not count."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -509,16 +415,6 @@ def run_worker(spec: dict, tmp: Path, args: argparse.Namespace) -> dict:
     return res
 
 
-def fmt_s(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.0f}"
-
-
-def fmt_mib(x: float | None) -> str:
-    return "-" if x is None else f"{x / MIB:,.0f}"
-
-
 def best_median(xs: list[float]) -> tuple[float, float]:
     return min(xs), statistics.median(xs)
 
@@ -674,48 +570,6 @@ def part2(args: argparse.Namespace, tmp: Path, common: dict) -> list[str]:
     return lines
 
 
-def machine_description(args: argparse.Namespace) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-        mem = f", {total / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        pass
-
-    def ver(p: str) -> str:
-        try:
-            return metadata.version(p)
-        except metadata.PackageNotFoundError:
-            return "n/a"
-
-    code = "n/a"
-    try:
-        git = ["git", "-C", str(REPO)]
-        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "director_jax"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        code = sha.stdout.strip() + (" + uncommitted changes under director_jax/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return [
-        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Machine: {platform.platform()}; {cpu}; os.cpu_count() = {os.cpu_count()}, usable cores = "
-        f"{usable_cores()}{mem}; load average at start: {load}",
-        f"- Software: Python {platform.python_version()}, jax {ver('jax')} (JAX_PLATFORMS={args.jax_platforms}), "
-        f"flax {ver('flax')}, torch {ver('torch')}, diffusers {ver('diffusers')}",
-        f"- Code: git {code}",
-        f"- Command: `{shlex.join(['python', 'benchmarks/vae.py', *sys.argv[1:]])}`",
-    ]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Each variant runs in its own subprocess; see the module docstring and "
@@ -800,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         title = "Wan2.1 VAE: JAX vs diffusers PyTorch"
         if args.quick:
             title += " -- SMOKE TEST (--quick: tiny sizes, numbers not meaningful)"
-        sections = [f"## {title}", "", *machine_description(args),
+        machine = machine_description("benchmarks/vae.py", ("director_jax",), args.jax_platforms)
+        sections = [f"## {title}", "", *machine,
                     f"- Model: WanVAEConfig() defaults (Wan2.1 VAE), {prep['params'] / 1e6:.1f}M parameters, "
                     f"random weights (seed {args.seed}), float32", ""]
         if "1" in args.part_set:

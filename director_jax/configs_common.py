@@ -7,6 +7,9 @@ compared with (or filled from) a released checkpoint's config.json as it is.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+from pathlib import Path
 
 import ml_collections
 
@@ -36,6 +39,17 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
     c.sampler = ml_collections.ConfigDict(dict(name="unipc", steps=50, shift=shift, guidance_scale=5.0,
                                                negative_prompt=""))
     return c
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file, as ``--config path`` gives it to the commands (for code and tests)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def dit_config(model: ml_collections.ConfigDict) -> WanDiTConfig:
