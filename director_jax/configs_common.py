@@ -31,13 +31,45 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
         dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_saveable"))
 
     c.video = ml_collections.ConfigDict(dict(height=height, width=width, num_frames=81, fps=16.0))
-    c.text = ml_collections.ConfigDict(dict(max_length=512))
+    c.text = ml_collections.ConfigDict(dict(max_length=512, conditioning=True))
 
     # Flow matching: t ~ logit-normal, then shifted toward noise for larger token counts.
     c.flow = ml_collections.ConfigDict(dict(timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
                                             shift=shift))
     c.sampler = ml_collections.ConfigDict(dict(name="unipc", steps=50, shift=shift, guidance_scale=5.0,
                                                negative_prompt=""))
+    c.vae = ml_collections.ConfigDict(dict(init_from=""))  # the frozen Wan2.1 VAE (architecture defaults)
+    add_training(c, task="gen", batch_size=1, steps=10_000, learning_rate=1e-5, warmup_steps=500)
+    c.train.keyframes = (0,)  # frames of the training timeline held clean (keyframes)
+    c.train.latents = "precomputed"  # "encode": the frozen VAE encodes pixels inside the step
+    return c
+
+
+def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, steps: int, learning_rate: float,
+                 warmup_steps: int) -> ml_collections.ConfigDict:
+    """The trainer's sections: task, mesh, train loop, optimizer, checkpoints, data source."""
+    c.task = task
+    # Mesh axis sizes per slice (-1 = the rest of the devices) and across slices (dcn_*).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1,
+                                            dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_sequence=1))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=steps,
+        batch_size=batch_size,  # global, over all hosts
+        micro_batches=1,  # gradient accumulation: the batch is split into this many sequential micro-batches
+        log_every=10,
+        nonfinite="stop",  # "stop": save diagnostics and stop; "skip": leave the state unchanged, count the skip
+        kl_weight=1e-6,  # VAE task
+        sample_posterior=False,  # VAE task: decode a posterior sample (True) or the mean (False)
+    ))
+    c.optim = ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, decay_steps=0,
+                                             end_lr_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                                             grad_clip=1.0, ema_decay=0.999))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep_last=3, keep_every=0, async_save=True))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", worker_count=0,
+        synthetic=ml_collections.ConfigDict(dict(num_movies=100_000, fps=8.0, shot_lengths=(20, 28),
+                                                 shots_per_movie=2, hflip=True)),
+    ))
     return c
 
 

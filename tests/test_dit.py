@@ -236,7 +236,8 @@ def test_build_from_config_random_and_from_checkpoint(tmp_path, reference):
 
     cfg = load_config(CONFIGS / "gen_tiny.py")
     gen = build_director_gen(cfg)
-    assert gen.dit.remat_policy == cfg.model_options.remat_policy and gen.dit.dtype == jnp.bfloat16
+    assert gen.dit.remat_policy == cfg.model_options.remat_policy
+    assert gen.dit.dtype == jnp.dtype(cfg.model_options.dtype)
     # init_from a checkpoint whose config disagrees with the run's: named, not silently used
     _, state = reference
     export_transformer(load_transformer(state, TINY), tmp_path / "wan")

@@ -39,6 +39,7 @@ from director_jax.models.layers import (
     torch_normal,
     torch_uniform,
 )
+from director_jax.parallel.rules import constrain
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' timestep scale: timestep = 1000 * sigma
 
@@ -89,6 +90,9 @@ class WanDiTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in names})
 
+
+# Logical axes of the (B, S, D) activations between blocks (see director_jax.parallel.rules).
+ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,  # keep every activation (fastest, most memory)
@@ -298,7 +302,7 @@ class WanDiT(nnx.Module):
         temb, modulation = self.condition_embedder(groups.astype(jnp.float32))
         context = self.condition_embedder.text_embedder(text)
 
-        x = self._run_blocks(x, context, modulation, rope)
+        x = self._run_blocks(constrain(x, ACTIVATION_AXES), context, modulation, rope)
 
         g = groups.shape[1]
         mod = self.scale_shift_table[...].astype(jnp.float32)[None] + temb[:, :, None, :]  # (B, G, 2, D)
@@ -310,7 +314,8 @@ class WanDiT(nnx.Module):
 
     def _run_blocks(self, x: jax.Array, context: jax.Array, modulation: jax.Array, rope: jax.Array) -> jax.Array:
         def body(x: jax.Array, block: WanBlock) -> jax.Array:
-            return block(x, context, modulation, rope)
+            # block boundary: batch over (data, fsdp), tokens over sequence (no-op without a mesh)
+            return constrain(block(constrain(x, ACTIVATION_AXES), context, modulation, rope), ACTIVATION_AXES)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":

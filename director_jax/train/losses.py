@@ -21,7 +21,13 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     comparable with Wan / Stable Diffusion VAE recipes.
     """
     mean, logvar = vae.encode(video)
-    z = sample_posterior(mean, logvar, key) if sample else mean
+    if sample:
+        if key.ndim == 1:
+            z = jax.vmap(lambda m, lv, k: sample_posterior(m[None], lv[None], k)[0])(mean, logvar, key)
+        else:
+            z = sample_posterior(mean, logvar, key)
+    else:
+        z = mean
     recon = vae.decode(z, clip=False)
     l1 = jnp.mean(jnp.abs(recon - video))
     kl = jnp.mean(kl_divergence(mean, logvar))
@@ -37,17 +43,24 @@ def gen_loss(gen: DirectorGen, latents: jax.Array, given: jax.Array, positions: 
     ``latents`` (B, L, h, w, C): clean normalized chunk latents; ``given`` (B, L) bool: keyframe /
     video frames, which stay clean (sigma 0) and are left out of the loss; ``positions`` (L,) or
     (B, L): MC-RoPE positions. One flow time per sample is drawn (logit-normal or uniform, then
-    shifted) and shared by all its generated frames, as in Wan's training.
+    shifted) and shared by all its generated frames, as in Wan's training. ``key`` is one key, or
+    one key per example (B,), which the trainer uses so micro-batching does not change the draws.
     """
     given = jnp.asarray(given, bool)
     if given.shape != latents.shape[:2]:
         raise ValueError(f"given has shape {given.shape}; it needs one bool per latent frame, shape "
                          f"{latents.shape[:2]}.")
-    k_time, k_noise = jax.random.split(key)
-    t = sample_timesteps(k_time, latents.shape[0], kind=timestep_sampling, mean=logit_mean, std=logit_std,
-                         shift=shift)
+    def draw(k, rows, shape):
+        k_time, k_noise = jax.random.split(k)
+        t = sample_timesteps(k_time, rows, kind=timestep_sampling, mean=logit_mean, std=logit_std, shift=shift)
+        return t, jax.random.normal(k_noise, shape, jnp.float32)
+
+    if key.ndim == 1:  # one key per example
+        t, noise = jax.vmap(lambda k: draw(k, 1, latents.shape[1:]))(key)
+        t = t[:, 0]
+    else:
+        t, noise = draw(key, latents.shape[0], latents.shape)
     sigma_frames = jnp.where(given, 0.0, t[:, None])
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
     x_t = noisy_latents(latents, noise, sigma_frames)
     velocity = gen(x_t, sigma_frames, text, positions=positions, text_mask=text_mask)
     loss = flow_matching_loss(velocity, velocity_target(latents, noise), ~given)

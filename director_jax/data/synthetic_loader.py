@@ -1,0 +1,204 @@
+"""A deterministic, resumable, per-host-sharded Grain pipeline of synthetic training clips.
+
+It stands in for the curated-shard loader until that exists, so the trainer can be built and tested
+against the real input contract: batches of ``{"video": (b, T, H, W, 3) float32 in [-1, 1],
+"index": (b,) int64}``, a checkpointable iterator whose state is plain JSON, and hosts that each
+read their own rows of every global batch.
+
+Pipeline: ``range(num_movies) -> shuffle -> repeat -> host shard -> map(synthetic_clip) -> batch``.
+Example ``i`` is a pure function of ``(cfg.seed, i)``, so it never depends on the order it is read
+in, on the host count or on the worker count. Epochs revisit the same ``num_movies`` examples in a
+new order (Grain reseeds the shuffle each epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from director_jax.data.synthetic import random_shot, render_shot
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticClipsConfig:
+    """The virtual dataset: ``num_movies`` procedural movies, one random clip from each."""
+
+    num_movies: int = 10_000
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+    clip_frames: int = 17
+    shot_lengths: tuple[int, int] = (8, 32)  # min, max frames per shot (inclusive)
+    shots_per_movie: int = 3
+    hflip: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shot_lengths", tuple(int(n) for n in self.shot_lengths))
+        lo, hi = self.shot_lengths if len(self.shot_lengths) == 2 else (0, -1)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"shot_lengths must be (min, max) with 1 <= min <= max, got {self.shot_lengths}.")
+        for name in ("num_movies", "height", "width", "clip_frames", "shots_per_movie"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds np.random.SeedSequence), got {self.seed}.")
+        if self.shots_per_movie * lo < self.clip_frames:
+            raise ValueError(
+                f"A movie of {self.shots_per_movie} shots of >= {lo} frames can be shorter than "
+                f"clip_frames={self.clip_frames}; raise shots_per_movie or shot_lengths[0].")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Any, **overrides: Any) -> SyntheticClipsConfig:
+        """Reads the fields present in an ml_collections ConfigDict (or a dict); others keep defaults.
+
+        Keys that are not fields (e.g. the demo's ``train_movies``) are ignored, so one ``data``
+        block can serve several consumers; pass ``overrides`` to set fields under other names.
+        """
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in items.items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _example_plan(index: int, cfg: SyntheticClipsConfig) -> tuple[int, list[int], int, bool]:
+    """The random choices behind example ``index``: movie seed, shot lengths, clip start, flip."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(index)]))
+    lo, hi = cfg.shot_lengths
+    lengths = [int(n) for n in rng.integers(lo, hi + 1, size=cfg.shots_per_movie)]
+    movie_seed = int(rng.integers(0, 2**63 - 1))
+    start = int(rng.integers(0, sum(lengths) - cfg.clip_frames + 1))
+    flip = bool(rng.random() < 0.5)  # always drawn, so toggling hflip changes nothing else
+    return movie_seed, lengths, start, flip and cfg.hflip
+
+
+def synthetic_clip(index: int, cfg: SyntheticClipsConfig) -> dict[str, np.ndarray]:
+    """Example ``index``: ``clip_frames`` frames of ``make_movie(movie_seed, lengths)``, maybe flipped.
+
+    Equals slicing the full ``make_movie`` output, but only the shots the clip touches are
+    rendered, each only up to the clip's last frame: the shot specs are drawn in ``make_movie``'s
+    order from the same generator, so skipped shots still advance it identically.
+    """
+    movie_seed, lengths, start, flip = _example_plan(index, cfg)
+    stop = start + cfg.clip_frames
+    rng = np.random.default_rng(movie_seed)  # as make_movie does
+    pieces, shot_start = [], 0
+    for n in lengths:
+        if shot_start >= stop:
+            break
+        spec = random_shot(rng, n, cfg.height, cfg.width)
+        shot_end = shot_start + n
+        if shot_end > start:
+            # Truncating num_frames keeps velocities (they are baked into the spec) and the
+            # per-frame maths, so frames [0, stop - shot_start) are bit-identical to the full shot.
+            upto = min(stop, shot_end) - shot_start
+            frames = render_shot(dataclasses.replace(spec, num_frames=upto), cfg.height, cfg.width).frames
+            pieces.append(frames[max(start - shot_start, 0):])
+        shot_start = shot_end
+    video = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    if flip:
+        video = video[:, :, ::-1]
+    return {"video": np.ascontiguousarray(video, dtype=np.float32), "index": np.int64(index)}
+
+
+class _HostRowsMapDataset(grain.MapDataset):
+    """Host ``p``'s rows of each global batch: local item ``j`` is global item ``s*B + p*b + r``.
+
+    Grain's own ``ds[p::P]`` interleaves rows across hosts; this keeps each host's share of a
+    global batch contiguous, so stacking the host batches in process order gives the global batch.
+    Incomplete trailing global batches are dropped on every host alike.
+    """
+
+    def __init__(self, parent: grain.MapDataset, local_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._b, self._p, self._n = local_batch, process_index, process_count
+        self._length = len(parent) // (local_batch * process_count) * local_batch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, row = divmod(index, self._b)
+        return self._parent[(step * self._n + self._p) * self._b + row]
+
+    def __str__(self) -> str:
+        return f"_HostRowsMapDataset(b={self._b}, process={self._p}/{self._n})"
+
+
+def _mixed_shuffle_seed(shuffle_seed: int) -> int:
+    """A uint32 seed hashed from ``shuffle_seed``.
+
+    Grain shuffles epoch ``e`` with seed ``seed + e``, so raw seeds 0 and 1 would give the same
+    orders one epoch apart; hashing makes nearby user seeds unrelated.
+    """
+    return int(np.random.SeedSequence([int(shuffle_seed), 0x5EED]).generate_state(1, np.uint32)[0])
+
+
+def make_dataset(cfg: SyntheticClipsConfig, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, shuffle_seed: int, num_epochs: int | None = None) -> grain.MapDataset:
+    """This process's batches of ``global_batch_size // process_count`` clips (a Grain MapDataset).
+
+    At every step the process batches, stacked in process order, equal the single-process global
+    batch, so the trainer can assemble a global array from per-host pieces. ``num_epochs=None``
+    repeats forever; with a finite count the last incomplete global batch is dropped.
+    """
+    if global_batch_size < 1 or process_count < 1:
+        raise ValueError(f"global_batch_size ({global_batch_size}) and process_count ({process_count}) must be >= 1.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                         f"process_count={process_count}; each host needs an equal whole share.")
+    if shuffle_seed < 0:
+        raise ValueError(f"shuffle_seed must be >= 0, got {shuffle_seed}.")
+    if num_epochs is not None:
+        if num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}.")
+        if cfg.num_movies * num_epochs < global_batch_size:
+            raise ValueError(f"num_movies * num_epochs = {cfg.num_movies * num_epochs} is less than one "
+                             f"global batch of {global_batch_size}; the dataset would be empty.")
+    local_batch = global_batch_size // process_count
+    ds = grain.MapDataset.range(cfg.num_movies).shuffle(seed=_mixed_shuffle_seed(shuffle_seed))
+    ds = ds.repeat(num_epochs)
+    ds = _HostRowsMapDataset(ds, local_batch, process_index, process_count)
+    ds = ds.map(functools.partial(synthetic_clip, cfg=cfg))
+    return ds.batch(local_batch, drop_remainder=True)
+
+
+def make_iterator(dataset: grain.MapDataset | grain.IterDataset, *, worker_count: int = 0, prefetch_buffer: int = 2,
+                  read_threads: int = 1) -> grain.DatasetIterator:
+    """A checkpointable iterator: ``get_state()`` is a JSON-serialisable dict, ``set_state`` resumes.
+
+    ``worker_count > 0`` renders batches in that many worker processes (``mp_prefetch``; each
+    worker takes every ``worker_count``-th batch, the main process interleaves them back in
+    order), with ``prefetch_buffer`` batches buffered per worker. Otherwise ``read_threads``
+    threads prefetch up to ``prefetch_buffer`` batches in this process. The batch sequence is the
+    same either way, but a state can only be restored into an iterator with the same
+    ``worker_count`` (the state layout differs). Close an iterator with workers (``it.close()``).
+    Workers are started with ``spawn``, so a script that uses them needs an
+    ``if __name__ == "__main__":`` guard, and the first batch waits about a second for start-up.
+    """
+    if worker_count < 0 or prefetch_buffer < 1 or read_threads < 0:
+        raise ValueError(f"Need worker_count >= 0, prefetch_buffer >= 1 and read_threads >= 0; got "
+                         f"{worker_count}, {prefetch_buffer}, {read_threads}.")
+    if isinstance(dataset, grain.MapDataset):
+        read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer)
+        dataset = dataset.to_iter_dataset(read)
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.18 reads an absl flag (grain_enable_multiprocess_worker_profiling) when
+            # jax is importable, which raises UnparsedFlagAccessError outside absl.app (pytest,
+            # notebooks); google/grain#1355, fixed upstream by falling back to the default.
+            flags.FLAGS.mark_as_parsed()
+        options = grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch_buffer)
+        dataset = dataset.mp_prefetch(options)
+    return iter(dataset)

@@ -1,0 +1,66 @@
+"""``python -m director_jax.train --config configs/X.py --workdir DIR [--config.a.b=value ...]``
+
+Trains the task the config names (VAE or Director-Gen), resuming from ``DIR/checkpoints`` when it
+holds any. ``--compile_topology v5p:2x2x1`` compiles the real train step for that TPU topology
+instead (needs libtpu; no TPU needed), prints per-device memory and FLOPs, and exits non-zero when
+the step does not fit the chip's HBM.
+
+On a TPU pod run the same command on every host: ``--distributed auto`` (default) calls
+``jax.distributed.initialize()`` when the environment describes more than one host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (get_config()); see configs/.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard files go here.")
+_TOPOLOGY = flags.DEFINE_string("compile_topology", None,
+                                "Compile only, for this TPU topology (e.g. v5p:2x2x1, v6e:2x2), and report memory.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize(): auto = when a multi-host environment is detected.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (process 0 only).")
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
+
+
+def _multihost_environment() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+                or len([h for h in hosts.split(",") if h.strip()]) > 1)
+
+
+def main(argv) -> int:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config configs/gen_tiny.py")
+    if _TOPOLOGY.value:
+        from director_jax.train.aot import compile_train_step
+
+        report = compile_train_step(cfg, _TOPOLOGY.value)
+        return 0 if report.fits else 1
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (checkpoints, metrics and TensorBoard files go there).")
+
+    import jax
+
+    if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
+        jax.distributed.initialize()
+    from director_jax.train.trainer import train
+
+    result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value)
+    if jax.process_index() == 0:
+        state = "preempted" if result.preempted else "done"
+        print(f"{state} at step {result.final_step}; non-finite updates skipped: {result.nonfinite_skips}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

@@ -1,0 +1,305 @@
+"""The training loop: mesh, sharded state, resume, data, jitted step, metrics, checkpoints, preemption.
+
+One loop for every task (``director_jax.train.tasks``). What it guarantees:
+
+* **Exact resume**: the checkpoint holds the train state (including the base RNG key; step keys are
+  ``fold_in(key, step)``) and every host's data-iterator state, so stopping at any checkpoint and
+  resuming gives the same parameters and the same data order as an uninterrupted run.
+* **Preemption**: SIGTERM (or a pod's preemption notice) makes the loop save the current step,
+  wait for the write and exit cleanly; a kill -9 loses only the steps since the last complete save.
+* **Non-finite losses**: with ``train.nonfinite = "stop"`` the run writes the offending batch and
+  metrics to ``workdir/diagnostics/`` and raises; with ``"skip"`` the update is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from director_jax.io_utils import atomic_write_text
+from director_jax.parallel import MeshConfig, create_mesh, param_shardings
+from director_jax.train import state as state_lib
+from director_jax.train.checkpoint import Checkpointer
+from director_jax.train.optim import learning_rate_schedule, make_optimizer
+from director_jax.train.step import batch_shardings, jit_train_step, make_train_step
+from director_jax.train.tasks import Task, make_task
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm was NaN or inf (train.nonfinite = "stop")."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    preempted: bool
+    losses: dict[int, float]  # step -> loss of the steps run in this process (for tests and summaries)
+    data_indices: dict[int, list[int]]  # step -> example indices of this host's rows of the batch
+    nonfinite_skips: int
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM; on multi-host pods also by the coordination service's preemption notice."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. embedded use): no handler, no preemption saves
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
+        self.requested = True
+
+    def check(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop and the compile-only mode share, built once from the config."""
+
+    cfg: ml_collections.ConfigDict
+    task: Task
+    mesh: Any
+    tx: Any
+    graphdef: Any
+    init: Any
+    abstract: Any
+    shardings: Any
+    frozen_graphdef: Any
+    frozen_state: Any
+    frozen_sharding: Any
+    batch_fields: dict
+    batch_sharding: dict
+    step_fn: Any
+
+
+def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_frozen: bool = True) -> Run:
+    """Mesh, abstract sharded state and the jitted step, from the config (no state is allocated)."""
+    task = make_task(cfg)
+    t = cfg.train
+    if t.batch_size < 1 or t.micro_batches < 1 or t.batch_size % t.micro_batches:
+        raise ValueError(f"train.batch_size={t.batch_size} must be a positive multiple of "
+                         f"train.micro_batches={t.micro_batches}.")
+    if t.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.nonfinite={t.nonfinite!r}; choose 'stop' or 'skip'.")
+    mesh = create_mesh(MeshConfig.from_dict(cfg.mesh.to_dict()), devices=devices)
+    tx = make_optimizer(cfg.optim, int(t.steps))
+    build_fn = task.build_fn()
+    graphdef = state_lib.model_graphdef(build_fn)
+    ema_decay = float(cfg.optim.ema_decay)
+    init = state_lib.init_fn(build_fn, tx, seed=int(cfg.seed), use_ema=ema_decay > 0)
+    abstract = jax.eval_shape(init)
+    shardings = state_lib.state_shardings(abstract, mesh)
+
+    frozen_graphdef = frozen_state = frozen_sharding = None
+    if task.frozen_build_fn() is not None:
+        # abstract (compile-only runs) or loaded and placed on the mesh
+        frozen = task.frozen_model() if materialize_frozen else nnx.eval_shape(task.frozen_build_fn())
+        frozen_graphdef, frozen_state = nnx.split(frozen)
+        frozen_sharding = param_shardings(frozen_state, mesh)
+        if materialize_frozen:
+            frozen_state = jax.device_put(frozen_state, frozen_sharding)
+        else:
+            frozen_state = state_lib.with_shardings(frozen_state, frozen_sharding)
+
+    fields = task.batch_fields(int(t.batch_size))
+    batch_sharding = batch_shardings(fields, mesh)
+    step = make_train_step(task, graphdef, frozen_graphdef, tx, micro_batches=int(t.micro_batches),
+                           ema_decay=ema_decay, schedule=learning_rate_schedule(cfg.optim, int(t.steps)))
+    step_fn = jit_train_step(step, mesh, shardings, frozen_sharding, batch_sharding)
+    return Run(cfg, task, mesh, tx, graphdef, init, abstract, shardings, frozen_graphdef, frozen_state,
+               frozen_sharding, fields, batch_sharding, step_fn)
+
+
+def make_data(run: Run):
+    """This host's iterator over its rows of every global batch."""
+    from director_jax.data.synthetic_loader import make_dataset, make_iterator
+
+    cfg = run.cfg
+    if cfg.data.source != "synthetic":
+        raise ValueError(f"data.source={cfg.data.source!r}: only 'synthetic' is available so far.")
+    dataset = make_dataset(run.task.clips_config(), global_batch_size=int(cfg.train.batch_size),
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           shuffle_seed=int(cfg.seed))
+    return make_iterator(dataset, worker_count=int(cfg.data.worker_count))
+
+
+def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host rows -> global arrays sharded as the step expects (no host holds the whole batch)."""
+    out = {}
+    for name, field in run.batch_fields.items():
+        if name not in local:
+            raise KeyError(f"the data source gave no {name!r} (it gave {sorted(local)}); the {run.task.name} task "
+                           f"needs {sorted(run.batch_fields)}.")
+        value = np.asarray(local[name], dtype=field.dtype)
+        out[name] = jax.make_array_from_process_local_data(run.batch_sharding[name], value, field.shape)
+    return out
+
+
+def _save_diagnostics(workdir: Path, step: int, metrics: dict, batch: dict[str, np.ndarray]) -> Path:
+    out = workdir / "diagnostics" / f"nonfinite_step_{step}"
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / f"batch_process_{jax.process_index()}.npz", **batch)
+    atomic_write_text(out / "metrics.json", _json({k: float(v) for k, v in metrics.items()}))
+    return out
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=1, sort_keys=True, default=str)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, progress: bool = True
+          ) -> TrainResult:
+    """Trains until ``train.steps`` (resuming from ``workdir`` when it holds checkpoints)."""
+    from director_jax.train.metrics import MetricWriter, Progress, peak_flops
+
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    run = build_run(cfg, devices=devices)
+    total = int(cfg.train.steps)
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    data = make_data(run)
+
+    start = ckpt.latest_step()
+    if start is None:
+        state = jax.jit(run.init, out_shardings=run.shardings)()
+        start = 0
+        log.info("initialised a new %s run in %s", run.task.name, workdir)
+    else:
+        target = state_lib.with_shardings(run.abstract, run.shardings)
+        state, data_state, saved = ckpt.restore(start, target)
+        workers = saved.get("data_worker_count", int(cfg.data.worker_count))
+        if workers != int(cfg.data.worker_count):
+            raise ValueError(f"checkpoint step {start} was written with data.worker_count={workers}; the data "
+                             f"iterator's state only resumes with the same count: set --config.data.worker_count="
+                             f"{workers}.")
+        data.set_state(data_state)
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+
+    meta = {"config": cfg.to_json_best_effort(), "task": run.task.name, "mesh": dict(run.mesh.shape),
+            "process_count": jax.process_count(), "data_worker_count": int(cfg.data.worker_count)}
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
+    if start == 0:
+        writer.write_config(cfg.to_dict())
+    lowered = run.step_fn.lower(state, run.frozen_state, abstract_batch(run))
+    compiled = lowered.compile()
+    flops = step_flops(run, lowered)
+    tokens = run.task.tokens_per_example() * int(cfg.train.batch_size)
+    bar = Progress(total, start, flops_per_step=flops, tokens_per_step=tokens, peak=peak_flops(run.mesh.devices.flat),
+                   enabled=is_main and progress)
+    flag = _PreemptionFlag()
+    flag.install()
+    losses: dict[int, float] = {}
+    indices: dict[int, list[int]] = {}
+    preempted = False
+    pending = None  # (step, metrics on device, host batch): checked one step late so dispatch runs ahead
+    try:
+        step = start
+        while step < total:
+            local = next(data)
+            state, metrics = compiled(state, run.frozen_state, global_batch(run, local))
+            step += 1
+            if pending is not None:
+                _finish_step(pending, cfg, workdir, writer, bar, losses, indices)
+            pending = (step, metrics, local)
+            want_save = step % int(cfg.checkpoint.every) == 0 or step == total
+            if flag.check(step):
+                preempted = True
+                want_save = True
+            if want_save:
+                _finish_step(pending, cfg, workdir, writer, bar, losses, indices)
+                pending = None
+                ckpt.save(step, state, data.get_state(), {**meta, "step": step}, wait=preempted)
+                bar.reset_window()  # the save's pause is not training speed
+            if preempted:
+                log.warning("preempted: checkpoint of step %d written to %s; exiting.", step, ckpt.directory)
+                break
+        if pending is not None:
+            _finish_step(pending, cfg, workdir, writer, bar, losses, indices)
+    finally:
+        flag.restore()
+        ckpt.close()
+        bar.close()
+        writer.close()
+    skips = int(jax.device_get(state.nonfinite_skips))
+    return TrainResult(final_step=step, preempted=preempted, losses=losses, data_indices=indices,
+                       nonfinite_skips=skips)
+
+
+def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as sharded ShapeDtypeStructs (for lowering without data)."""
+    return {k: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=run.batch_sharding[k])
+            for k, f in run.batch_fields.items()}
+
+
+def step_flops(run: Run, lowered_or_state) -> float | None:
+    """FLOPs of one train step on all devices, for MFU.
+
+    The task's analytic count (3x the forward's matmul and attention FLOPs) where it has one: XLA
+    counts a scanned layer stack once, not once per layer. Otherwise XLA's count of the lowered
+    (not yet partitioned, so global) program.
+    """
+    analytic = run.task.train_flops_per_example()
+    if analytic is not None:
+        return analytic * int(run.cfg.train.batch_size)
+    lowered = lowered_or_state
+    if not hasattr(lowered, "cost_analysis"):
+        lowered = run.step_fn.lower(lowered_or_state, run.frozen_state, abstract_batch(run))
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # some backends do not report costs
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _finish_step(pending, cfg, workdir: Path, writer, bar, losses: dict[int, float],
+                 indices: dict[int, list[int]]) -> None:
+    step, metrics, local = pending
+    host = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    loss = float(host["loss"])
+    losses[step] = loss
+    if "index" in local:
+        indices[step] = [int(i) for i in np.asarray(local["index"]).ravel()]
+    if not bool(host["finite"]):
+        if cfg.train.nonfinite == "stop":
+            where = _save_diagnostics(workdir, step, host, local)
+            raise NonFiniteLossError(
+                f"step {step}: loss {loss}, gradient norm {float(host['grad_norm'])} (not finite). The batch and "
+                f"metrics are in {where}; the last checkpoint is intact. Lower optim.learning_rate, check the data, "
+                "or set --config.train.nonfinite=skip to drop such updates.")
+        log.warning("step %d: non-finite loss %s, update skipped", step, loss)
+    bar.update(step, loss)
+    if step % int(cfg.train.log_every) == 0 or step == int(cfg.train.steps):
+        scalars = {k: float(v) for k, v in host.items()}
+        if step in indices:  # which examples this step saw: audits of data order across restarts
+            scalars["data_fingerprint"] = float(zlib.crc32(np.asarray(indices[step], np.int64).tobytes()))
+        scalars.update(bar.rates())
+        writer.write_scalars(step, scalars)
