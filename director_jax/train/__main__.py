@@ -26,9 +26,6 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize(): auto = when a multi-host environment is detected.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (process 0 only).")
 
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
-
-
 def _multihost_environment() -> bool:
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from director_jax.train.state import TrainState
+from director_jax.train.state import TrainState, path_parts
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +80,7 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
 
 
 def _name(path: tuple) -> str:
-    parts = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                parts.append(str(getattr(p, attr)))
-                break
-        else:
-            parts.append(str(p))
-    if len(parts) > 1 and parts[-1] == "value":  # nnx.Variable's value: "params.x.kernel", not "...kernel.value"
-        parts.pop()
-    return ".".join(parts)
+    return ".".join(path_parts(path))
 
 
 def flatten_state(state: Any) -> dict[str, Any]:

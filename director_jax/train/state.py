@@ -54,8 +54,23 @@ def model_graphdef(build_fn: Callable[[], nnx.Module]) -> nnx.GraphDef:
     return graphdef
 
 
-def _path_key(path: tuple) -> tuple:
-    return tuple(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p))) for p in path)
+def path_parts(path: tuple) -> tuple[str, ...]:
+    """A pytree key path as names: ``("params", "dit", "blocks", "ffn", "proj_in", "kernel")``.
+
+    The ``value`` attribute of an ``nnx.Variable`` is left out, so a parameter and the optimizer /
+    EMA leaves that mirror it end with the same names.
+    """
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+        else:
+            parts.append(str(p))
+    if len(parts) > 1 and parts[-1] == "value":
+        parts.pop()
+    return tuple(parts)
 
 
 def state_shardings(abstract: TrainState, mesh: Mesh, rules=DEFAULT_RULES) -> TrainState:
@@ -65,10 +80,10 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules=DEFAULT_RULES) -> Tr
     by_path = {}
     for (path, leaf), (_, sharding) in zip(jax.tree_util.tree_leaves_with_path(abstract.params),
                                            jax.tree_util.tree_leaves_with_path(params_sharding), strict=True):
-        by_path[_path_key(path)] = (leaf.shape, sharding)
+        by_path[path_parts(path)] = (leaf.shape, sharding)
 
     def mirror(path, leaf):
-        key = _path_key(path)
+        key = path_parts(path)
         for start in range(len(key)):  # the longest suffix that names a parameter of the same shape
             hit = by_path.get(key[start:])
             if hit is not None and hit[0] == leaf.shape:

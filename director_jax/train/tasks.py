@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from director_jax.configs_common import build_director_gen
@@ -265,15 +264,3 @@ def make_task(cfg: ml_collections.ConfigDict) -> Task:
         raise ValueError(f"config.task={cfg.task!r} is not a task; choose one of {sorted(TASKS)}.")
     return TASKS[cfg.task](cfg)
 
-
-def example_batch(fields: dict[str, BatchField], rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random host data shaped like ``rows`` rows of the batch (compile checks, tests of the step)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, f in fields.items():
-        shape = (rows, *f.shape[1:])
-        if f.dtype == jnp.bool_:
-            out[name] = np.ones(shape, bool)
-        else:
-            out[name] = rng.uniform(-1, 1, shape).astype(np.dtype(f.dtype))
-    return out
