@@ -60,6 +60,7 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
         nonfinite="stop",  # "stop": save diagnostics and stop; "skip": leave the state unchanged, count the skip
         kl_weight=1e-6,  # VAE task
         sample_posterior=False,  # VAE task: decode a posterior sample (True) or the mean (False)
+        lpips_weight=0.0,  # VAE task: weight of the LPIPS (AlexNet) perceptual term; 0 = L1 + KL only
     ))
     c.optim = ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, decay_steps=0,
                                              end_lr_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,

@@ -279,3 +279,34 @@ def test_vae_task_trains_and_accumulation_matches_one_batch(tmp_path):
     losses = np.array([whole.losses[s] for s in range(1, 5)])
     np.testing.assert_allclose([split.losses[s] for s in range(1, 5)], losses, rtol=0, atol=1e-5)
     assert (tmp_path / "whole" / "checkpoints" / "4").is_dir()
+
+
+def test_two_processes_train_like_one(uninterrupted, tmp_path):
+    """Two processes x 4 CPU devices (jax.distributed, gloo collectives), each loading its own half of every
+    batch: the losses and the step-10 parameters of the one-process 8-device run; one data-state file per host."""
+    import socket
+
+    ref_dir, reference = uninterrupted
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    procs = [subprocess.Popen(_cli(tmp_path, 10, 10, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                   f"--process_id={i}"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-3000:]
+    got = _losses(tmp_path)
+    np.testing.assert_allclose([got[s] for s in range(1, 11)], [reference[s] for s in range(1, 11)], rtol=0,
+                               atol=1e-5)
+    data_files = sorted(p.name for p in (tmp_path / "checkpoints" / "10" / "data").glob("process_*"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    cfg = tiny(20, data=2, fsdp=4)
+    ours, meta = _restore_params(tmp_path, 10, cfg)
+    theirs, _ = _restore_params(ref_dir, 10, cfg)
+    assert meta["process_count"] == 2
+    for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(theirs.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)

@@ -6,7 +6,10 @@ instead (needs libtpu; no TPU needed), prints per-device memory and FLOPs, and e
 the step does not fit the chip's HBM.
 
 On a TPU pod run the same command on every host: ``--distributed auto`` (default) calls
-``jax.distributed.initialize()`` when the environment describes more than one host.
+``jax.distributed.initialize()`` when the environment describes more than one host. Elsewhere give
+``--coordinator_address host:port --num_processes N --process_id i`` to every process (on CPUs
+also set ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``). Each process loads its own rows of every
+global batch; process 0 writes metrics; checkpoints hold one data-iterator state per process.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ _TOPOLOGY = flags.DEFINE_string("compile_topology", None,
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize(): auto = when a multi-host environment is detected.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (process 0 only).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs outside TPU pods / SLURM "
+                                   "(with --num_processes and --process_id); implies --distributed on.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 def _multihost_environment() -> bool:
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -48,8 +56,12 @@ def main(argv) -> int:
 
     import jax
 
-    if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
-        jax.distributed.initialize()
+    if _COORDINATOR.value:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator_address needs --num_processes and --process_id.")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
+        jax.distributed.initialize()  # TPU pods, GKE, SLURM: the environment says who is who
     from director_jax.train.trainer import train
 
     result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value)

@@ -6,20 +6,26 @@ import jax
 import jax.numpy as jnp
 
 from director_jax.diffusion import flow_matching_loss, noisy_latents, sample_timesteps, velocity_target
+from director_jax.eval.lpips import LPIPS
 from director_jax.models.dit import DirectorGen
 from director_jax.models.vae import WanVAE, kl_divergence, sample_posterior
 
 
-def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1e-6, sample: bool = True
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean absolute error of the reconstruction, plus ``kl_weight`` * KL.
+def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1e-6, sample: bool = True, *,
+             lpips_weight: float = 0.0, lpips: LPIPS | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean absolute error of the reconstruction, plus ``kl_weight`` * KL, plus ``lpips_weight`` * LPIPS.
 
     ``sample=True`` decodes a posterior sample (the VAE recipe); ``sample=False`` decodes the
     posterior mean, which converges much faster from scratch (short CPU fits) and matches how a
     frozen VAE is used downstream (the DiT is trained on posterior means or samples near them).
     The KL is summed over latent elements and averaged over the batch, so ``kl_weight`` is
-    comparable with Wan / Stable Diffusion VAE recipes.
+    comparable with Wan / Stable Diffusion VAE recipes. With ``lpips_weight`` > 0 the perceptual
+    term (``lpips``: an eval.lpips.LPIPS, built once by the caller) is the mean over clips and
+    frames of LPIPS(reconstruction, video): L1 alone gives blurry detail (Wan's VAE adds it too).
+    At weight 0 LPIPS is not computed and the loss and aux are exactly the L1 + KL ones.
     """
+    if lpips_weight > 0 and lpips is None:
+        raise ValueError(f"vae_loss: lpips_weight={lpips_weight} needs an LPIPS (director_jax.eval.lpips.LPIPS).")
     mean, logvar = vae.encode(video)
     if sample:
         if key.ndim == 1:
@@ -31,7 +37,11 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     recon = vae.decode(z, clip=False)
     l1 = jnp.mean(jnp.abs(recon - video))
     kl = jnp.mean(kl_divergence(mean, logvar))
-    return l1 + kl_weight * kl, {"l1": l1, "kl": kl}
+    loss, aux = l1 + kl_weight * kl, {"l1": l1, "kl": kl}
+    if lpips_weight > 0:
+        aux["lpips"] = jnp.mean(lpips.video(recon, video))
+        loss = loss + lpips_weight * aux["lpips"]
+    return loss, aux
 
 
 def gen_loss(gen: DirectorGen, latents: jax.Array, given: jax.Array, positions: jax.Array, text: jax.Array,

@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from director_jax.configs_common import build_director_gen
+from director_jax.eval.lpips import LPIPS
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import TEMPORAL_FACTOR, WanVAE, WanVAEConfig
 from director_jax.pipeline.gen import timeline_latents
@@ -115,6 +116,8 @@ class VaeTask(Task):
         v = cfg.video
         if (v.num_frames - 1) % TEMPORAL_FACTOR:
             raise ValueError(f"config.video.num_frames={v.num_frames}: VAE training clips need 4n+1 frames.")
+        # Built once here (weights loaded, distance jitted); the loss closes over it. None when unused.
+        self.lpips = LPIPS("alexnet") if float(cfg.train.get("lpips_weight", 0.0)) > 0 else None
 
     def build_fn(self) -> Callable[[], nnx.Module]:
         config, seed = self.vae_config, int(self.cfg.seed)
@@ -129,7 +132,8 @@ class VaeTask(Task):
 
     def loss(self, model, frozen, batch, key):
         t = self.cfg.train
-        return vae_loss(model, batch["video"], key, float(t.kl_weight), bool(t.sample_posterior))
+        return vae_loss(model, batch["video"], key, float(t.kl_weight), bool(t.sample_posterior),
+                        lpips_weight=float(t.get("lpips_weight", 0.0)), lpips=self.lpips)
 
     def tokens_per_example(self) -> int:
         v = self.cfg.video
