@@ -94,8 +94,8 @@ def test_scan_body_flops_counted_once(mesh):
 def test_compile_only_train_step_of_gen_1_3b_at_480p_on_v5p():
     """The real 1.3B Director-Gen train step (AdamW, EMA, 480x832 x 81 frames, batch 1) for v5p:2x2x1.
 
-    Remat "full" (the default dots_saveable keeps ~107 GiB of activations at 32,760 tokens with the
-    XLA attention and does not fit); the argument bytes must be this run's shards of the parameters,
+    Remat "full" (the default dots_saveable needs 112.9 GiB per chip at 32,760 tokens with the XLA
+    attention and does not fit: benchmarks/RESULTS.md); the argument bytes must be this run's shards of the parameters,
     optimizer state, EMA and batch (plus the TPU's tile padding).
     """
     from pathlib import Path

@@ -14,6 +14,7 @@ One loop for every task (``director_jax.train.tasks``). What it guarantees:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import zlib
@@ -164,14 +165,8 @@ def _save_diagnostics(workdir: Path, step: int, metrics: dict, batch: dict[str, 
     out = workdir / "diagnostics" / f"nonfinite_step_{step}"
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / f"batch_process_{jax.process_index()}.npz", **batch)
-    atomic_write_text(out / "metrics.json", _json({k: float(v) for k, v in metrics.items()}))
+    atomic_write_text(out / "metrics.json", json.dumps({k: float(v) for k, v in metrics.items()}, indent=1))
     return out
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=1, sort_keys=True, default=str)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, progress: bool = True
