@@ -8,6 +8,9 @@ known (for shot detection), and the same seed always gives the same movie.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -98,3 +101,169 @@ def make_movie(seed: int, shot_lengths: list[int], height: int, width: int, fps:
     shots = [render_shot(random_shot(rng, n, height, width, max_shapes), height, width) for n in shot_lengths]
     starts = np.concatenate([[0], np.cumsum(shot_lengths)[:-1]]).astype(int).tolist()
     return Movie(np.concatenate([s.frames for s in shots]), [s.centers for s in shots], starts, fps)
+
+
+# --- Real mp4 movies with their ground truth (for curation tests, the demo and evaluation) -----------
+
+# Smallest cut score (``content_score``) between the last frame of a shot and the first of the next.
+# PySceneDetect's ContentDetector cuts at 27 by default; shots of >= 8 frames at 48x64 change by at
+# most ~15 from one frame to the next (measured over 300 random shots), so 45 leaves a wide margin on
+# both sides, also after H.264 coding noise.
+MIN_CUT_SCORE = 45.0
+
+
+def _hsv(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> HSV on OpenCV's scales (H in [0, 180), S and V in [0, 255]), as float32."""
+    rgb = rgb.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v, c = rgb.max(-1), rgb.max(-1) - rgb.min(-1)
+    s = np.where(v > 0, 255.0 * c / np.maximum(v, 1e-6), 0.0)
+    cs = np.maximum(c, 1e-6)
+    h = np.where(v == r, (g - b) / cs, np.where(v == g, 2.0 + (b - r) / cs, 4.0 + (r - g) / cs))
+    h = np.where(c > 0, np.mod(h * 30.0, 180.0), 0.0)
+    return np.stack([h, s, v], -1)
+
+
+def content_score(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |HSV| difference of two uint8 RGB frames: PySceneDetect's ContentDetector score (default weights).
+
+    Implemented in numpy (no OpenCV needed) so movies can be checked against a detector's threshold.
+    """
+    return float(np.abs(_hsv(np.asarray(a)) - _hsv(np.asarray(b))).mean())
+
+
+def _uint8(frames: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((frames + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def distinct_shots(rng: np.random.Generator, shot_lengths: list[int], height: int, width: int,
+                   max_shapes: int = 3, min_cut_score: float = MIN_CUT_SCORE) -> list[Shot]:
+    """Shots drawn like ``make_movie``'s, each redrawn until the cut into it scores >= ``min_cut_score``.
+
+    A hard cut between two near-identical frames is invisible to any content-based detector (and to
+    a viewer); the redraw keeps every cut of a test movie a real, visible cut. Deterministic in rng.
+    """
+    shots: list[Shot] = []
+    for k, n in enumerate(shot_lengths):
+        for _ in range(1000):
+            spec = random_shot(rng, n, height, width, max_shapes)
+            if not shots:
+                break
+            first = render_shot(dataclasses.replace(spec, num_frames=1), height, width).frames[0]  # = frame 0
+            if content_score(_uint8(shots[-1].frames[-1]), _uint8(first)) >= min_cut_score:
+                break
+        else:
+            raise RuntimeError(f"shot {k}: no draw in 1000 gave a cut score >= {min_cut_score}; lower min_cut_score.")
+        shots.append(render_shot(spec, height, width))
+    return shots
+
+
+_COLOR_NAMES = {
+    "black": (-1, -1, -1), "white": (1, 1, 1), "grey": (0, 0, 0), "red": (1, -1, -1), "green": (-1, 1, -1),
+    "blue": (-1, -1, 1), "yellow": (1, 1, -1), "cyan": (-1, 1, 1), "magenta": (1, -1, 1), "orange": (1, 0, -1),
+    "purple": (0, -1, 1), "dark red": (0, -1, -1), "dark green": (-1, 0, -1), "navy": (-1, -1, 0),
+    "olive": (0, 0, -1), "teal": (-1, 0, 0), "pink": (1, 0, 0.5),
+}
+
+
+def color_name(rgb) -> str:
+    """The nearest (Euclidean in RGB) of a small palette of colour words to an RGB colour in [-1, 1]."""
+    rgb = np.asarray(rgb, np.float64)
+    return min(_COLOR_NAMES, key=lambda name: float(np.sum((np.asarray(_COLOR_NAMES[name]) - rgb) ** 2)))
+
+
+def motion_words(velocity: tuple[float, float], num_frames: int | None = None, size: int | None = None) -> str:
+    """'moves to the upper left', 'moves slowly right', ... from a (dy, dx) velocity in pixels/frame.
+
+    y grows downwards (image rows). "slowly" (the object travels < 0.6 of the frame's short side
+    over the shot) needs ``num_frames`` and ``size``; without them no speed word is given.
+    """
+    dy, dx = velocity
+    horizontal = "left" if dx < 0 else "right"
+    if abs(dy) < 0.4 * abs(dx):
+        direction = horizontal
+    elif abs(dx) < 0.4 * abs(dy):
+        direction = "up" if dy < 0 else "down"
+    else:
+        direction = f"to the {'upper' if dy < 0 else 'lower'} {horizontal}"
+    slow = num_frames is not None and size and float(np.hypot(dy, dx)) * num_frames / size < 0.6
+    return f"moves {'slowly ' if slow else ''}{direction}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def shot_caption(spec: ShotSpec, height: int | None = None, width: int | None = None) -> str:
+    """A one-sentence description of a shot from its spec: what a good captioner should say of it.
+
+    E.g. "a red circle moves to the upper left and a blue square moves down, on a navy background."
+    With the frame size given, slow objects are called so.
+    """
+    size = min(height, width) if height and width else None
+    things = []
+    for s in spec.shapes:
+        kind = "circle" if s["kind"] == "disc" else "square"
+        color = color_name(s["color"])
+        things.append(f"{_article(color)} {color} {kind} {motion_words(s['velocity'], spec.num_frames, size)}")
+    top, bottom = color_name(spec.background_top), color_name(spec.background_bottom)
+    background = f"{_article(top)} {top} background" if top == bottom else f"a {top} to {bottom} gradient background"
+    return " and ".join(things) + f", on {background}."
+
+
+@dataclasses.dataclass
+class SyntheticMovieInfo:
+    """What ``write_synthetic_movie`` wrote: the file, the frames as rendered and the ground truth."""
+
+    path: str
+    movie: Movie
+    specs: list[ShotSpec]
+    shot_captions: list[str]
+    caption: str
+
+    def truth(self) -> dict:
+        """The content of ``<path>.truth.json``."""
+        m = self.movie
+        return {"shot_starts": list(m.shot_starts), "num_frames": int(m.frames.shape[0]), "fps": float(m.fps),
+                "height": int(m.frames.shape[1]), "width": int(m.frames.shape[2]),
+                "centers": [frame for c in m.centers for frame in c.round(3).tolist()],  # per frame: [[y, x], ...]
+                "shot_captions": list(self.shot_captions), "caption": self.caption}
+
+
+def truth_path(path: str | os.PathLike) -> str:
+    """Where the ground truth of the synthetic movie at ``path`` is written."""
+    return f"{os.fspath(path)}.truth.json"
+
+
+def write_synthetic_movie(path: str | os.PathLike, seed: int, shot_lengths: list[int], height: int, width: int,
+                          fps: float = 8.0, max_shapes: int = 3, crf: int = 12) -> SyntheticMovieInfo:
+    """A real H.264 mp4 of shots with visible hard cuts, and ``<path>.truth.json`` beside it.
+
+    The truth holds the cut frames, every object's centre per frame and the scene captions, so a
+    test of shot detection, captioning or generation has something exact to compare with. Odd
+    sizes are padded to even by the encoder (see ``write_mp4``); use even sizes for exact truth.
+    """
+    from director_jax.data.captions import format_multishot_caption
+    from director_jax.io_utils import atomic_write_text
+    from director_jax.pipeline.video_io import write_mp4
+
+    if not shot_lengths or min(shot_lengths) < 1:
+        raise ValueError(f"shot_lengths must be positive frame counts, got {shot_lengths}.")
+    shots = distinct_shots(np.random.default_rng(seed), list(shot_lengths), height, width, max_shapes)
+    starts = np.concatenate([[0], np.cumsum(shot_lengths)[:-1]]).astype(int).tolist()
+    movie = Movie(np.concatenate([s.frames for s in shots]), [s.centers for s in shots], starts, fps)
+    specs = [s.spec for s in shots]
+    captions = [shot_caption(s, height, width) for s in specs]
+    info = SyntheticMovieInfo(os.fspath(path), movie, specs, captions, format_multishot_caption(captions))
+    write_mp4(path, movie.frames, fps, crf=crf)
+    atomic_write_text(truth_path(path), json.dumps(info.truth()))
+    return info
+
+
+def read_synthetic_truth(path: str | os.PathLike) -> dict:
+    """The ground truth written beside a synthetic movie by ``write_synthetic_movie``."""
+    p = Path(truth_path(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist: {path} was not written by write_synthetic_movie "
+                                "(or its .truth.json was removed).")
+    return json.loads(p.read_text())

@@ -1,0 +1,382 @@
+"""The TFDS ArrayRecord dataset of a curated directory: what the training loader reads.
+
+Build it (after ``python -m director_jax.curate --out OUT``; rebuilt only when the manifest changed)::
+
+    python -m director_jax.data.tfds_builder --curated OUT [--text_cache CACHE] [--validation_fraction 0.01]
+
+It reads ``OUT/manifest.jsonl`` and ``OUT/clips/*.mp4`` and writes ``OUT/tfds/`` (``--data_dir``
+elsewhere), a TFDS dataset ``curated_clips`` in ArrayRecord files (random access; no TensorFlow
+needed). Read it with ``tfds.builder_from_directory(OUT/tfds/curated_clips/1.0.0).as_data_source(split)``
+or through ``director_jax.data.loader``. Each example holds:
+
+- ``clip``: the sample's mp4 file (bytes, H.264 as curation wrote it; decoded by the loader);
+- ``id``, ``source``, ``caption``, ``kind`` (text); ``start_frame``, ``end_frame``, ``num_frames``,
+  ``width``, ``height`` (int64); ``fps`` (float64, exact);
+- ``cuts``: shot starts inside the sample, **sample-relative** (the manifest's source frames minus
+  ``start_frame``), int32, variable length;
+- ``keyframes_shot_starts``, ``keyframes_even``, ``keyframes_motion_peaks``: the manifest's keyframe
+  candidates (sample-relative), int32, variable length;
+- with a text-embedding cache: ``text_embedding`` ``(L, D)`` in the cache's dtype (float32 or
+  bfloat16, stored bit-exact) and ``text_length`` (= L). Every caption must be cached. The empty
+  caption's embedding (for caption dropout) is stored beside the shards as
+  ``empty_caption_embedding.npy`` (float32) when the cache holds it.
+
+Splits: ``validation`` holds the samples whose id hashes below ``validation_fraction``
+(``sha256("validation:" + id)``), ``train`` the rest. A sample's split depends on its id only, so it
+never moves when samples are added. A split with no samples is not written.
+
+Records keep manifest order within a split (``disable_shuffling``; the loader shuffles). Beside the
+shards, ``index-<split>.npz`` lists per record its id, width, height, num_frames and fps, so a loader
+can plan batches (aspect buckets, clip lengths) without reading the clips.
+
+VAE latents are not stored: a training example's multi-chunk latents depend on its clip window, crop
+and task (where the keyframes are), which the loader draws per example, so they cannot be fixed at
+build time. A latent cache would fix those choices per sample; that is a later issue.
+
+Builds are atomic: the dataset is written to a temporary sibling of ``data_dir`` and swapped in only
+when complete, so a failed or interrupted build leaves the last good one in place.
+``OUT/tfds/build.json`` records a digest of the inputs (manifest bytes, clip file sizes, the
+validation fraction, the text encoder); a build with the same digest is skipped. One build at a time
+per ``data_dir`` (a lock file beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from director_jax.io_utils import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+NAME = "curated_clips"
+VERSION = "1.0.0"
+FORMAT = 1  # bump when the features or the digest change
+BUILD_FILE = "build.json"
+EMPTY_CAPTION_FILE = "empty_caption_embedding.npy"
+SPLITS = ("train", "validation")
+CLI = "python -m director_jax.data.tfds_builder"
+KEYFRAME_KINDS = ("shot_starts", "even", "motion_peaks")
+_RELEASE_NOTE = "clips (mp4 bytes), caption, cuts, keyframe candidates, optional text embeddings"
+_REQUIRED = {"id": str, "source": str, "start_frame": int, "end_frame": int, "fps": (int, float), "cuts": list,
+             "kind": str, "caption": str, "clip": str, "width": int, "height": int, "num_frames": int,
+             "keyframe_candidates": dict}
+
+
+def index_file(split: str) -> str:
+    return f"index-{split}.npz"
+
+
+def version_dir(data_dir: str | os.PathLike) -> Path:
+    """Where the shards of a build into ``data_dir`` live (what ``tfds.builder_from_directory`` takes)."""
+    return Path(data_dir) / NAME / VERSION
+
+
+def split_of(sample_id: str, validation_fraction: float) -> str:
+    """'validation' or 'train' from the id alone (stable as samples come and go)."""
+    h = int(hashlib.sha256(f"validation:{sample_id}".encode()).hexdigest()[:16], 16)
+    return "validation" if h / 2.0**64 < validation_fraction else "train"
+
+
+def read_manifest(curated_dir: str | os.PathLike) -> tuple[list[dict], bytes]:
+    """The manifest's samples (checked: fields, types, unique ids, clips present) and its raw bytes."""
+    curated_dir = Path(curated_dir)
+    path = curated_dir / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {curated_dir} is not a curated directory; run "
+                                f"`python -m director_jax.curate --out {curated_dir} ...` first.")
+    raw = path.read_bytes()
+    samples, seen = [], {}
+    for n, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e}); the manifest is damaged, rerun curation.") from e
+        bad = [k for k, t in _REQUIRED.items() if not isinstance(s.get(k), t) or isinstance(s.get(k), bool)]
+        if bad:
+            raise ValueError(f"{path}:{n}: missing or mistyped fields {bad} (expected {[_REQUIRED[k] for k in bad]}); "
+                             "is this a manifest.jsonl written by `python -m director_jax.curate`?")
+        if s["id"] in seen:
+            raise ValueError(f"{path}:{n}: sample id {s['id']} repeats line {seen[s['id']]}; ids must be unique "
+                             "(a rerun of curation rewrites the manifest without duplicates).")
+        seen[s["id"]] = n
+        if s["num_frames"] != s["end_frame"] - s["start_frame"] or s["num_frames"] < 1:
+            raise ValueError(f"{path}:{n}: num_frames={s['num_frames']} but end_frame - start_frame = "
+                             f"{s['end_frame'] - s['start_frame']}.")
+        if min(s["width"], s["height"]) < 1 or s["fps"] <= 0:
+            raise ValueError(f"{path}:{n}: width, height and fps must be positive; got {s['width']}x{s['height']} "
+                             f"at {s['fps']} fps.")
+        samples.append(s)
+    missing = [s["clip"] for s in samples if not (curated_dir / s["clip"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} clips named in {path} are missing (first: "
+                                f"{missing[:3]}); rerun curation into {curated_dir} to restore them.")
+    if not samples:
+        raise ValueError(f"{path} holds no samples; curation kept nothing (see {curated_dir / 'skipped.jsonl'}).")
+    return samples, raw
+
+
+def _open_text_cache(text_cache, max_length: int):
+    from director_jax.data.text_embeddings import TextEmbeddingCache
+
+    if text_cache is None or isinstance(text_cache, TextEmbeddingCache):
+        return text_cache
+    return TextEmbeddingCache(text_cache, max_length=max_length)
+
+
+def _digest(samples: list[dict], manifest: bytes, curated_dir: Path, validation_fraction: float, cache) -> str:
+    h = hashlib.sha256()
+    text = None if cache is None else [cache.fingerprint, cache.info["dtype"], cache.max_length, cache.dim,
+                                       "" in cache]
+    h.update(json.dumps({"format": FORMAT, "validation_fraction": float(validation_fraction), "text": text,
+                         "manifest": hashlib.sha256(manifest).hexdigest()}, sort_keys=True).encode())
+    for s in samples:  # cheap: a stat per clip (clip ids hash source and frames, so content rarely changes)
+        h.update(f"\n{s['clip']}:{(curated_dir / s['clip']).stat().st_size}".encode())
+    return h.hexdigest()
+
+
+@functools.cache
+def _make_builder_class():
+    """The builder class, defined once (TFDS registers builders by name; imported only when building)."""
+    import tensorflow_datasets as tfds
+
+    class CuratedClips(tfds.core.GeneratorBasedBuilder):
+        """Curated clips and their metadata (see director_jax.data.tfds_builder)."""
+
+        VERSION = tfds.core.Version(VERSION)
+        RELEASE_NOTES = {str(VERSION): _RELEASE_NOTE}
+        # TFDS looks for a checksums file beside the class's source through importlib_resources, which
+        # this environment lacks (an optional etils dependency); this builder downloads nothing.
+        code_path = None
+
+        def __init__(self, *, curated_dir: Path, splits: dict[str, list[dict]], cache=None, metadata=None,
+                     **kwargs):
+            self._curated_dir, self._splits, self._cache = curated_dir, splits, cache
+            self._extra_metadata = metadata or {}
+            super().__init__(**kwargs)
+
+        def _info(self):
+            f = tfds.features
+            ints = {k: f.Tensor(shape=(), dtype=np.int64)
+                    for k in ("start_frame", "end_frame", "num_frames", "width", "height")}
+            seqs = {k: f.Tensor(shape=(None,), dtype=np.int32)
+                    for k in ("cuts", *(f"keyframes_{k}" for k in KEYFRAME_KINDS))}
+            features = {
+                "clip": f.Tensor(shape=(), dtype=np.object_),
+                **{k: f.Text() for k in ("id", "source", "caption", "kind")},
+                **ints,
+                "fps": f.Tensor(shape=(), dtype=np.float64, encoding=f.Encoding.BYTES),  # tf.Example floats are f32
+                **seqs,
+            }
+            if self._cache is not None:
+                features["text_embedding"] = f.Tensor(shape=(None, self._cache.dim),
+                                                      dtype=_cache_dtype(self._cache), encoding=f.Encoding.BYTES)
+                features["text_length"] = f.Tensor(shape=(), dtype=np.int32)
+            return tfds.core.DatasetInfo(builder=self, description=__doc__.split("\n\n")[0],
+                                         features=f.FeaturesDict(features), disable_shuffling=True,
+                                         metadata=tfds.core.MetadataDict(self._extra_metadata))
+
+        def _split_generators(self, dl_manager):
+            return {name: self._generate_examples(samples) for name, samples in self._splits.items() if samples}
+
+        def _generate_examples(self, samples: list[dict]) -> Iterator[tuple[str, dict]]:
+            for i, s in enumerate(samples):
+                yield f"{i:010d}", _example(s, self._curated_dir, self._cache)
+
+    return CuratedClips
+
+
+def _cache_dtype(cache) -> np.dtype:
+    if cache.info["dtype"] == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.float32)
+
+
+def _example(s: dict, curated_dir: Path, cache) -> dict[str, Any]:
+    start = s["start_frame"]
+    ex = {
+        "clip": (curated_dir / s["clip"]).read_bytes(),
+        "id": s["id"], "source": s["source"], "caption": s["caption"], "kind": s["kind"],
+        "start_frame": start, "end_frame": s["end_frame"], "num_frames": s["num_frames"],
+        "width": s["width"], "height": s["height"], "fps": np.float64(s["fps"]),
+        "cuts": np.asarray([c - start for c in s["cuts"]], np.int32),
+    }
+    candidates = s["keyframe_candidates"]
+    for kind in KEYFRAME_KINDS:
+        ex[f"keyframes_{kind}"] = np.asarray(candidates.get(kind, []), np.int32)
+    if cache is not None:
+        emb = cache.read(s["caption"])
+        ex["text_embedding"] = np.ascontiguousarray(emb.astype(_cache_dtype(cache)))
+        ex["text_length"] = np.int32(emb.shape[0])
+    return ex
+
+
+def _index_arrays(samples: list[dict]) -> dict[str, np.ndarray]:
+    return {"id": np.asarray([s["id"] for s in samples], dtype=str),
+            "width": np.asarray([s["width"] for s in samples], np.int64),
+            "height": np.asarray([s["height"] for s in samples], np.int64),
+            "num_frames": np.asarray([s["num_frames"] for s in samples], np.int64),
+            "fps": np.asarray([s["fps"] for s in samples], np.float64)}
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path):
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.parent / f".{data_dir.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another process is building {data_dir} (it holds {f.name}); wait for it to "
+                               "finish.") from None
+        yield
+
+
+def _recover(data_dir: Path) -> None:
+    """Finishes or undoes a swap an earlier build was interrupted in, and removes its leftovers."""
+    previous = data_dir.parent / f".{data_dir.name}.previous"
+    if previous.exists():
+        if data_dir.exists():
+            shutil.rmtree(previous)
+        else:
+            log.warning("restoring the previous build of %s (an earlier build stopped while swapping)", data_dir)
+            os.rename(previous, data_dir)
+    for stale in data_dir.parent.glob(f".{data_dir.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_build_info(data_dir: str | os.PathLike) -> dict | None:
+    path = Path(data_dir) / BUILD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_curated_dataset(curated_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+                          text_cache=None, text_max_length: int = 512, validation_fraction: float = 0.01,
+                          force: bool = False, progress: bool = True):
+    """Builds (or keeps, if its inputs are unchanged) the dataset of ``curated_dir``; returns its builder.
+
+    ``data_dir`` defaults to ``curated_dir/tfds``. ``text_cache`` is a TextEmbeddingCache or its
+    directory (read with ``text_max_length``); every caption must be in it. The returned builder is
+    ``tfds.builder_from_directory`` of the build: ``.as_data_source(split)`` reads it.
+    """
+    import tensorflow_datasets as tfds
+
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+    curated_dir = Path(curated_dir).resolve()
+    data_dir = Path(data_dir).resolve() if data_dir is not None else curated_dir / "tfds"
+    samples, manifest = read_manifest(curated_dir)
+    cache = _open_text_cache(text_cache, text_max_length)
+    if cache is not None:
+        missing = cache.missing([s["caption"] for s in samples])
+        if missing:
+            raise cache._missing_error(missing)
+        if "" not in cache:
+            log.warning("the text cache %s has no embedding of the empty caption: dropped captions will get a "
+                        "masked-out zero embedding (compute it with `python -m director_jax.data.text_embeddings`, "
+                        "which adds it unless --no_empty_caption).", cache.root)
+    with _locked(data_dir):
+        _recover(data_dir)
+        digest = _digest(samples, manifest, curated_dir, validation_fraction, cache)
+        info = read_build_info(data_dir)
+        if not force and info is not None and info.get("digest") == digest and version_dir(data_dir).is_dir():
+            log.info("%s is up to date with %s (digest %s); not rebuilding", data_dir, curated_dir, digest[:12])
+            return tfds.builder_from_directory(str(version_dir(data_dir)))
+        splits = {name: [] for name in SPLITS}
+        for s in samples:
+            splits[split_of(s["id"], validation_fraction)].append(s)
+        if not splits["train"]:
+            raise ValueError(f"all {len(samples)} samples fell in the validation split (validation_fraction="
+                             f"{validation_fraction}); lower it.")
+        metadata = {"format": FORMAT, "digest": digest, "validation_fraction": float(validation_fraction),
+                    "curated_dir": str(curated_dir), "splits": {k: len(v) for k, v in splits.items()}}
+        if cache is not None:
+            metadata["text"] = {"fingerprint": cache.fingerprint, "dtype": cache.info["dtype"],
+                                "max_length": cache.max_length, "dim": cache.dim, "empty_caption": "" in cache}
+        build = Path(tempfile.mkdtemp(dir=data_dir.parent, prefix=f".{data_dir.name}.building-"))
+        try:
+            builder = _make_builder_class()(curated_dir=curated_dir, splits=splits, cache=cache, metadata=metadata,
+                                            data_dir=str(build), file_format="array_record")
+            with _progress_bars(progress):
+                builder.download_and_prepare(download_dir=str(build / "downloads"))
+            shutil.rmtree(build / "downloads", ignore_errors=True)
+            out = version_dir(build)
+            for name, split_samples in splits.items():
+                if split_samples:
+                    arrays = _index_arrays(split_samples)
+                    atomic_write(out / index_file(name), lambda tmp, a=arrays: np.savez(tmp, **a))
+            if cache is not None and "" in cache:
+                empty = cache.read("").astype(np.float32)
+                atomic_write(out / EMPTY_CAPTION_FILE, lambda tmp: np.save(tmp, empty))
+            atomic_write_text(build / BUILD_FILE, json.dumps(metadata, indent=1, sort_keys=True) + "\n")
+            _swap(build, data_dir)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        log.info("built %s from %s: %s", data_dir, curated_dir, metadata["splits"])
+        return tfds.builder_from_directory(str(version_dir(data_dir)))
+
+
+def _swap(build: Path, data_dir: Path) -> None:
+    """Puts ``build`` at ``data_dir``; a crash between the renames is undone by ``_recover``."""
+    previous = data_dir.parent / f".{data_dir.name}.previous"
+    if data_dir.exists():
+        os.rename(data_dir, previous)
+    os.rename(build, data_dir)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    import tensorflow_datasets as tfds
+
+    if enabled:
+        yield
+        return
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tfds.enable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=CLI, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--curated", required=True, help="the curated directory (manifest.jsonl, clips/)")
+    parser.add_argument("--data_dir", help="where to build (default: CURATED/tfds)")
+    parser.add_argument("--text_cache", help="a text-embedding cache holding every caption")
+    parser.add_argument("--text_max_length", type=int, default=512)
+    parser.add_argument("--validation_fraction", type=float, default=0.01)
+    parser.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        builder = build_curated_dataset(args.curated, data_dir=args.data_dir, text_cache=args.text_cache,
+                                        text_max_length=args.text_max_length,
+                                        validation_fraction=args.validation_fraction, force=args.force)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{builder.data_dir}: " + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
