@@ -40,7 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
         fade_dark_luma=24.0,  # fading: one end's mean luma below this ...
         fade_min_change=40.0,  # ... and the other end this much brighter
         fade_window=3,  # frames averaged at each end
-        static_motion=0.3,  # static: median mean |luma change over static_gap frames| below this
+        # static: in the median frame at most static_changed_fraction of the pixels changed by more than
+        # static_pixel_delta luma levels over static_gap frames (grain and codec noise touch every pixel a
+        # little, a moving object a few pixels a lot)
+        static_pixel_delta=12.0,
+        static_changed_fraction=0.002,
         static_gap=4,
     ))
     c.single_shot = ml_collections.ConfigDict(dict(enabled=True, min_frames=16, max_frames=121))

@@ -96,3 +96,31 @@ def test_bad_inputs_are_skipped_counted_and_resume_adds_nothing(movies, tmp_path
     curate([str(bad)], out, _config())
     assert (out / "manifest.jsonl").read_text() == manifest
     assert _lines(out / "shots.jsonl") == lines
+
+
+def test_black_static_and_fading_shots_are_dropped_with_their_reason(tmp_path):
+    from director_jax.data.synthetic import distinct_shots
+    from director_jax.pipeline.video_io import write_mp4
+
+    rng = np.random.default_rng(7)
+    a, b, c, d = (shot.frames for shot in distinct_shots(rng, [20, 20, 20, 20], 48, 64))
+    black = np.full((16, 48, 64, 3), -1.0, np.float32)
+    noise = np.random.default_rng(0).normal(0, 0.01, (20, 48, 64, 3)).astype(np.float32)
+    still = np.clip(np.repeat(b[:1], 20, axis=0) + noise, -1, 1)  # one frame held, with grain
+    ramp = np.linspace(1.0, 0.0, 20, dtype=np.float32)[:, None, None, None]
+    fade = (c + 1) * ramp - 1  # fades out to black
+    parts = [a, black, still, fade, d]
+    path = tmp_path / "filters.mp4"
+    write_mp4(path, np.concatenate(parts), 8.0, crf=12)
+    curate([str(path)], tmp_path / "out", _config())
+    (line,) = _lines(tmp_path / "out" / "shots.jsonl")
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()  # [0, 20, 36, 56, 76]
+    assert len(line["shot_starts"]) == len(starts) and all(
+        abs(x - y) <= 1 for x, y in zip(line["shot_starts"], starts, strict=True)), line["shot_starts"]
+    reasons = [dropped["reason"] for dropped in line["dropped_shots"]]
+    assert reasons == ["black", "static", "fading"], line["dropped_shots"]
+    assert len(line["kept_shots"]) == 2
+    # every sample lies inside one kept shot (the two kept shots are not adjacent: no multi-shot sample)
+    kept = line["kept_shots"]
+    for m in _lines(tmp_path / "out" / "manifest.jsonl"):
+        assert any(s <= m["start_frame"] and m["end_frame"] <= e for s, e in kept), (m, kept)

@@ -399,7 +399,8 @@ def _frames_bar(progress: bool, total: int, name: str):
 def analyse(path: str, settings: CurationSettings, info: decode.VideoInfo, bar=None):
     """Pass 1: shot starts and frame statistics of one source, from small streamed frames."""
     aw, ah = decode.fit_size(info.width, info.height, max_width=settings.detector.analysis_width)
-    detector = shots.StreamingShotDetector(settings.detector, info.fps, static_gap=settings.filters.static_gap)
+    detector = shots.StreamingShotDetector(settings.detector, info.fps, static_gap=settings.filters.static_gap,
+                                            static_pixel_delta=settings.filters.static_pixel_delta)
     for frame in decode.iter_frames(path, size=(ah, aw), format="bgr24"):
         detector.feed(frame)
         if bar is not None:

@@ -2,9 +2,10 @@
 
 PySceneDetect's detectors find the cuts (which one, and its threshold, come from the config's
 ``shots`` section). While the frames stream past, three numbers per frame are kept: mean luma,
-mean absolute luma change from the previous frame (``motion``) and from the frame ``static_gap``
-frames back (``drift``). That is all the filters and the keyframe candidates need, so no frame is
-buffered beyond the last ``static_gap`` small luma planes: 12 bytes per frame of statistics.
+mean absolute luma change from the previous frame (``motion``) and the fraction of pixels whose luma
+changed by more than ``static_pixel_delta`` since the frame ``static_gap`` frames back (``drift``). That
+is all the filters and the keyframe candidates need, so no frame is buffered beyond the last
+``static_gap`` small luma planes: 12 bytes per frame of statistics.
 
 Filters (the config's ``filters`` section), each with the reason it reports, checked in this order:
 
@@ -13,9 +14,11 @@ Filters (the config's ``filters`` section), each with the reason it reports, che
 * ``fading``: one end of the shot is dark (mean luma of its first / last ``fade_window`` frames
   below ``fade_dark_luma``) and the other end at least ``fade_min_change`` brighter: a fade in or
   out, whose dark frames make poor keyframes and teach nothing about the shot.
-* ``static``: median drift below ``static_motion``: nothing moves (a held frame, a title card).
-  Drift over ``static_gap`` frames, not the one-frame change, separates slow motion (it adds up
-  over the gap) from codec noise (it does not).
+* ``static``: nothing moves (a held frame, a title card): in the shot's median frame at most
+  ``static_changed_fraction`` of the pixels changed by more than ``static_pixel_delta`` over
+  ``static_gap`` frames. Counting pixels that changed a lot, rather than averaging changes, keeps
+  film grain and codec noise (every pixel a little) from passing as motion while slow motion (a few
+  pixels a lot, adding up over the gap) still counts.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class FilterConfig:
     fade_dark_luma: float = 24.0
     fade_min_change: float = 40.0
     fade_window: int = 3
-    static_motion: float = 0.3
+    static_pixel_delta: float = 12.0
+    static_changed_fraction: float = 0.002
     static_gap: int = 4
 
     def __post_init__(self) -> None:
@@ -113,7 +117,7 @@ class FrameStats:
 
     luma: np.ndarray  # (T,) float32: mean luma
     motion: np.ndarray  # (T,) float32: mean |luma_t - luma_{t-1}|
-    drift: np.ndarray  # (T,) float32: mean |luma_t - luma_{t-gap}|
+    drift: np.ndarray  # (T,) float32: fraction of pixels with |luma_t - luma_{t-gap}| > static_pixel_delta
     gap: int
 
     @property
@@ -124,10 +128,10 @@ class FrameStats:
 class StreamingShotDetector:
     """Feed uint8 BGR analysis frames in order with ``feed``; ``finish`` gives shot starts and statistics."""
 
-    def __init__(self, cfg: DetectorConfig, fps: float, *, static_gap: int = 4):
+    def __init__(self, cfg: DetectorConfig, fps: float, *, static_gap: int = 4, static_pixel_delta: float = 12.0):
         from scenedetect import FrameTimecode
 
-        self.cfg, self.fps, self.gap = cfg, float(fps), int(static_gap)
+        self.cfg, self.fps, self.gap, self.pixel_delta = cfg, float(fps), int(static_gap), float(static_pixel_delta)
         self._timecode = FrameTimecode
         self._detector = make_detector(cfg)
         self._cuts: list[int] = []
@@ -140,7 +144,7 @@ class StreamingShotDetector:
         self._luma.append(float(y.mean()))
         self._motion.append(float(np.abs(y - self._recent[-1]).mean()) if self._recent else 0.0)
         full = len(self._recent) == self.gap
-        self._drift.append(float(np.abs(y - self._recent[0]).mean()) if full else 0.0)
+        self._drift.append(float((np.abs(y - self._recent[0]) > self.pixel_delta).mean()) if full else 0.0)
         self._recent.append(y)
         for cut in self._detector.process_frame(self._timecode(index, fps=self.fps), np.ascontiguousarray(bgr)):
             self._cuts.append(int(cut.frame_num))
@@ -191,7 +195,7 @@ def judge_shot(start: int, end: int, stats: FrameStats, cfg: FilterConfig) -> st
         return "fading"
     # Drift into the shot's first `gap` frames spans the cut: only changes within the shot count.
     drift = stats.drift[start + stats.gap:end]
-    if drift.size and float(np.median(drift)) < cfg.static_motion:
+    if drift.size and float(np.median(drift)) <= cfg.static_changed_fraction:
         return "static"
     return None
 
