@@ -41,3 +41,137 @@ def test_bad_input():
         attention(x[0], x[0], x[0])
     with pytest.raises(ValueError, match="disagree"):
         attention(x, jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 3, 8)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The flash contract, the jnp blockwise pair, splash, and ``auto``
+
+import jax  # noqa: E402
+
+from director_jax.kernels import blockwise, flash  # noqa: E402
+from director_jax.kernels.attention import choose_implementation, xla_attention  # noqa: E402
+from director_jax.kernels.flash import BlockSizes  # noqa: E402
+
+
+def _qkv(seed, b, s, l, h, d, dtype=np.float32):
+    rng = np.random.RandomState(seed)
+    q = rng.randn(b, s, h, d).astype(dtype)
+    k, v, w = (rng.randn(b, l, h, d).astype(dtype) for _ in range(3))
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(rng.randn(b, s, h, d).astype(np.float32))
+
+
+def _grads(fn, q, k, v, w):
+    return jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v).astype(jnp.float32), w), argnums=(0, 1, 2))(q, k, v)
+
+
+def test_contract_reference_pair_matches_autodiff_and_numpy():
+    q, k, v, w = _qkv(1, 2, 13, 11, 3, 16)
+    kv_len = jnp.array([0, 7])  # row 0 has no valid key at all
+    o, lse = flash.reference_forward(q, k, v, kv_len, scale=0.25)
+    assert not np.any(np.isnan(np.asarray(o))) and np.all(np.asarray(o)[0] == 0)
+    assert np.all(np.isneginf(np.asarray(lse)[0]))
+    np.testing.assert_allclose(np.asarray(o)[1], _numpy_attention(q[1:] * 0.25 * 4, k[1:, :7], v[1:, :7])[0],
+                               atol=1e-5)
+    # the custom-VJP glue with the reference backward == autodiff of the plain reference
+    full = jnp.array([11, 7])
+    ours = _grads(lambda q, k, v: flash.reference_flash(q, k, v, kv_len=full), q, k, v, w)
+    auto = _grads(lambda q, k, v: xla_attention(q, k, v, kv_len=full), q, k, v, w)
+    for a, b in zip(ours, auto, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_backward_with_global_lse_splits_over_key_blocks():
+    """Ring attention's premise: the backward of each key block with the global lse sums to the whole."""
+    q, k, v, do = _qkv(2, 1, 40, 40, 2, 16)
+    kv_len, scale = jnp.array([37]), 0.25
+    o, lse = flash.reference_forward(q, k, v, kv_len, scale=scale)
+    dq, dk, dv = flash.reference_backward(q, k, v, o, lse, do, kv_len, scale=scale)
+    sizes = BlockSizes(16, 16, 16, 8)
+    for back in (flash.reference_backward, blockwise.backward):
+        a = back(q, k[:, :16], v[:, :16], o, lse, do, jnp.array([16]), scale=scale, block_sizes=sizes)
+        b = back(q, k[:, 16:], v[:, 16:], o, lse, do, kv_len - 16, scale=scale, block_sizes=sizes)
+        np.testing.assert_allclose(np.asarray(a[0] + b[0]), np.asarray(dq), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(jnp.concatenate([a[1], b[1]], 1)), np.asarray(dk), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(jnp.concatenate([a[2], b[2]], 1)), np.asarray(dv), atol=1e-5)
+    assert np.all(np.asarray(dk)[:, 37:] == 0) and np.all(np.asarray(dv)[:, 37:] == 0)
+
+
+@pytest.mark.parametrize("s,d", [(333, 64), (1031, 128)])
+def test_blockwise_matches_reference(s, d):
+    q, k, v, w = _qkv(s, 1, s, s, 2, d)
+    kv_len = jnp.array([s - 17])
+    sizes = BlockSizes(128, 256, 128, 128)
+    got = attention(q, k, v, kv_len=kv_len, impl="blockwise", block_sizes=sizes)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla_attention(q, k, v, kv_len=kv_len)), atol=1e-5)
+    ours = _grads(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl="blockwise", block_sizes=sizes), q, k, v, w)
+    ref = _grads(lambda q, k, v: xla_attention(q, k, v, kv_len=kv_len), q, k, v, w)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5 * float(np.abs(np.asarray(b)).max()))
+
+
+def test_blockwise_bf16_and_cross_attention_shapes():
+    q, k, v, w = _qkv(3, 2, 333, 77, 2, 64)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    kv_len = jnp.array([77, 30])
+    got = attention(q, k, v, kv_len=kv_len, impl="blockwise", block_sizes=BlockSizes(64, 32, 64, 32))
+    assert got.dtype == jnp.bfloat16
+    ref = xla_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), kv_len=kv_len)
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(ref), atol=2e-2)
+
+
+def test_splash_interpret_matches_reference():
+    q, k, v, w = _qkv(4, 2, 130, 130, 1, 64)
+    kv_len = jnp.array([100, 0])
+    got = attention(q, k, v, kv_len=kv_len, impl="splash", interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla_attention(q, k, v, kv_len=kv_len)), atol=1e-5)
+    kv_len = jnp.array([100, 130])
+    ours = _grads(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl="splash", interpret=True), q, k, v, w)
+    ref = _grads(lambda q, k, v: xla_attention(q, k, v, kv_len=kv_len), q, k, v, w)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_auto_never_materialises_scores_above_the_limit():
+    s = 2048
+    q = jnp.zeros((1, s, 1, 32), jnp.float32)
+    assert choose_implementation(q, q, backend="cpu") == "xla"
+    assert choose_implementation(q, q, backend="cpu", max_materialized=s * s - 1) == "blockwise"
+    assert choose_implementation(q, q, backend="tpu") == "pallas"
+    assert choose_implementation(q, q, backend="gpu") == "pallas"  # float32: cuDNN flash needs bf16/f16
+    assert choose_implementation(q.astype(jnp.bfloat16), q, backend="gpu") == "cudnn"
+
+    def hlo(limit):
+        fn = jax.jit(jax.grad(lambda q: attention(q, q, q, max_materialized=limit).sum()))
+        return fn.lower(q).as_text()
+
+    # an (S, S) score buffer appears in the program only when the limit allows it
+    assert f"{s}x{s}x" in hlo(s * s)
+    assert f"{s}x{s}x" not in hlo(s * s - 1)
+
+
+def test_block_size_table():
+    assert flash.default_block_sizes("TPU v5") == flash.DEFAULT_BLOCK_SIZES["tpu v5"]
+    assert flash.default_block_sizes("TPU v5 lite") == flash.DEFAULT_BLOCK_SIZES["tpu v5 lite"]
+    assert flash.default_block_sizes("NVIDIA H100 80GB HBM3") == flash.DEFAULT_BLOCK_SIZES["h100"]
+    assert flash.default_block_sizes() == flash.DEFAULT_BLOCK_SIZES["cpu"]  # the test machine
+    with pytest.raises(ValueError, match="multiples of 8"):
+        BlockSizes(block_q=100)
+
+
+def test_kernels_run_per_shard_under_a_mesh():
+    """On a mesh a Mosaic kernel goes inside shard_map over batch and heads and gives the same numbers."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from director_jax.parallel.mesh import create_mesh
+
+    mesh = create_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 2})
+    q, k, v, _ = _qkv(5, 2, 130, 130, 2, 64)
+    kv_len = jnp.array([100, 130])
+    want = np.asarray(xla_attention(q, k, v, kv_len=kv_len))
+    with jax.set_mesh(mesh):
+        spec = NamedSharding(mesh, P("data", "sequence", "tensor", None))
+        q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+        fn = jax.jit(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl="splash", interpret=True))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
+        np.testing.assert_allclose(np.asarray(fn(q, k, v)), want, atol=1e-5)

@@ -98,13 +98,15 @@ def test_cache_matches_wan_pipeline(ckpt, encoder, tmp_path):
     for b in range(len(CAPTIONS)):  # mask is a prefix; zeros past it
         assert mask[b, : mask[b].sum()].all() and not np.any(emb[b, mask[b].sum():])
 
-    # Padding to 512 with the mask gives what the encoder gives on the bare tokens.
+    # Padding to 512 with the mask gives what the encoder gives on the bare tokens. The padded
+    # softmax sums over 512 keys (masked ones as exact zeros) in another order than over the bare
+    # tokens, so float32 rounding differs: CI saw 1.07e-6 on a value of 0.27, hence 1e-5 (rel 4e-6).
     tok, model = _torch_parts(ckpt)
     for b, caption in enumerate(CAPTIONS):
         ids = tok([te.prompt_clean(caption)], return_tensors="pt").input_ids
         with torch.no_grad():
             bare = model(ids).last_hidden_state[0].numpy()
-        np.testing.assert_allclose(emb[b, : len(bare)], bare, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(emb[b, : len(bare)], bare, atol=1e-5, rtol=0)
 
 
 def test_second_call_computes_nothing(encoder, tmp_path):

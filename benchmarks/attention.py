@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Attention benchmark: every implementation of ``director_jax.kernels.attention`` in one run.
+
+For each sequence length S (self-attention, B x S x H x D, bf16 by default) and each implementation
+the backend can run, it reports forward and forward + backward time and TFLOP/s, counting
+``4 * B * S^2 * H * D`` FLOPs per forward and 2.5x that for the backward (the FlashAttention
+convention: 5 matmuls of the backward against 2 of the forward). The named baseline of the run is
+the vendor kernel of the backend: ``cudnn`` on GPU, ``splash`` on TPU, ``xla`` on the CPU; the last
+column is each row's forward speed relative to it at the same length.
+
+Before timing, every implementation's forward at the smallest length is compared with the ``xla``
+reference (or ``blockwise`` where ``xla`` would materialise too much): the max abs difference is
+printed with the table, so a fast but wrong kernel shows.
+
+Skipped, with the reason in the table: ``xla`` where the score matrix would exceed
+``--max-materialized-gib`` per call, ``pallas`` / ``splash`` on the CPU (interpret mode is a
+correctness tool, not a speed), ``cudnn`` off GPU.
+
+    python benchmarks/attention.py                                  # S = 4k, 16k, 32k, D = 128, bf16
+    python benchmarks/attention.py --seq 4096 --heads 1 --impls xla,blockwise     # a quick CPU look
+    python benchmarks/attention.py --write-results                  # also into RESULTS.md (## Attention)
+
+Progress goes to stderr, the markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from bench_common import REPO, machine_description, make_log
+
+log = make_log("attn-bench")
+SECTION = "## Attention"
+BASELINE = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
+ALL_IMPLS = ("xla", "blockwise", "pallas", "splash", "cudnn")
+
+
+def skip_reason(impl: str, backend: str, b: int, s: int, h: int, max_gib: float) -> str | None:
+    if impl == "cudnn" and backend != "gpu":
+        return "GPU only"
+    if impl == "splash" and backend != "tpu":
+        return "TPU only (interpret mode elsewhere)"
+    if impl == "pallas" and backend == "cpu":
+        return "interpret mode on CPU: not a speed"
+    if impl == "xla":
+        gib = b * h * s * s * 4 / 2**30
+        if gib > max_gib:
+            return f"scores would be {gib:,.0f} GiB"
+    return None
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(row: dict, impl: str, arrays: tuple, args: argparse.Namespace, fwd_flops: float) -> np.ndarray:
+    """Times ``impl``'s forward (and gradient of <out, do>) into ``row``; returns the forward output."""
+    import jax
+    import jax.numpy as jnp
+
+    from director_jax.kernels.attention import attention
+
+    q, k, v, do = arrays
+    fwd = jax.jit(lambda q, k, v: attention(q, k, v, impl=impl))
+    bwd = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(attention(q, k, v, impl=impl).astype(jnp.float32),
+                                                    do.astype(jnp.float32)), argnums=(0, 1, 2)))
+    out = np.asarray(fwd(q, k, v).astype(jnp.float32))
+    row["fwd"] = timed(lambda: fwd(q, k, v), args.warmup, args.repeats)
+    row["fwd_tflops"] = fwd_flops / row["fwd"] / 1e12
+    if not args.no_backward:
+        row["bwd"] = timed(lambda: bwd(q, k, v), args.warmup, args.repeats)
+        row["fb_tflops"] = 3.5 * fwd_flops / row["bwd"] / 1e12
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", default="4096,16384,32768", help="comma-separated sequence lengths")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None, help="default: 16 on TPU/GPU, 1 on the CPU")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--impls", default=",".join(ALL_IMPLS))
+    p.add_argument("--no-backward", action="store_true", help="time the forward only")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-materialized-gib", type=float, default=8.0)
+    p.add_argument("--write-results", action="store_true")
+    p.add_argument("--results-file", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    backend = jax.default_backend()
+    device = jax.devices()[0].device_kind
+    heads = args.heads or (1 if backend == "cpu" else 16)
+    dtype = jnp.dtype(args.dtype)
+    seqs = [int(x) for x in args.seq.split(",")]
+    impls = [x for x in args.impls.split(",") if x]
+    unknown = set(impls) - set(ALL_IMPLS)
+    if unknown:
+        p.error(f"unknown implementations {sorted(unknown)}; choose from {ALL_IMPLS}")
+    baseline = BASELINE[backend] if BASELINE[backend] in impls else impls[0]
+    b, d = args.batch, args.head_dim
+    log(f"backend {backend} ({device}); B={b} H={heads} D={d} {args.dtype}; S in {seqs}; baseline {baseline}")
+
+    rows: list[dict] = []
+    agreement: list[str] = []
+    for s in seqs:
+        keys = jax.random.split(jax.random.key(s), 4)
+        q, k, v, do = (jax.random.normal(key, (b, s, heads, d), jnp.float32).astype(dtype) for key in keys)
+        fwd_flops = 4.0 * b * s * s * heads * d
+        reference = None
+        for impl in impls:
+            reason = skip_reason(impl, backend, b, s, heads, args.max_materialized_gib)
+            row = {"impl": impl, "seq": s, "skip": reason}
+            rows.append(row)
+            if reason:
+                log(f"S={s} {impl}: skipped ({reason})")
+                continue
+            try:
+                out = measure(row, impl, (q, k, v, do), args, fwd_flops)
+                if s == seqs[0]:
+                    if reference is None:
+                        reference = (impl, out)
+                    else:
+                        err = float(np.max(np.abs(out - reference[1])))
+                        agreement.append(f"- S={s}: `{impl}` vs `{reference[0]}` forward max abs diff {err:.2e}")
+                log(f"S={s} {impl}: fwd {row['fwd'] * 1e3:.2f} ms = {row['fwd_tflops']:.3g} TFLOP/s"
+                    + (f", fwd+bwd {row['bwd'] * 1e3:.2f} ms" if "bwd" in row else ""))
+            except Exception as e:  # a failing implementation is a row, not the end of the run
+                row["skip"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                log(f"S={s} {impl}: {row['skip']}")
+
+    base = {r["seq"]: r.get("fwd") for r in rows if r["impl"] == baseline}
+    lines = [f"Backend: {backend} ({device}); B={b}, H={heads}, D={d}, {args.dtype}; baseline `{baseline}`.", "",
+             "| S | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | fwd vs baseline |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["skip"]:
+            lines.append(f"| {r['seq']} | `{r['impl']}` | skipped: {r['skip']} | | | | |")
+            continue
+        ratio = f"{base[r['seq']] / r['fwd']:.2f}x" if base.get(r["seq"]) else "-"
+        fb = (f"{r['bwd'] * 1e3:.2f} | {r['fb_tflops']:.3g}" if "bwd" in r else "- | -")
+        lines.append(f"| {r['seq']} | `{r['impl']}` | {r['fwd'] * 1e3:.2f} | {r['fwd_tflops']:.3g} | {fb} | {ratio} |")
+    block = "\n".join([*machine_description("benchmarks/attention.py", ("director_jax", "benchmarks")), "", *lines,
+                       "", *agreement])
+    print(block)
+    if args.write_results:
+        write_results(args.results_file, block, backend)
+        log(f"wrote into {args.results_file} ({SECTION}, {backend})")
+    return 0
+
+
+def write_results(path: Path, block: str, backend: str) -> None:
+    """Replaces this backend's block of the Attention section (other backends' blocks stay)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    begin, end = f"<!-- attention-{backend} begin -->", f"<!-- attention-{backend} end -->"
+    new = f"{begin}\n{block}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: new, text, flags=re.S)
+    elif SECTION in text:
+        text = text.replace(SECTION, f"{SECTION}\n\n{new}", 1)
+    else:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{new}\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
