@@ -27,11 +27,12 @@ CONFIGS = {"1_3b": "configs/gen_1_3b.py", "14b": "configs/gen_14b.py"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 BASELINE_NOTE = ("baseline (maxdiffusion): Wan2.1 14B at 720p x 81 frames, global batch 1, trained on a v5p-8 "
                  "(= v5p:2x2x1)")
-COLUMNS = ("model", "size", "tokens", "topology", "remat", "args GiB", "temps GiB", "peak+code GiB", "HBM GiB",
-           "fits", "TFLOP/step", "compile s")
+COLUMNS = ("model", "size", "tokens", "topology", "remat", "attention", "args GiB", "temps GiB", "peak+code GiB",
+           "HBM GiB", "fits", "TFLOP/step", "compile s")
 
 
-def run_one(model: str, size: str, topology: str, remat: str) -> dict:
+def run_one(model: str, size: str, topology: str, remat: str, attention: str = "xla",
+            sequence_parallel: str | None = None, mesh: dict[str, int] | None = None) -> dict:
     """Compiles one case in this process and returns its JSON-able result."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(REPO))
@@ -44,6 +45,10 @@ def run_one(model: str, size: str, topology: str, remat: str) -> dict:
     height, width = SIZES[size]
     cfg.video.height, cfg.video.width = height, width
     cfg.model_options.remat_policy = remat
+    cfg.model_options.attention_impl = attention
+    cfg.model_options.sequence_parallel = sequence_parallel
+    for axis, size_ in (mesh or {}).items():
+        setattr(cfg.mesh, axis, size_)
     # As compile_train_step does, without check_fits (which raises on a non-fitting step): the report is wanted.
     run = build_run(cfg, devices=topology_devices(topology), materialize_frozen=False)
     state = with_shardings(run.abstract, run.shardings)
@@ -60,13 +65,14 @@ def run_one(model: str, size: str, topology: str, remat: str) -> dict:
     return {
         "model": model, "size": size, "height": height, "width": width, "frames": int(cfg.video.num_frames),
         "tokens": int(run.task.tokens_per_example()), "batch": int(cfg.train.batch_size), "topology": topology,
-        "remat": remat, "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "num_devices": report.num_devices,
+        "remat": remat, "attention": attention, "sequence_parallel": sequence_parallel,
+        "mesh": {k: int(v) for k, v in run.mesh.shape.items()}, "num_devices": report.num_devices,
         "device_kind": report.device_kind, "argument_bytes": report.argument_bytes,
         "output_bytes": report.output_bytes, "temp_bytes": report.temp_bytes, "alias_bytes": report.alias_bytes,
         "generated_code_bytes": report.generated_code_bytes, "peak_bytes": report.peak_bytes,
         "total_bytes": report.total_bytes, "hbm_bytes": report.hbm_bytes, "fits": report.fits,
         "analytic_tflop_per_step": tflop, "lower_seconds": report.lower_seconds,
-        "compile_seconds": report.compile_seconds, "status": "ok",
+        "compile_seconds": report.compile_seconds, "flops_per_device": report.flops, "status": "ok",
     }
 
 
@@ -114,7 +120,10 @@ def table_row(r: dict) -> str:
     if r.get("status") != "ok" and "analytic_tflop_per_step" not in r:
         r = {**analytic(r["model"], r["size"]), **r}
     tokens = r.get("tokens", r.get("tokens_from_shape", "-"))
-    head = [r["model"], r["size"], str(tokens), r["topology"], r["remat"]]
+    attn = r.get("attention", "xla") + (f" + {r['sequence_parallel']}" if r.get("sequence_parallel") else "")
+    if r.get("mesh") and any(v > 1 for k, v in r["mesh"].items() if k != "fsdp"):
+        attn += " (" + ", ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) + ")"
+    head = [r["model"], r["size"], str(tokens), r["topology"], r["remat"], attn]
     if r.get("status") == "no_fit":
         tflop = "-" if r.get("analytic_tflop_per_step") is None else f"{r['analytic_tflop_per_step']:.1f}"
         shape = r.get("largest_buffer_shape") or "one buffer"
@@ -143,6 +152,9 @@ def main() -> int:
     p.add_argument("--sizes", default="480p,720p", help="comma-separated: " + ",".join(SIZES))
     p.add_argument("--topologies", default="v5p:2x2x1,v6e:2x2", help="comma-separated TPU topologies")
     p.add_argument("--remat", default="full", help="comma-separated remat policies (full, dots_saveable, ...)")
+    p.add_argument("--attention", default="xla", help="attention_impl: xla, pallas, splash, blockwise, auto")
+    p.add_argument("--sequence-parallel", default=None, help="ulysses, ring or auto (needs --mesh sequence=N)")
+    p.add_argument("--mesh", default="", help="mesh sizes, e.g. fsdp=2,sequence=2 (default: the config's)")
     p.add_argument("--out", default="aot_train.jsonl", help="JSON lines are appended here as cases complete")
     p.add_argument("--timeout_min", type=float, default=12.0, help="kill a case's compile after this many minutes")
     p.add_argument("--one", action="store_true", help="(internal) compile one case in this process")
@@ -164,8 +176,9 @@ def main() -> int:
                 if line.strip():
                     print(table_row(json.loads(line)))
         return 0
+    mesh = {k: int(v) for k, v in (item.split("=") for item in split(args.mesh))}
     if args.one:
-        result = run_one(models[0], sizes[0], topologies[0], remats[0])
+        result = run_one(models[0], sizes[0], topologies[0], remats[0], args.attention, args.sequence_parallel, mesh)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -175,9 +188,12 @@ def main() -> int:
     failures = 0
     for model, size, topology, remat in itertools.product(models, sizes, topologies, remats):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--models", model, "--sizes", size,
-               "--topologies", topology, "--remat", remat]
+               "--topologies", topology, "--remat", remat, "--attention", args.attention, "--mesh", args.mesh]
+        if args.sequence_parallel:
+            cmd += ["--sequence-parallel", args.sequence_parallel]
         t0 = time.perf_counter()
-        base = {"model": model, "size": size, "topology": topology, "remat": remat}
+        base = {"model": model, "size": size, "topology": topology, "remat": remat, "attention": args.attention,
+                "sequence_parallel": args.sequence_parallel}
         try:
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout_min * 60)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

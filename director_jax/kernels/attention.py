@@ -74,9 +74,18 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Arr
                                         implementation="cudnn")
 
 
+def target_backend() -> str:
+    """The platform the program is built for: the active mesh's devices (a TPU topology compiled from
+    a CPU host, say), else JAX's default backend."""
+    device = flash.mesh_device()
+    if device is not None:
+        return "gpu" if device.platform in ("cuda", "rocm") else device.platform
+    return jax.default_backend()
+
+
 def kernel_pair(backend: str | None = None) -> tuple[flash.ForwardFn, flash.BackwardFn, bool]:
     """This project's Pallas (forward, backward) for a backend, and whether it runs interpreted."""
-    backend = jax.default_backend() if backend is None else backend
+    backend = target_backend() if backend is None else backend
     if backend == "gpu":
         from director_jax.kernels import flash_gpu
 
@@ -100,7 +109,7 @@ def local_pair(impl: str) -> tuple[flash.ForwardFn, flash.BackwardFn, bool]:
 def choose_implementation(q: jax.Array, k: jax.Array, *, backend: str | None = None,
                           max_materialized: int = MAX_MATERIALIZED) -> str:
     """``auto``: cuDNN on GPU where it applies, our kernel on TPU, else xla while the scores are small."""
-    backend = jax.default_backend() if backend is None else backend
+    backend = target_backend() if backend is None else backend
     if backend == "tpu":
         return "pallas"
     if backend == "gpu":
@@ -166,7 +175,7 @@ def _per_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array, kv_len: jax.Array |
 
     kv_len = flash.full_kv_len(k, kv_len)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:  # manual axes: already inside a shard_map (Ulysses)
         return fn(q, k, v, kv_len)
     spec = logical_to_mesh_spec(("batch", None, "act_heads", None), mesh=mesh, shape=q.shape)
     kv_spec = jax.sharding.PartitionSpec(spec[0])

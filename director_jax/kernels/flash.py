@@ -67,10 +67,17 @@ DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
 }
 
 
+def mesh_device() -> Any | None:
+    """The active mesh's (abstract) device, with ``platform`` and ``device_kind``; None without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else getattr(mesh, "abstract_device", None)
+
+
 def default_block_sizes(device_kind: str | None = None) -> BlockSizes:
-    """The table entry whose key is the longest substring of ``device_kind`` (default: device 0)."""
+    """The table entry whose key is the longest substring of ``device_kind`` (default: the active
+    mesh's first device, e.g. a compile-only TPU, else device 0)."""
     if device_kind is None:
-        device = jax.devices()[0]
+        device = mesh_device() or jax.devices()[0]
         device_kind = device.device_kind if device.platform != "cpu" else "cpu"
         if device.platform == "gpu" and not any(k in device_kind.lower() for k in ("h100", "h200")):
             device_kind = "gpu"

@@ -40,7 +40,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Ar
     """Splash attention of (B, S, H, D) q and (B, L, H, D) k, v; keys past ``kv_len`` masked."""
     b, s, h, d = q.shape
     l = k.shape[1]
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    if interpret is None:
+        from director_jax.kernels.attention import target_backend
+
+        interpret = target_backend() != "tpu"
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # Blocks of at most ``block``, at least 128 (the TPU lane width), never longer than needed.
     block_q = min(block, _round_up(s, 128))
