@@ -27,8 +27,11 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
                                             ffn_dim=ffn, num_layers=layers))
     model["patch_size"] = tuple(model["patch_size"])
     c.model = ml_collections.ConfigDict(model)
+    # sequence_parallel: None, "ulysses", "ring" or "auto"; acts only with a mesh.sequence > 1 (a placeholder,
+    # so --config.model_options.sequence_parallel=ring works from the command line).
     c.model_options = ml_collections.ConfigDict(dict(
-        dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_saveable"))
+        dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_saveable",
+        sequence_parallel=ml_collections.config_dict.placeholder(str)))
 
     c.video = ml_collections.ConfigDict(dict(height=height, width=width, num_frames=81, fps=16.0))
     c.text = ml_collections.ConfigDict(dict(max_length=512, conditioning=True))
@@ -100,7 +103,8 @@ def build_director_gen(cfg: ml_collections.ConfigDict, *, seed: int | None = Non
 
     opts = cfg.model_options
     kw = dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
-              attention_impl=opts.attention_impl, remat_policy=opts.remat_policy)
+              attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
+              sequence_parallel=opts.get("sequence_parallel"))
     model_cfg = dit_config(cfg.model)
     if cfg.init_from:
         dit = load_transformer(cfg.init_from, **kw)

@@ -112,15 +112,19 @@ def uninterrupted(tmp_path_factory):
     return workdir, _losses(workdir)
 
 
+@pytest.mark.slow  # ~7 min on 2 cores: four 10-step runs; CI runs it (.ci/run: the slow set after the default one)
 def test_meshes_and_micro_batches_give_the_same_losses(uninterrupted, tmp_path):
-    """Single device, fsdp=4 x data=2, tensor=2 x fsdp=4 and 2 micro-batches: one loss curve within 1e-5."""
+    """Single device, fsdp=4 x data=2, tensor=2 x fsdp=4, 2 micro-batches and ring sequence parallelism over
+    sequence=4 x fsdp=2: one loss curve within 1e-5."""
     ref_dir, reference = uninterrupted
     expected = np.array([reference[s] for s in range(1, 11)])
     fingerprints = {r["step"]: r["data_fingerprint"] for r in _jsonl(ref_dir)}
     runs = {"single device": (tiny(10), jax.devices()[:1]),
             "tensor=2 x fsdp=4": (tiny(10, tensor=2, fsdp=4), None),
-            "fsdp=4 x data=2, 2 micro-batches": (tiny(10, data=2, fsdp=4), None)}
+            "fsdp=4 x data=2, 2 micro-batches": (tiny(10, data=2, fsdp=4), None),
+            "sequence=4 x fsdp=2, ring attention": (tiny(10, fsdp=2, sequence=4), None)}
     runs["fsdp=4 x data=2, 2 micro-batches"][0].train.micro_batches = 2
+    runs["sequence=4 x fsdp=2, ring attention"][0].model_options.sequence_parallel = "ring"
     for i, (name, (cfg, devices)) in enumerate(runs.items()):
         result = train(cfg, tmp_path / str(i), devices=devices, progress=False)
         got = np.array([result.losses[s] for s in range(1, 11)])
@@ -182,6 +186,7 @@ def test_restore_onto_another_mesh_gives_identical_parameters(uninterrupted, mes
     assert len(mirrors) == 3 and all(m.sharding.is_equivalent_to(expected, m.ndim) for m in mirrors)
 
 
+@pytest.mark.slow  # over a minute and a half on 2 cores; CI runs the slow set too
 def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(_cli(tmp_path, 1000, 1000), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(lambda: _last_step(tmp_path) >= 3, proc)
@@ -266,6 +271,7 @@ def test_nonfinite_loss_stops_with_diagnostics_or_is_skipped(tmp_path):
 
 
 
+@pytest.mark.slow  # over a minute and a half on 2 cores; CI runs the slow set too
 def test_vae_task_trains_and_accumulation_matches_one_batch(tmp_path):
     """The same trainer on the VAE task: 2 micro-batches give the 1-batch losses (posterior samples too)."""
     cfg = load_config(ROOT / "configs" / "vae_tiny.py")

@@ -9,7 +9,11 @@ keyframe method needs:
   tokens share one modulation vector, so per-frame timesteps cost (B, F, 6, D), not (B, S, 6, D);
 * **real-valued temporal RoPE positions** (MC-RoPE), ``positions`` (F,) or (B, F);
 * **scanned layers**: the blocks' parameters are stacked on a leading "layers" axis and run with
-  ``nnx.scan`` under a configurable remat policy, so compile time does not grow with depth.
+  ``nnx.scan`` under a configurable remat policy, so compile time does not grow with depth;
+* **sequence parallelism** (``sequence_parallel="ulysses" | "ring" | "auto"``): the self-attention
+  runs over the mesh's "sequence" axis (``kernels/sequence_parallel.py``). When the token count does
+  not divide by that axis, the tokens are padded to a multiple, the padded keys masked (kv_len) and
+  the padded tokens dropped before the output head, so the result is that of the unpadded model.
 
 ``DirectorGen`` wraps a ``WanDiT`` with the flow-matching conventions of this project: flow time
 sigma in [0, 1] per latent frame (given frames at 0), the DiT's timestep = 1000 * sigma.
@@ -24,8 +28,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from director_jax.kernels.attention import SEQUENCE_PARALLEL_MODES
+from director_jax.kernels.sequence_parallel import sequence_axis_size
 from director_jax.models.layers import (
     Attention,
     FeedForward,
@@ -106,10 +113,13 @@ class WanBlock(nnx.Module):
     """One Wan block: modulated self-attention with RoPE, cross-attention to text, modulated FFN."""
 
     def __init__(self, config: WanDiTConfig, *, rngs: nnx.Rngs, attention_impl: str = "auto",
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                 sequence_parallel: str | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         dim, heads = config.inner_dim, config.num_attention_heads
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.attn1 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl, **kw)
+        # Only the self-attention is sequence parallel: cross-attention's keys (text) are replicated,
+        # so its sequence-sharded queries are plain SPMD.
+        self.attn1 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl,
+                               sequence_parallel=sequence_parallel, **kw)
         self.attn2 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl, **kw)
         self.norm2 = LayerNorm(dim, eps=config.eps, param_dtype=param_dtype) if config.cross_attn_norm else None
         self.ffn = FeedForward(dim, config.ffn_dim, **kw)
@@ -117,18 +127,28 @@ class WanBlock(nnx.Module):
             torch_normal(rngs.params(), (1, 6, dim), 1.0 / math.sqrt(dim), param_dtype), (None, None, "embed"))
         self.eps = config.eps
 
-    def __call__(self, x: jax.Array, text: jax.Array, modulation: jax.Array, rope: jax.Array) -> jax.Array:
-        """x (B, S, D); text (B, L, D); modulation (B, G, 6, D) float32 for G timestep groups."""
+    def __call__(self, x: jax.Array, text: jax.Array, modulation: jax.Array, rope: jax.Array, *,
+                 kv_len: jax.Array | None = None, token_group: np.ndarray | None = None) -> jax.Array:
+        """x (B, S, D); text (B, L, D); modulation (B, G, 6, D) float32 for G timestep groups.
+
+        By default the S tokens form G equal consecutive groups. ``token_group`` (S,), a static index
+        array, instead gives each token's group (padded sequences, whose length G does not divide):
+        the modulation is then gathered per token inside the block, never held for all layers.
+        ``kv_len`` (B,) masks padded tokens as self-attention keys.
+        """
         b, s, d = x.shape
-        g = modulation.shape[1]
         mod = self.scale_shift_table[...].astype(jnp.float32)[None] + modulation  # (B, G, 6, D)
+        if token_group is not None:
+            mod = jnp.take(mod, jnp.asarray(token_group, jnp.int32), axis=1)  # (B, S, 6, D)
+            mod = constrain(mod, ("batch", "length", None, "act_embed"))  # each device gathers its own tokens
+        g = mod.shape[1]
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (mod[:, :, i] for i in range(6))
 
         def grouped(y: jax.Array) -> jax.Array:
             return y.reshape(b, g, s // g, d)
 
         h = modulate(grouped(layer_norm(x, self.eps)), shift_msa, scale_msa).reshape(b, s, d).astype(x.dtype)
-        attn = self.attn1(h, rope=rope)
+        attn = self.attn1(h, rope=rope, kv_len=kv_len)
         x = (grouped(x.astype(jnp.float32)) + grouped(attn.astype(jnp.float32)) * gate_msa[:, :, None]).reshape(
             b, s, d).astype(x.dtype)
 
@@ -220,12 +240,19 @@ class WanDiT(nnx.Module):
     0..1000 scale; text (B, L, text_dim); positions (F,) or (B, F) real temporal RoPE positions
     (default 0..F-1); text_mask (B, L) zeroes padded text embeddings, which is how Wan's pipeline
     pads (it does not mask cross-attention). Returns (B, F, h, w, out_channels).
+
+    ``sequence_parallel`` (None, "ulysses", "ring", "auto") applies under a mesh with a "sequence"
+    axis (``jax.set_mesh``); without one the model runs unchanged.
     """
 
     def __init__(self, config: WanDiTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, attention_impl: str = "auto", remat_policy: str = "none"):
+                 param_dtype: Any = jnp.float32, attention_impl: str = "auto", remat_policy: str = "none",
+                 sequence_parallel: str | None = None):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat_policy {remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
+        if sequence_parallel not in SEQUENCE_PARALLEL_MODES:
+            raise ValueError(f"Unknown sequence_parallel {sequence_parallel!r}; choose one of "
+                             f"{SEQUENCE_PARALLEL_MODES}.")
         self.config = config
         dim = config.inner_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -235,7 +262,8 @@ class WanDiT(nnx.Module):
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> WanBlock:
-            return WanBlock(config, rngs=rngs, attention_impl=attention_impl, **kw)
+            return WanBlock(config, rngs=rngs, attention_impl=attention_impl, sequence_parallel=sequence_parallel,
+                            **kw)
 
         self.blocks = make_blocks(rngs)
         self.proj_out = Linear(dim, config.out_channels * math.prod(config.patch_size), axes=("embed", None),
@@ -243,6 +271,7 @@ class WanDiT(nnx.Module):
         self.scale_shift_table = param(
             torch_normal(rngs.params(), (1, 2, dim), 1.0 / math.sqrt(dim), param_dtype), (None, None, "embed"))
         self.remat_policy = remat_policy
+        self.sequence_parallel = sequence_parallel
         self.dtype = dtype
 
     # -- input checks ------------------------------------------------------------------------
@@ -302,7 +331,19 @@ class WanDiT(nnx.Module):
         temb, modulation = self.condition_embedder(groups.astype(jnp.float32))
         context = self.condition_embedder.text_embedder(text)
 
-        x = self._run_blocks(constrain(x, ACTIVATION_AXES), context, modulation, rope)
+        pad = self._sequence_padding(s)
+        kv_len = token_group = None
+        if pad:  # sequence parallel with S not divisible by the sequence axis: pad, mask, drop (see above)
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+            rope = jnp.pad(rope, ((0, 0), (0, pad), (0, 0)))  # angle 0: identity rotation
+            kv_len = jnp.full((b,), s, jnp.int32)
+            g = groups.shape[1]
+            if g > 1:  # padded tokens join the last group: any finite modulation will do, they are dropped
+                token_group = np.minimum(np.arange(s + pad) // (s // g), g - 1)
+
+        x = self._run_blocks(constrain(x, ACTIVATION_AXES), context, modulation, rope, kv_len, token_group)
+        if pad:
+            x = x[:, :s]
 
         g = groups.shape[1]
         mod = self.scale_shift_table[...].astype(jnp.float32)[None] + temb[:, :, None, :]  # (B, G, 2, D)
@@ -312,10 +353,19 @@ class WanDiT(nnx.Module):
         x = self.proj_out(x)
         return self._unpatchify(x, f, h, w)
 
-    def _run_blocks(self, x: jax.Array, context: jax.Array, modulation: jax.Array, rope: jax.Array) -> jax.Array:
+    def _sequence_padding(self, tokens: int) -> int:
+        """Tokens to append so sequence-parallel attention can split them evenly (0 when not needed)."""
+        if self.sequence_parallel is None:
+            return 0
+        return -tokens % sequence_axis_size()
+
+    def _run_blocks(self, x: jax.Array, context: jax.Array, modulation: jax.Array, rope: jax.Array,
+                    kv_len: jax.Array | None = None, token_group: np.ndarray | None = None) -> jax.Array:
         def body(x: jax.Array, block: WanBlock) -> jax.Array:
             # block boundary: batch over (data, fsdp), tokens over sequence (no-op without a mesh)
-            return constrain(block(constrain(x, ACTIVATION_AXES), context, modulation, rope), ACTIVATION_AXES)
+            out = block(constrain(x, ACTIVATION_AXES), context, modulation, rope, kv_len=kv_len,
+                        token_group=token_group)
+            return constrain(out, ACTIVATION_AXES)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":

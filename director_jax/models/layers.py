@@ -196,11 +196,13 @@ class Attention(nnx.Module):
 
     Self-attention when ``context`` is None, cross-attention to ``context`` otherwise. The
     attention itself goes through ``director_jax.kernels.attention.attention`` (the one entry point
-    that picks the XLA, cuDNN or Pallas implementation).
+    that picks the XLA, cuDNN or Pallas implementation). ``sequence_parallel`` (None, "ulysses",
+    "ring", "auto") shards the attention over the mesh's "sequence" axis; ``kv_len`` masks padded keys.
     """
 
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, eps: float, rngs: nnx.Rngs,
-                 attention_impl: str = "auto", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                 attention_impl: str = "auto", sequence_parallel: str | None = None, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}.")
         context_dim = dim if context_dim is None else context_dim
@@ -213,8 +215,10 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(dim, eps=eps, axis_name="heads", param_dtype=param_dtype)
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.sequence_parallel = sequence_parallel
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, rope: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, rope: jax.Array | None = None,
+                 kv_len: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
         b, s, d = x.shape
         heads = self.num_heads
@@ -223,5 +227,5 @@ class Attention(nnx.Module):
         v = self.to_v(context).reshape(b, context.shape[1], heads, d // heads)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, impl=self.attention_impl)
+        out = attention(q, k, v, kv_len=kv_len, impl=self.attention_impl, sequence_parallel=self.sequence_parallel)
         return self.to_out(out.reshape(b, s, d))
