@@ -101,10 +101,13 @@ def test_every_model_axis_name_has_a_rule():
 
 def test_logical_to_mesh_spec_and_fallbacks():
     mesh = create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert logical_to_mesh_spec(("layers", "embed", "mlp")) == P(None, "fsdp", "tensor")
+    assert logical_to_mesh_spec(("layers", "embed", "mlp")) == P(None, ("fsdp", "sequence"), "tensor")
     assert logical_to_mesh_spec(("batch", "length", "act_embed")) == P(("data", "fsdp"), "sequence", None)
     # a mesh axis is used once: the second "embed" is replicated
-    assert logical_to_mesh_spec(("embed", "embed")) == P("fsdp", None)
+    assert logical_to_mesh_spec(("embed", "embed")) == P(("fsdp", "sequence"), None)
+    # parameters are sharded over the sequence-parallel chips as well (fsdp=2 x sequence=2: 4 shards)
+    seq_mesh = create_mesh({"fsdp": 2, "sequence": 2, "data": 2})
+    assert logical_to_mesh_spec(("embed", "mlp"), mesh=seq_mesh, shape=(8, 8)) == P(("fsdp", "sequence"), None)
     # size-1 mesh axis (sequence) dropped; shapes divisible
     assert logical_to_mesh_spec(("batch", "length"), mesh=mesh, shape=(8, 16)) == P(("data", "fsdp"), None)
     # batch 2 on data=2 x fsdp=2: only "data" divides it

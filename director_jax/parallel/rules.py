@@ -4,9 +4,10 @@ Every parameter carries logical axis names in its ``out_sharding`` metadata (see
 ``director_jax.models.layers.param``); activations are annotated with ``constrain``. ``DEFAULT_RULES``
 maps each name to mesh axes (``None`` = replicated, a name, or a tuple of names sharded jointly):
 
-* parameters: FSDP on the model width ("embed"), tensor parallelism on "heads", "mlp", the second
-  width of square projections ("embed_out"), the text-feature width and the vocabulary; the scanned
-  "layers" axis is never sharded;
+* parameters: FSDP on the model width ("embed", over the fsdp and sequence axes: with sequence
+  parallelism and batch 1 the sequence chips would otherwise each hold the whole model), tensor
+  parallelism on "heads", "mlp", the second width of square projections ("embed_out"), the
+  text-feature width and the vocabulary; the scanned "layers" axis is never sharded;
 * activations: "batch" over ("data", "fsdp"), "length"/"sequence" over "sequence", per-head and MLP
   hidden activations over "tensor", the activation width replicated.
 
@@ -34,7 +35,7 @@ M = TypeVar("M", bound=nnx.Module)
 
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # parameters
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),  # ZeRO-3 over the sequence-parallel chips too (else they hold full copies)
     ("embed_out", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
