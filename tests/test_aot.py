@@ -116,3 +116,30 @@ def test_compile_only_train_step_of_gen_1_3b_at_480p_on_v5p():
     assert report.num_devices == 4 and report.fits and report.total_bytes <= chip_spec("TPU v5p").hbm_bytes
     text = "\n".join(lines)
     assert "32760 tokens" in text and "model flops per step" in text
+
+
+@pytest.mark.parametrize("mode", ["ring", pytest.param("ulysses", marks=pytest.mark.slow)])  # ~2 min each
+def test_sequence_parallel_dit_train_step_with_the_tpu_kernel_compiles_for_v5p(mode):
+    """The sharded Director-Gen train step (2 layers of 1.3B width, 1,950 tokens) with the Pallas TPU kernel
+    inside sequence-parallel attention over sequence=2 x fsdp=2 chips: Mosaic lowers it, the program holds the
+    kernel's custom calls and the mode's collective, and it fits. Full-size figures: benchmarks/RESULTS.md."""
+    from pathlib import Path
+
+    from director_jax.configs_common import load_config
+    from director_jax.train.state import with_shardings
+    from director_jax.train.trainer import abstract_batch, build_run
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gen_1_3b.py")
+    cfg.model.num_layers = 2
+    cfg.video.update(height=240, width=416, num_frames=17)  # 5 x 15 x 26 = 1,950 tokens (not a multiple of 128)
+    cfg.mesh.update(fsdp=2, sequence=2)
+    cfg.model_options.update(attention_impl="pallas", sequence_parallel=mode, remat_policy="full")
+    run = build_run(cfg, devices=aot.topology_devices(TOPOLOGY), materialize_frozen=False)
+    args = (with_shardings(run.abstract, run.shardings), run.frozen_state, abstract_batch(run))
+    with jax.set_mesh(run.mesh):
+        hlo = run.step_fn.lower(*args).as_text()
+    assert "tpu_custom_call" in hlo  # the Mosaic kernels
+    assert ("collective_permute" if mode == "ring" else "all_to_all") in hlo
+    report = aot.compile_report(run.step_fn, *args, topology=TOPOLOGY, mesh=run.mesh)
+    assert report.fits and dict(run.mesh.shape)["sequence"] == 2
+    assert report.flops > run.task.train_flops_per_example() / report.num_devices / 2
