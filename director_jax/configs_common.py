@@ -31,7 +31,10 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
     # so --config.model_options.sequence_parallel=ring works from the command line).
     c.model_options = ml_collections.ConfigDict(dict(
         dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_saveable",
-        sequence_parallel=ml_collections.config_dict.placeholder(str)))
+        sequence_parallel=ml_collections.config_dict.placeholder(str),
+        # flash-kernel tiles, e.g. {block_q: 512, block_kv: 1024, block_q_bwd: 512, block_kv_bwd: 512}; None: the
+        # chip's entry of kernels/flash.py:DEFAULT_BLOCK_SIZES
+        attention_block_sizes=ml_collections.config_dict.placeholder(dict)))
 
     c.video = ml_collections.ConfigDict(dict(height=height, width=width, num_frames=81, fps=16.0))
     c.text = ml_collections.ConfigDict(dict(max_length=512, conditioning=True))
@@ -104,7 +107,7 @@ def build_director_gen(cfg: ml_collections.ConfigDict, *, seed: int | None = Non
     opts = cfg.model_options
     kw = dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
               attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
-              sequence_parallel=opts.get("sequence_parallel"))
+              sequence_parallel=opts.get("sequence_parallel"), attention_block_sizes=opts.get("attention_block_sizes"))
     model_cfg = dit_config(cfg.model)
     if cfg.init_from:
         dit = load_transformer(cfg.init_from, **kw)

@@ -175,3 +175,14 @@ def test_kernels_run_per_shard_under_a_mesh():
         fn = jax.jit(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl="splash", interpret=True))
         assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
         np.testing.assert_allclose(np.asarray(fn(q, k, v)), want, atol=1e-5)
+
+
+def test_block_sizes_from_the_config_reach_every_attention():
+    from pathlib import Path
+
+    from director_jax.configs_common import build_director_gen, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gen_tiny.py")
+    cfg.model_options.attention_block_sizes = dict(block_q=64, block_kv=128, block_q_bwd=64, block_kv_bwd=64)
+    dit = build_director_gen(cfg).dit
+    assert dit.blocks.attn1.block_sizes == dit.blocks.attn2.block_sizes == BlockSizes(64, 128, 64, 64)

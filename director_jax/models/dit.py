@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from director_jax.kernels.attention import SEQUENCE_PARALLEL_MODES
+from director_jax.kernels.flash import BlockSizes
 from director_jax.kernels.sequence_parallel import sequence_axis_size
 from director_jax.models.layers import (
     Attention,
@@ -113,14 +114,15 @@ class WanBlock(nnx.Module):
     """One Wan block: modulated self-attention with RoPE, cross-attention to text, modulated FFN."""
 
     def __init__(self, config: WanDiTConfig, *, rngs: nnx.Rngs, attention_impl: str = "auto",
-                 sequence_parallel: str | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                 sequence_parallel: str | None = None, block_sizes: BlockSizes | None = None,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         dim, heads = config.inner_dim, config.num_attention_heads
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         # Only the self-attention is sequence parallel: cross-attention's keys (text) are replicated,
         # so its sequence-sharded queries are plain SPMD.
         self.attn1 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl,
-                               sequence_parallel=sequence_parallel, **kw)
-        self.attn2 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl, **kw)
+                               sequence_parallel=sequence_parallel, block_sizes=block_sizes, **kw)
+        self.attn2 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl, block_sizes=block_sizes, **kw)
         self.norm2 = LayerNorm(dim, eps=config.eps, param_dtype=param_dtype) if config.cross_attn_norm else None
         self.ffn = FeedForward(dim, config.ffn_dim, **kw)
         self.scale_shift_table = param(
@@ -247,7 +249,7 @@ class WanDiT(nnx.Module):
 
     def __init__(self, config: WanDiTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, attention_impl: str = "auto", remat_policy: str = "none",
-                 sequence_parallel: str | None = None):
+                 sequence_parallel: str | None = None, attention_block_sizes: BlockSizes | dict | None = None):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat_policy {remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
         if sequence_parallel not in SEQUENCE_PARALLEL_MODES:
@@ -256,6 +258,9 @@ class WanDiT(nnx.Module):
         self.config = config
         dim = config.inner_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype)
+        block_sizes = attention_block_sizes
+        if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+            block_sizes = BlockSizes.from_dict(dict(block_sizes))
         self.patch_embedding = PatchEmbedding(config.patch_size, config.in_channels, dim, rngs=rngs, **kw)
         self.condition_embedder = ConditionEmbedder(config, rngs=rngs, **kw)
 
@@ -263,7 +268,7 @@ class WanDiT(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> WanBlock:
             return WanBlock(config, rngs=rngs, attention_impl=attention_impl, sequence_parallel=sequence_parallel,
-                            **kw)
+                            block_sizes=block_sizes, **kw)
 
         self.blocks = make_blocks(rngs)
         self.proj_out = Linear(dim, config.out_channels * math.prod(config.patch_size), axes=("embed", None),

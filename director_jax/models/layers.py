@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from director_jax.kernels.attention import attention
+from director_jax.kernels.flash import BlockSizes
 
 
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype: Any) -> jax.Array:
@@ -201,8 +202,8 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, eps: float, rngs: nnx.Rngs,
-                 attention_impl: str = "auto", sequence_parallel: str | None = None, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
+                 attention_impl: str = "auto", sequence_parallel: str | None = None,
+                 block_sizes: BlockSizes | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}.")
         context_dim = dim if context_dim is None else context_dim
@@ -215,6 +216,7 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(dim, eps=eps, axis_name="heads", param_dtype=param_dtype)
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.block_sizes = block_sizes  # flash-kernel tiles; None: the chip's entry of DEFAULT_BLOCK_SIZES
         self.sequence_parallel = sequence_parallel
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, rope: jax.Array | None = None,
@@ -227,5 +229,6 @@ class Attention(nnx.Module):
         v = self.to_v(context).reshape(b, context.shape[1], heads, d // heads)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = attention(q, k, v, kv_len=kv_len, impl=self.attention_impl, sequence_parallel=self.sequence_parallel)
+        out = attention(q, k, v, kv_len=kv_len, impl=self.attention_impl, sequence_parallel=self.sequence_parallel,
+                        block_sizes=self.block_sizes)
         return self.to_out(out.reshape(b, s, d))
