@@ -1,0 +1,41 @@
+"""The synthetic evaluation suite: keyframe timelines on held-out synthetic movies with known trajectories.
+
+    python -m director_jax.evaluate --config configs/eval_synthetic.py --ckpt runs/gen_tiny --workdir runs/eval
+    python -m director_jax.evaluate --config configs/eval_synthetic.py --baseline crossfade --workdir runs/eval_xfade
+    python -m director_jax.evaluate --config configs/eval_synthetic.py --ckpt runs/gen_tiny \\
+        --config.movies.count 16 --config.sampler.steps 50
+
+Every template in ``cases`` is applied to each of ``movies.count`` movies (seeds ``first_seed + i``,
+one shape per shot so the trajectory error is exact); keyframe times are seconds ("1s", 1.0) or
+frame indices ("#8") at the model config's fps. Clip size, fps and default length come from
+``model_config`` (the config the checkpoint was trained with, which also names the frozen VAE).
+Case ``i`` is generated from the noise of ``fold_in(key(seed), i)``.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.suite = "synthetic"
+    c.model_config = "configs/gen_tiny.py"
+    c.weights = "auto"  # "auto": EMA when the checkpoint has it, else the raw parameters; or "ema" / "params"
+    c.movies = ml_collections.ConfigDict(dict(count=4, first_seed=7_000_000, shot_lengths=(24, 24), max_shapes=1))
+    c.cases = (
+        dict(name="first and last keyframe", keyframes=("#0", "#16")),
+        dict(name="three keyframes at 0, 1, 2 s", keyframes=("0s", "1s", "2s")),
+        # the clip starts 8 frames before the movie's cut: one keyframe per shot
+        dict(name="keyframe per shot", anchor="cut", start=-8, keyframes=("#0", "#8")),
+    )
+    # Sampling: unset fields take the model config's sampler section.
+    c.sampler = ml_collections.ConfigDict(dict(name=placeholder(str), steps=placeholder(int),
+                                               shift=placeholder(float), guidance_scale=placeholder(float)))
+    c.text_cache = ""  # caption embeddings for text-conditioned models (data/text_embeddings.py)
+    c.cases_per_device = 1  # cases each device generates at once (fixed, so results do not depend on device count)
+    # FVD: Kinetics-400 I3D logits of the first fvd_frames frames at fvd_size px (16 and 224 are the standard).
+    c.metrics = ml_collections.ConfigDict(dict(lpips_net="alexnet", fvd=True, fvd_frames=16, fvd_size=224,
+                                               fvd_layer="logits"))
+    c.report = ml_collections.ConfigDict(dict(media_cases=6))
+    return c

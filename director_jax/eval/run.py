@@ -1,0 +1,128 @@
+"""One evaluation run: cases -> videos (a Director-Gen checkpoint or a baseline) -> metrics -> files.
+
+``run_evaluation`` is what ``python -m director_jax.evaluate`` calls; tests and notebooks call it
+directly. Every process of a multi-host run calls it; process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from director_jax.configs_common import load_config
+from director_jax.eval.baselines import crossfade
+from director_jax.eval.checkpoint import load_director_gen, load_frozen_vae
+from director_jax.eval.generate import SamplingSettings, TextInputs, data_mesh, generate_cases
+from director_jax.eval.report import write_metrics, write_report
+from director_jax.eval.scoring import MetricSettings, score
+from director_jax.eval.suite import EvalCase, synthetic_cases
+
+BASELINES = ("crossfade", "reference")
+SUITES = ("synthetic",)
+
+
+def sampling_settings(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> SamplingSettings:
+    """The eval config's sampler fields where set, else the model config's ``sampler`` section."""
+    s, m = cfg.sampler, model_cfg.sampler
+
+    def pick(name: str, fallback):
+        value = s.get(name)
+        return fallback if value is None else value
+
+    return SamplingSettings(sampler=str(pick("name", m.name)), steps=int(pick("steps", m.steps)),
+                            shift=float(pick("shift", m.shift)), guidance_scale=float(pick("guidance_scale",
+                                                                                             m.guidance_scale)))
+
+
+def text_inputs(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, cases: Sequence[EvalCase],
+                guidance_scale: float) -> TextInputs:
+    """Caption embeddings of the cases (from ``cfg.text_cache``), or the trainer's empty caption for
+    unconditional models (``text.conditioning = False``)."""
+    n, dim = len(cases), int(model_cfg.model.text_dim)
+    if not model_cfg.text.conditioning:
+        empty, empty_mask = np.zeros((1, 1, dim), np.float32), np.zeros((1, 1), bool)
+        return TextInputs(np.repeat(empty, n, 0), np.repeat(empty_mask, n, 0),
+                          *((empty, empty_mask) if guidance_scale != 1.0 else (None, None)))
+    if not cfg.text_cache:
+        raise ValueError("the model is text-conditioned: set --config.text_cache to a text-embedding cache holding "
+                         "the suite's captions (python -m director_jax.data.text_embeddings --captions ...).")
+    from director_jax.data.text_embeddings import load_text_embeddings
+
+    length = int(model_cfg.text.max_length)
+    text, mask = load_text_embeddings(cfg.text_cache, [c.caption for c in cases], max_length=length)
+    negative = negative_mask = None
+    if guidance_scale != 1.0:
+        negative, negative_mask = load_text_embeddings(cfg.text_cache, [str(model_cfg.sampler.negative_prompt)],
+                                                       max_length=length)
+    return TextInputs(text, mask, negative, negative_mask)
+
+
+def build_cases(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> list[EvalCase]:
+    if cfg.suite not in SUITES:
+        raise ValueError(f"config.suite={cfg.suite!r}; available suites: {SUITES}.")
+    v = model_cfg.video
+    return synthetic_cases(cfg, height=int(v.height), width=int(v.width), fps=float(v.fps),
+                           num_frames=int(v.num_frames))
+
+
+def baseline_videos(name: str, cases: Sequence[EvalCase]) -> dict[int, np.ndarray]:
+    """``crossfade``: linear blends between the keyframes; ``reference``: the true clips (every metric's best)."""
+    if name == "crossfade":
+        return {c.index: crossfade(c.reference, c.keyframes) for c in cases}
+    if name == "reference":
+        return {c.index: c.reference.copy() for c in cases}
+    raise ValueError(f"baseline {name!r}; choose one of {BASELINES}.")
+
+
+def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt: str | Path | None = None,
+                   baseline: str | None = None, step: int | None = None,
+                   devices: Sequence[jax.Device] | None = None, progress: bool = True) -> dict:
+    """Evaluates a checkpoint (``ckpt``) or a baseline on the config's suite; writes metrics.json and report.html.
+
+    Returns the content of metrics.json (before NaN -> null). ``devices`` (default: all) is where
+    cases are generated; the numbers do not depend on it beyond float32 rounding.
+    """
+    if (ckpt is None) == (baseline is None):
+        raise ValueError("evaluate either a checkpoint (--ckpt DIR) or a baseline (--baseline crossfade), not both "
+                         "and not neither.")
+    t0 = time.time()
+    workdir = Path(workdir)
+    model_cfg = load_config(cfg.model_config)
+    cases = build_cases(cfg, model_cfg)
+    settings = MetricSettings(**cfg.metrics.to_dict())
+    info: dict = {"suite": cfg.suite, "seed": int(cfg.seed), "movies": cfg.movies.to_dict(),
+                  "templates": [dict(t) for t in cfg.cases], "model_config": str(cfg.model_config)}
+    if baseline is not None:
+        videos = baseline_videos(baseline, cases)
+        info["evaluated"] = {"baseline": baseline}
+        title, label, mesh_size = f"{baseline} baseline", baseline, 0
+    else:
+        mesh = data_mesh(devices)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        gen, loaded = load_director_gen(model_cfg, ckpt, sharding=replicated, step=step, weights=cfg.weights)
+        vae = load_frozen_vae(model_cfg, sharding=replicated)
+        sampling = sampling_settings(cfg, model_cfg)
+        text = text_inputs(cfg, model_cfg, cases, sampling.guidance_scale)
+        videos = generate_cases(gen, vae, cases, text, seed=int(cfg.seed), sampling=sampling, mesh=mesh,
+                                cases_per_device=int(cfg.cases_per_device), progress=progress)
+        info["evaluated"] = {"checkpoint": str(Path(loaded.directory).resolve()), "step": loaded.step,
+                             "weights": loaded.weights, "sampling": sampling.__dict__}
+        label = "generated"
+        title, mesh_size = f"Director-Gen step {loaded.step} ({loaded.weights})", mesh.size
+    generated_s = time.time() - t0
+    results = score(cases, videos, settings, progress=progress)
+    results["run"] = info
+    results["settings"] = cfg.metrics.to_dict()
+    if jax.process_index() == 0:
+        write_metrics(workdir, results)
+        run_info = {"devices": mesh_size or "none (no generation)", "processes": jax.process_count(),
+                    "generate_s": round(generated_s, 1), "total_s": round(time.time() - t0, 1)}
+        write_report(workdir, results, cases, videos, title=title, label=label, run_info=run_info,
+                     media_cases=int(cfg.report.media_cases))
+    return results

@@ -1,0 +1,59 @@
+"""``python -m director_jax.evaluate --config configs/eval_synthetic.py --ckpt DIR [--workdir OUT]``
+
+Generates every case of the config's suite with a Director-Gen checkpoint (the trainer's
+``--workdir`` or its ``checkpoints/`` dir; the newest step unless ``--step``; EMA weights when the
+run kept them), scores the videos and writes ``OUT/metrics.json`` (per case, per template and
+aggregate numbers, identical between runs) and ``OUT/report.html`` (tables and contact sheets).
+``--baseline crossfade`` scores the cross-fade between keyframes instead (no checkpoint);
+``--baseline reference`` scores the true clips (each metric's best value).
+
+Cases are generated on all devices (a data mesh; see ``eval/generate.py``); on a pod run the same
+command on every host (``--coordinator_address`` etc. as for training). Process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_synthetic.py", "An eval suite config file.")
+_CKPT = flags.DEFINE_string("ckpt", None, "Director-Gen checkpoint: the trainer's workdir, checkpoints/ or step dir.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/eval", "Where metrics.json, report.html and media/ are written.")
+_BASELINE = flags.DEFINE_enum("baseline", None, ["crossfade", "reference"],
+                              "Score a baseline instead of a checkpoint (no --ckpt).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars (process 0 only).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for multi-process runs (with --num_processes, "
+                                   "--process_id); TPU pods and SLURM are detected by jax.distributed.initialize().")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def main(argv) -> int:
+    del argv
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (_CKPT.value is None) == (_BASELINE.value is None):
+        raise app.UsageError("give --ckpt DIR (a Director-Gen checkpoint) or --baseline crossfade|reference.")
+    import jax
+
+    if _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from director_jax.eval.run import run_evaluation
+
+    results = run_evaluation(_CONFIG.value, _WORKDIR.value, ckpt=_CKPT.value, baseline=_BASELINE.value,
+                             step=_STEP.value, progress=_PROGRESS.value and jax.process_index() == 0)
+    if jax.process_index() == 0:
+        agg = results["aggregate"]
+        print(f"{len(results['cases'])} cases -> {_WORKDIR.value}/metrics.json, report.html")
+        for key in ("psnr", "ssim", "lpips", "keyframe_psnr", "temporal_error", "trajectory_error_px", "fvd"):
+            if key in agg:
+                print(f"  {key:<22} {agg[key]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
