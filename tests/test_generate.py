@@ -1,0 +1,200 @@
+"""``python -m director_jax.generate`` on a tiny randomly initialised Director-Gen checkpoint of the trainer.
+
+The CLI runs in process (its absl flags parsed as a user's command line): it writes OUT.mp4, OUT.png and
+OUT.json; the mp4 decodes to the asked frame count and size; the keyframes of the output are the VAE
+round trip of the given images on exactly the asked frames; the same seed gives the same frames; every
+bad input is refused with a clear error before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from director_jax import generate as cli
+from director_jax.configs_common import load_config
+from director_jax.eval.checkpoint import load_frozen_vae
+from director_jax.models.timeline import Timeline, decode_timeline, encode_timeline, place_given_frames
+from director_jax.train.checkpoint import Checkpointer
+from director_jax.train.trainer import build_run
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN_CONFIG = ROOT / "configs" / "gen_tiny.py"
+SIZE = 32  # gen_tiny's video size
+KEYFRAMES = {0: (230, 40, 40), 8: (40, 200, 60), 16: (40, 60, 230)}  # frame -> colour at 8 fps, 17 frames
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """gen_tiny's random train state, saved by the trainer's own code at step 0 (as tests/test_evaluate.py)."""
+    workdir = tmp_path_factory.mktemp("gen_tiny")
+    cfg = load_config(GEN_CONFIG)
+    cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
+    state = jax.jit(run.init, out_shardings=run.shardings)()
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "gen", "step": 0}, wait=True)
+    ckpt.close()
+    return workdir
+
+
+def _image(colour, size=(SIZE, SIZE)) -> np.ndarray:
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.empty((h, w, 3), np.uint8)
+    img[...] = colour
+    img[(x // 8 + y // 8) % 2 == 0] //= 2  # a checker pattern, so the VAE sees some structure
+    return img
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[int, Path]:
+    d = tmp_path_factory.mktemp("keyframes")
+    paths = {}
+    for frame, colour in KEYFRAMES.items():
+        paths[frame] = d / f"key_{frame}.png"
+        Image.fromarray(_image(colour)).save(paths[frame])
+    return paths
+
+
+def _run(*args: str) -> dict:
+    """The CLI in process: argv parsed by absl exactly as ``python -m director_jax.generate ...`` does."""
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", "--noprogress", *args])
+    return cli.generate(cli.request_from_flags())
+
+
+def _keyframe_args(images, times=("0", "1s", "#16")) -> list[str]:
+    return [f"--keyframe={images[f]}@{t}" for f, t in zip(KEYFRAMES, times, strict=True)]
+
+
+def _decode_mp4(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def two_runs(checkpoint, images, tmp_path_factory) -> tuple[Path, dict, Path, dict]:
+    out = tmp_path_factory.mktemp("out")
+    args = [f"--ckpt={checkpoint}", *_keyframe_args(images), "--frames=17", "--steps=2", "--seed=3"]
+    a = _run(*args, f"--out={out / 'a.mp4'}")
+    b = _run(*args, f"--out={out / 'b.mp4'}")
+    return out / "a.mp4", a, out / "b.mp4", b
+
+
+def test_writes_mp4_sheet_and_settings(two_runs, checkpoint):
+    mp4, result, _, _ = two_runs
+    frames = _decode_mp4(mp4)
+    assert frames.shape == (17, SIZE, SIZE, 3)
+    sheet = Image.open(mp4.with_suffix(".png"))
+    assert sheet.size[0] > 17 * SIZE and sheet.mode == "RGB"
+    settings = json.loads(mp4.with_suffix(".json").read_text())
+    assert settings["seed"] == 3 and settings["steps"] == 2 and settings["num_frames"] == 17
+    assert settings["fps"] == 8.0 and settings["duration"] == pytest.approx(17 / 8)
+    assert [k["frame"] for k in settings["keyframes"]] == [0, 8, 16]
+    assert [k["time"] for k in settings["keyframes"]] == ["0", "1s", "#16"]
+    assert settings["checkpoint"]["step"] == 0 and settings["checkpoint"]["weights"] == "ema"
+    assert settings["caption_used"] is False
+    # the mp4 holds the generated frames (H.264 at crf 16: close, not exact)
+    err = np.abs(frames.astype(np.float32) - (result["frames"] + 1) * 127.5).mean()
+    assert err < 16.0, err  # yuv420 on the random model's per-pixel noise costs ~8 levels; a wrong video ~60
+    assert not list(mp4.parent.glob(".*.tmp*"))  # no temporary files left
+
+
+def test_keyframes_are_the_vae_round_trip_on_the_asked_frames(two_runs):
+    _, result, _, _ = two_runs
+    cfg = load_config(GEN_CONFIG)
+    vae = load_frozen_vae(cfg, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    layout = Timeline.from_keyframes(17, list(KEYFRAMES)).layout
+    given = place_given_frames(17, {f: _image(c).astype(np.float32) / 127.5 - 1 for f, c in KEYFRAMES.items()})
+    encode, decode = cli._vae_codec(vae)  # the CLI's jitted VAE calls (compiled already), not eager ones
+    mean, _ = encode_timeline(vae, jnp.asarray(given[None]), layout, encode=encode)
+    round_trip = np.asarray(decode_timeline(vae, mean, layout, decode=decode))[0]
+    out = result["frames"]
+    for frame in KEYFRAMES:
+        err = np.abs(out[frame] - np.clip(round_trip[frame], -1, 1)).max()
+        assert err < 2e-3, (frame, err)
+        here = np.abs(out[frame] - round_trip[frame]).mean()
+        for other in (frame - 1, frame + 1):  # and not on a neighbouring frame
+            if 0 <= other < 17:
+                assert np.abs(out[other] - round_trip[frame]).mean() > 10 * here, (frame, other)
+
+
+def test_same_seed_same_video(two_runs, checkpoint, images, tmp_path):
+    a_path, a, b_path, b = two_runs
+    np.testing.assert_array_equal(a["frames"], b["frames"])
+    np.testing.assert_array_equal(_decode_mp4(a_path), _decode_mp4(b_path))
+    c = _run(f"--ckpt={checkpoint}", *_keyframe_args(images), "--frames=17", "--steps=2", "--seed=4",
+             f"--out={tmp_path / 'c.mp4'}")
+    assert np.abs(c["frames"] - a["frames"]).max() > 1e-3  # another seed, another video
+
+
+def test_bad_inputs_are_refused_and_write_nothing(checkpoint, images, tmp_path):
+    good = f"--keyframe={images[0]}@0"
+    ck = f"--ckpt={checkpoint}"
+    bad_dir = tmp_path / "inputs"
+    bad_dir.mkdir()
+    (bad_dir / "broken.png").write_bytes(b"not a png at all")
+    Image.fromarray(_image((9, 9, 9), (48, 48))).save(bad_dir / "big.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [
+        ("does not exist", ck, f"--keyframe={bad_dir / 'missing.png'}@0"),
+        ("could not be read as an image", ck, f"--keyframe={bad_dir / 'broken.png'}@0"),
+        ("before the previous keyframe", ck, f"--keyframe={images[8]}@1s", f"--keyframe={images[0]}@0"),
+        ("the same frame as", ck, good, f"--keyframe={images[8]}@#0"),
+        ("outside the video", ck, good, f"--keyframe={images[8]}@5s", "--frames=17"),
+        ("negative", ck, f"--keyframe={images[0]}@-0.5"),
+        (r"is 48x48 .* --resize", ck, f"--keyframe={bad_dir / 'big.png'}@0"),
+        ("is not PATH@TIME", ck, f"--keyframe={images[0]}"),
+        ("neither seconds", ck, f"--keyframe={images[0]}@soon"),
+        ("does not exist", f"--ckpt={tmp_path / 'no_such_run'}", good),
+        ("no complete checkpoint step", f"--ckpt={bad_dir}", good),
+        ("at least one --keyframe", ck),
+        ("must name an .mp4", ck, good, f"--out={out / 'x.gif'}"),
+    ]
+    for match, *args in cases:
+        if any(a.startswith("--out=") for a in args):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", *args])
+            with pytest.raises(cli.GenerateError, match=match):
+                cli.generate(cli.request_from_flags())
+        else:
+            with pytest.raises(cli.GenerateError, match=match):
+                _run(*args, f"--out={out / 'bad.mp4'}")
+        assert list(out.iterdir()) == [], (match, list(out.iterdir()))
+    # --resize accepts the wrong-size image (checked without generating: the plan only)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", ck, f"--keyframe={bad_dir / 'big.png'}@0",
+                 "--resize", f"--out={out / 'ok.mp4'}"])
+    p = cli.plan(cli.request_from_flags())
+    assert p.given[0].shape == (SIZE, SIZE, 3) and p.num_frames == 17
+
+
+def test_main_reports_errors_without_traceback(checkpoint, tmp_path, capsys):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", f"--ckpt={checkpoint}",
+                 f"--keyframe={tmp_path / 'missing.png'}@0", f"--out={tmp_path / 'x.mp4'}"])
+    assert cli.main(["director_jax.generate"]) == 2
+    assert "error: --keyframe image" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_durations_pacing_and_captions(images):
+    """Pacing: the same keyframes at other times land on other frames; captions build the shot-structured one."""
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", "--ckpt=unused", "--duration=4", "--fps=8",
+                 f"--keyframe={images[0]}@0", f"--keyframe={images[8]}@3.5s", "--shot_caption=a cat sleeps.",
+                 "--shot_caption=a dog barks.", "--out=x.mp4"])
+    p = cli.plan(cli.request_from_flags())
+    assert p.num_frames == 32 and [k["frame"] for k in p.keyframes] == [0, 28]
+    assert p.caption == "The video features 2 shots. Shot 1: a cat sleeps. Shot 2: a hard cut to a dog barks."
