@@ -287,6 +287,7 @@ def test_vae_task_trains_and_accumulation_matches_one_batch(tmp_path):
     assert (tmp_path / "whole" / "checkpoints" / "4").is_dir()
 
 
+@pytest.mark.slow  # two processes of 4 devices: ~2 min on 2 cores; CI runs the slow set too
 def test_two_processes_train_like_one(uninterrupted, tmp_path):
     """Two processes x 4 CPU devices (jax.distributed, gloo collectives), each loading its own half of every
     batch: the losses and the step-10 parameters of the one-process 8-device run; one data-state file per host."""
