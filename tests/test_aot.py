@@ -118,7 +118,7 @@ def test_compile_only_train_step_of_gen_1_3b_at_480p_on_v5p():
     assert "32760 tokens" in text and "model flops per step" in text
 
 
-@pytest.mark.slow  # 2-3 min each on 2 cores; the kernel-level AOT test (tests/test_flash_tpu.py) stays in the default run
+@pytest.mark.slow  # 2-3 min each on 2 cores; the kernel-level AOT test (test_flash_tpu.py) runs by default
 @pytest.mark.parametrize("mode", ["ring", "ulysses"])
 def test_sequence_parallel_dit_train_step_with_the_tpu_kernel_compiles_for_v5p(mode):
     """The sharded Director-Gen train step (2 layers of 1.3B width, 1,950 tokens) with the Pallas TPU kernel
