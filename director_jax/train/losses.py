@@ -1,6 +1,9 @@
-"""Training objectives: the VAE's (L1 + small KL) and Director-Gen's (flow matching on generated frames)."""
+"""Training objectives: the VAE's (L1 + small KL), Director-Gen's and Director-SR's (flow matching on generated
+frames)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import jax.numpy as jnp
 from director_jax.diffusion import flow_matching_loss, noisy_latents, sample_timesteps, velocity_target
 from director_jax.eval.lpips import LPIPS
 from director_jax.models.dit import DirectorGen
+from director_jax.models.sr import DirectorSR
 from director_jax.models.vae import WanVAE, kl_divergence, sample_posterior
 
 
@@ -44,17 +48,15 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     return loss, aux
 
 
-def gen_loss(gen: DirectorGen, latents: jax.Array, given: jax.Array, positions: jax.Array, text: jax.Array,
-             key: jax.Array, *, text_mask: jax.Array | None = None, timestep_sampling: str = "logit_normal",
-             logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Flow-matching loss of Director-Gen on one batch of timelines.
+def _flow_loss(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array, given: jax.Array,
+               key: jax.Array, *, timestep_sampling: str, logit_mean: float, logit_std: float, shift: float
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Flow matching on the generated frames of a timeline, given frames clean; shared by Gen and SR.
 
-    ``latents`` (B, L, h, w, C): clean normalized chunk latents; ``given`` (B, L) bool: keyframe /
-    video frames, which stay clean (sigma 0) and are left out of the loss; ``positions`` (L,) or
-    (B, L): MC-RoPE positions. One flow time per sample is drawn (logit-normal or uniform, then
-    shifted) and shared by all its generated frames, as in Wan's training. ``key`` is one key, or
-    one key per example (B,), which the trainer uses so micro-batching does not change the draws.
+    ``velocity_fn(x_t, sigma_frames)`` is the model with its conditioning bound. One flow time per
+    sample is drawn (logit-normal or uniform, then shifted) and shared by all its generated frames,
+    as in Wan's training. ``key`` is one key, or one key per example (B,), which the trainer uses
+    so micro-batching does not change the draws.
     """
     given = jnp.asarray(given, bool)
     if given.shape != latents.shape[:2]:
@@ -72,6 +74,42 @@ def gen_loss(gen: DirectorGen, latents: jax.Array, given: jax.Array, positions: 
         t, noise = draw(key, latents.shape[0], latents.shape)
     sigma_frames = jnp.where(given, 0.0, t[:, None])
     x_t = noisy_latents(latents, noise, sigma_frames)
-    velocity = gen(x_t, sigma_frames, text, positions=positions, text_mask=text_mask)
+    velocity = velocity_fn(x_t, sigma_frames)
     loss = flow_matching_loss(velocity, velocity_target(latents, noise), ~given)
     return loss, {"flow_mse": loss, "t_mean": jnp.mean(t)}
+
+
+def gen_loss(gen: DirectorGen, latents: jax.Array, given: jax.Array, positions: jax.Array, text: jax.Array,
+             key: jax.Array, *, text_mask: jax.Array | None = None, timestep_sampling: str = "logit_normal",
+             logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Flow-matching loss of Director-Gen on one batch of timelines.
+
+    ``latents`` (B, L, h, w, C): clean normalized chunk latents; ``given`` (B, L) bool: keyframe /
+    video frames, which stay clean (sigma 0) and are left out of the loss; ``positions`` (L,) or
+    (B, L): MC-RoPE positions. ``key``: one key or one per example (see ``_flow_loss``).
+    """
+    def velocity(x_t, sigma_frames):
+        return gen(x_t, sigma_frames, text, positions=positions, text_mask=text_mask)
+
+    return _flow_loss(velocity, latents, given, key, timestep_sampling=timestep_sampling, logit_mean=logit_mean,
+                      logit_std=logit_std, shift=shift)
+
+
+def sr_loss(sr: DirectorSR, latents: jax.Array, lowres_latents: jax.Array, given: jax.Array, positions: jax.Array,
+            text: jax.Array, key: jax.Array, *, text_mask: jax.Array | None = None,
+            timestep_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+            shift: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Flow-matching loss of Director-SR: ``gen_loss`` with the low-res latents as a second input.
+
+    ``latents`` (B, L, h, w, z): the high-res clip's normalized chunk latents, the target;
+    ``lowres_latents`` (same shape): the degraded, bicubic-upsampled clip's latents over the same
+    layout, never noised (they condition every frame); ``given`` (B, L): high-res keyframe latents
+    held clean and left out of the loss (per example, so keyframe dropout can turn them off).
+    """
+    def velocity(x_t, sigma_frames):
+        return sr(x_t, lowres_latents, sigma_frames, text, positions=positions, text_mask=text_mask)
+
+    loss, aux = _flow_loss(velocity, latents, given, key, timestep_sampling=timestep_sampling,
+                           logit_mean=logit_mean, logit_std=logit_std, shift=shift)
+    return loss, {**aux, "keyframes_given": jnp.mean(jnp.any(jnp.asarray(given, bool), axis=1).astype(jnp.float32))}

@@ -1,30 +1,36 @@
-"""What the one trainer trains, chosen by ``config.task``: the VAE or Director-Gen (Director-SR joins here).
+"""What the one trainer trains, chosen by ``config.task``: the VAE, Director-Gen or Director-SR.
 
 A task says how to build the trainable model (and any frozen one, such as the VAE that encodes
 Director-Gen's pixels inside the step), what a global batch looks like (shapes, dtypes, logical
 sharding names), the loss of one micro-batch, how many tokens a batch holds (for tokens/s and the
-progress bar) and where its examples come from.
+progress bar), where its examples come from and what the host does to each batch before the step
+(``data_transform``: Director-SR degrades its clips there).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from director_jax.configs_common import build_director_gen
+from director_jax.configs_common import build_director_gen, dit_config
+from director_jax.data.degradations import DegradationConfig, degrade_float
 from director_jax.eval.lpips import LPIPS
+from director_jax.models.sr import DirectorSR, sr_config
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import TEMPORAL_FACTOR, WanVAE, WanVAEConfig
 from director_jax.pipeline.gen import timeline_latents
-from director_jax.train.losses import gen_loss, vae_loss
+from director_jax.train.losses import gen_loss, sr_loss, vae_loss
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,10 @@ class Task:
     def clips_config(self):
         """The synthetic-clip source settings for this task's examples."""
         raise NotImplementedError
+
+    def data_transform(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
+        """A picklable function the data pipeline applies to every host batch (numpy in, numpy out); None: none."""
+        return None
 
 
 class VaeTask(Task):
@@ -259,7 +269,173 @@ class GenTask(Task):
         return _synthetic_clips(self.cfg, v.num_frames, v.height, v.width)
 
 
-TASKS: dict[str, type[Task]] = {"vae": VaeTask, "gen": GenTask}
+_KEYFRAME_DROP_SALT = 0x4B46  # keeps the keyframe-dropout draw apart from the degradation's and the clip's
+
+
+def keyframes_kept(seed: int, index: int, keyframe_dropout: float) -> bool:
+    """Whether example ``index`` keeps its keyframes (a pure function of the run seed and the index)."""
+    u = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), _KEYFRAME_DROP_SALT])).random()
+    return bool(u >= keyframe_dropout)
+
+
+def degrade_batch(batch: dict[str, np.ndarray], *, degradation: DegradationConfig, seed: int, given: np.ndarray,
+                  keyframe_dropout: float) -> dict[str, np.ndarray]:
+    """Adds Director-SR's inputs to a batch of high-res clips, each row seeded by ``(seed, its index)``.
+
+    ``lowres`` (b, T, H/s, W/s, 3) is ``degrade_float(clip, degradation, (seed, index)).lowres`` and
+    ``upsampled`` (b, T, H, W, 3) its bicubic upsampling back (float32 in [-1, 1]); ``given`` (b, L)
+    is the layout's clean-frame mask, all False for an example whose keyframes are dropped (so the
+    model also learns to upsample without anchors, as ``super_resolve(keyframes=None)`` asks).
+    Pure in the batch: a resumed run or another host makes the same pairs.
+    """
+    lowres, upsampled, kept = [], [], []
+    for clip, index in zip(batch["video"], batch["index"], strict=True):
+        out = degrade_float(clip, degradation, (int(seed), int(index)))
+        lowres.append(out.lowres)
+        upsampled.append(out.upsampled)
+        kept.append(keyframes_kept(seed, int(index), keyframe_dropout))
+    given = np.asarray(given, bool)[None] & np.asarray(kept, bool)[:, None]
+    return {**batch, "lowres": np.stack(lowres), "upsampled": np.stack(upsampled), "given": given}
+
+
+def vae_config_with_checkpoint_stats(section: ml_collections.ConfigDict) -> WanVAEConfig:
+    """``config.vae`` as a WanVAEConfig, with the latent statistics of ``init_from``'s config.json when it has one.
+
+    A VAE fitted here (``benchmarks/sr.py``) has its own latent scale; its directory records it, and
+    normalising with other statistics would silently mis-scale every latent. The architecture fields
+    must agree with ``config.vae`` (they fix the shapes the step is compiled for). For the Wan2.1
+    VAE the directory's statistics are the defaults, so nothing changes.
+    """
+    config = vae_config_from(section)
+    src = section.get("init_from", "")
+    config_json = next((p for p in (Path(src) / "config.json", Path(src) / "vae" / "config.json")
+                        if src and p.is_file()), None)
+    if config_json is None:
+        return config
+    from director_jax.convert.vae import vae_config
+
+    saved = vae_config(config_json)
+    stats = ("latents_mean", "latents_std")
+    differ = [f.name for f in dataclasses.fields(WanVAEConfig)
+              if f.name not in stats and getattr(saved, f.name) != getattr(config, f.name)]
+    if differ:
+        raise ValueError(f"{config_json} describes another VAE than config.vae: " + ", ".join(
+            f"{k}={getattr(saved, k)!r} (config: {getattr(config, k)!r})" for k in differ)
+            + ". Set --config.vae.<field> to the checkpoint's values.")
+    return dataclasses.replace(config, latents_mean=saved.latents_mean, latents_std=saved.latents_std)
+
+
+def build_director_sr(cfg: ml_collections.ConfigDict) -> DirectorSR:
+    """Director-SR for the Gen architecture of ``cfg.model``: random, from a Gen checkpoint, or an SR checkpoint.
+
+    ``cfg.init_from`` may hold a Director-Gen / Wan T2V transformer (the SR model starts as it, the
+    low-res channels zero: ``DirectorSR.from_gen``) or an SR transformer (``convert.sr.export_sr``;
+    training continues from it). Empty: ``DirectorSR.init`` with ``cfg.seed``.
+    """
+    from director_jax.convert.dit import load_transformer
+
+    opts = cfg.model_options
+    kw = dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
+              attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
+              sequence_parallel=opts.get("sequence_parallel"), attention_block_sizes=opts.get("attention_block_sizes"))
+    gen_cfg = dit_config(cfg.model)
+    if not cfg.init_from:
+        return DirectorSR.init(gen_cfg, rngs=nnx.Rngs(int(cfg.seed)), **kw)
+    dit = load_transformer(cfg.init_from, **kw)
+    if dit.config == gen_cfg:
+        return DirectorSR.from_gen(dit)
+    if dit.config == sr_config(gen_cfg):
+        return DirectorSR(dit)
+    raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}; the run's config.model (the Gen "
+                     f"architecture) is {gen_cfg}, so a Gen checkpoint must match it and an SR one must match "
+                     f"sr_config() of it (in_channels {2 * gen_cfg.in_channels}). Fix --config.model.* or the path.")
+
+
+class SRTask(GenTask):
+    """Director-SR: flow matching on the generated frames, conditioned on the degraded clip's latents.
+
+    Examples are high-res synthetic clips; the data path (``data_transform``) degrades each one
+    (``config.degradation``: DegradationConfig fields, one scale) and upsamples it back, seeded by
+    ``(seed, example index)``. In the step the frozen VAE encodes the high-res clip and the
+    upsampled one over the same timeline layout (keyframes ``train.keyframes`` at chunk starts), so
+    both lie on one latent grid; the high-res keyframe latents stay clean (sigma 0) and out of the
+    loss, exactly as for Director-Gen, except in examples whose keyframes are dropped
+    (``train.keyframe_dropout``), where every frame is generated. ``train.latents="precomputed"``
+    takes both latents from the batch instead (a latent cache). ``config.model`` is the Gen
+    architecture; ``init_from`` a Gen or SR checkpoint (``build_director_sr``). The frozen VAE is
+    ``vae.init_from`` (a diffusers directory), whose own latent statistics normalise the latents.
+    """
+
+    name = "sr"
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        super().__init__(cfg)
+        self.degradation = DegradationConfig.from_config(cfg.degradation)
+        if len(self.degradation.scales) != 1:
+            raise ValueError(f"degradation.scales={self.degradation.scales}: an SR model upsamples by one factor; "
+                             "set one, e.g. --config.degradation.scales='(4,)'.")
+        self.scale = self.degradation.scales[0]
+        v = cfg.video
+        if v.height % self.scale or v.width % self.scale:
+            raise ValueError(f"video {v.height}x{v.width} is not divisible by the scale {self.scale}.")
+        self.keyframe_dropout = float(cfg.train.get("keyframe_dropout", 0.0))
+        if not 0.0 <= self.keyframe_dropout <= 1.0:
+            raise ValueError(f"train.keyframe_dropout is a probability; got {self.keyframe_dropout}.")
+        if int(cfg.model.in_channels) != self.vae_config.z_dim:
+            raise ValueError(f"config.model.in_channels={cfg.model.in_channels} but the VAE has z_dim "
+                             f"{self.vae_config.z_dim}: config.model is the Gen architecture over the VAE's latents.")
+        self.vae_config = vae_config_with_checkpoint_stats(cfg.vae)
+
+    def build_fn(self) -> Callable[[], nnx.Module]:
+        cfg = self.cfg
+        return lambda: build_director_sr(cfg)
+
+    def batch_fields(self, global_batch: int) -> dict[str, BatchField]:
+        fields = super().batch_fields(global_batch)
+        frames = ("batch", "frames", "height", "width", "channels")
+        if self.cfg.train.latents == "encode":
+            fields["upsampled"] = BatchField(fields["video"].shape, jnp.float32, frames)
+        else:
+            fields["lowres_latents"] = BatchField(fields["latents"].shape, jnp.float32, frames)
+        fields["given"] = BatchField((global_batch, self.layout.num_latents), jnp.bool_, ("batch", None))
+        return fields
+
+    def loss(self, model, frozen, batch, key):
+        if "latents" in batch:
+            latents, lowres = batch["latents"], batch["lowres_latents"]
+        else:
+            latents = jax.lax.stop_gradient(timeline_latents(frozen, batch["video"], self.layout))
+            lowres = jax.lax.stop_gradient(timeline_latents(frozen, batch["upsampled"], self.layout))
+        b = latents.shape[0]
+        if "text" in batch:
+            text, text_mask = batch["text"], batch["text_mask"]
+        else:  # unconditional: one masked-out text token
+            text = jnp.zeros((b, 1, self.cfg.model.text_dim), jnp.float32)
+            text_mask = jnp.zeros((b, 1), bool)
+        given = jnp.asarray(batch["given"], bool) & jnp.asarray(self.layout.given)[None]
+        f = self.cfg.flow
+        return sr_loss(model, latents, lowres, given, jnp.asarray(self.layout.position), text, key,
+                       text_mask=text_mask, timestep_sampling=f.timestep_sampling, logit_mean=float(f.logit_mean),
+                       logit_std=float(f.logit_std), shift=float(f.shift))
+
+    def train_flops_per_example(self) -> float:
+        """Gen's count plus the patch embedding's extra z low-res input channels."""
+        m = self.cfg.model
+        d = m.num_attention_heads * m.attention_head_dim
+        extra = 2 * self.tokens_per_example() * math.prod(m.patch_size) * m.in_channels * d
+        return super().train_flops_per_example() + 3.0 * extra
+
+    def describe(self) -> str:
+        return (f"{super().describe()}, {self.scale}x SR from "
+                f"{self.cfg.video.height // self.scale}x{self.cfg.video.width // self.scale}, "
+                f"keyframe dropout {self.keyframe_dropout:g}")
+
+    def data_transform(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        return functools.partial(degrade_batch, degradation=self.degradation, seed=int(self.cfg.seed),
+                                 given=np.asarray(self.layout.given), keyframe_dropout=self.keyframe_dropout)
+
+
+TASKS: dict[str, type[Task]] = {"vae": VaeTask, "gen": GenTask, "sr": SRTask}
 
 
 def make_task(cfg: ml_collections.ConfigDict) -> Task:

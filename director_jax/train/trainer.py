@@ -146,6 +146,9 @@ def make_data(run: Run):
     dataset = make_dataset(run.task.clips_config(), global_batch_size=int(cfg.train.batch_size),
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            shuffle_seed=int(cfg.seed))
+    transform = run.task.data_transform()
+    if transform is not None:  # the task's host-side work on each batch (e.g. SR degradations), seeded per example
+        dataset = dataset.map(transform)
     return make_iterator(dataset, worker_count=int(cfg.data.worker_count))
 
 
