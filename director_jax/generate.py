@@ -216,9 +216,12 @@ def plan(req: Request) -> Plan:
     height = int(cfg.video.height if req.height is None else req.height)
     width = int(cfg.video.width if req.width is None else req.width)
     _, ph, pw = cfg.model.patch_size
-    if height < 1 or width < 1 or height % (8 * ph) or width % (8 * pw):
-        raise GenerateError(f"the video size {width}x{height} must be a positive multiple of {8 * pw}x{8 * ph} "
-                            "(the VAE's 8x times the DiT patch).")
+    from director_jax.train.tasks import vae_config_from
+
+    f = vae_config_from(cfg.vae).spatial_factor
+    if height < 1 or width < 1 or height % (f * ph) or width % (f * pw):
+        raise GenerateError(f"the video size {width}x{height} must be a positive multiple of {f * pw}x{f * ph} "
+                            f"(the VAE's {f}x times the DiT patch).")
     num_frames = _num_frames(req, fps)
     if not req.keyframes and not req.videos:
         raise GenerateError("no given frames: pass at least one --keyframe PATH@TIME (or a --video PATH@START).")
@@ -361,33 +364,14 @@ def text_inputs(req: Request, caption: str | None, guidance: float):
 
 
 def _load_sr(req: Request, sharding):
-    """Director-SR weights (EMA when kept) from an SR trainer checkpoint, as eval/checkpoint.py loads Gen's."""
-    import jax
-    import ml_collections
-    import orbax.checkpoint as ocp
-    from flax import nnx
+    """Director-SR weights (EMA when kept) from an SR trainer checkpoint."""
+    from director_jax.eval.checkpoint import load_director_sr
 
-    from director_jax.eval.checkpoint import _saved_arrays, step_directory
-    from director_jax.train.checkpoint import describe_mismatch, flatten_state, unflatten_state
-    from director_jax.train.tasks import build_director_sr
-
-    step_dir, step = step_directory(req.sr_ckpt)
-    cfg = ml_collections.ConfigDict(req.sr_config.to_dict())
-    cfg.init_from = ""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_director_sr(cfg)))
-    expected = flatten_state(abstract)
-    saved = _saved_arrays(step_dir / "state")
-    prefix = "ema" if any(n.startswith("ema.") for n in saved) else "params"
-    found = {n[len(prefix) + 1:]: v for n, v in saved.items() if n.startswith(prefix + ".")}
-    bad = describe_mismatch(expected, found)
-    if bad:
-        raise GenerateError(f"the {prefix} weights in {step_dir} do not fit the model of --sr_config:\n{bad}")
-    target = {f"{prefix}.{n}": jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for n, v in expected.items()}
-    restored = ocp.PyTreeCheckpointer().restore(
-        step_dir / "state", args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                                        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-    state = unflatten_state(abstract, {n: restored[f"{prefix}.{n}"] for n in expected})
-    return nnx.merge(graphdef, state), dict(directory=str(step_dir), step=step, weights=prefix)
+    try:
+        sr, loaded = load_director_sr(req.sr_config, req.sr_ckpt, sharding=sharding)
+    except ValueError as e:
+        raise GenerateError(f"--sr_ckpt: {e}") from None
+    return sr, dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights)
 
 
 def generate(req: Request) -> dict:
@@ -497,50 +481,65 @@ def write_outputs(out: str, frames: np.ndarray, p: Plan, settings: dict, given: 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The model config the checkpoint was trained with.")
-_CKPT = flags.DEFINE_string("ckpt", None, "Director-Gen checkpoint: the trainer's workdir, checkpoints/ or step dir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_WEIGHTS = flags.DEFINE_enum("weights", "auto", ["auto", "ema", "params"], "Which weights (auto: EMA when kept).")
-_KEYFRAME = flags.DEFINE_multi_string("keyframe", [], "PATH@TIME, repeated: TIME in seconds (1.5, 1.5s) or #frame.")
-_VIDEO = flags.DEFINE_multi_string("video", [], "PATH@START, repeated: a conditioning video (START a time or 'end').")
-_DURATION = flags.DEFINE_float("duration", None, "Video length in seconds (or --frames; default the config's).")
-_FRAMES = flags.DEFINE_integer("frames", None, "Video length in frames.")
-_FPS = flags.DEFINE_float("fps", None, "Frames per second (default the config's video.fps).")
-_HEIGHT = flags.DEFINE_integer("height", None, "Height in pixels (default the config's).")
-_WIDTH = flags.DEFINE_integer("width", None, "Width in pixels (default the config's).")
-_RESIZE = flags.DEFINE_bool("resize", False, "Resize keyframes / videos of another size (bicubic) instead of refusing.")
-_CAPTION = flags.DEFINE_string("caption", None, "The caption, as it is.")
-_SHOT_CAPTION = flags.DEFINE_multi_string("shot_caption", [], "One caption per shot, repeated (multi-shot caption).")
-_TEXT_CACHE = flags.DEFINE_string("text_cache", None, "Text-embedding cache holding the caption (conditioned models).")
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed: the same seed gives the same video.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default the config's sampler.steps).")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default the config's).")
-_SHIFT = flags.DEFINE_float("shift", None, "Sampler timestep shift (default the config's).")
-_SAMPLER = flags.DEFINE_string("sampler", None, "Sampler name (default the config's sampler.name).")
-_SR = flags.DEFINE_bool("sr", False, "Super-resolve the result with Director-SR (needs --sr_ckpt, --sr_config).")
-_SR_CKPT = flags.DEFINE_string("sr_ckpt", None, "Director-SR checkpoint (trainer workdir).")
-_SR_CONFIG = config_flags.DEFINE_config_file("sr_config", None, "The Director-SR model config.")
-_SR_STEPS = flags.DEFINE_integer("sr_steps", None, "SR sampler steps (default the SR config's).")
-_OUT = flags.DEFINE_string("out", None, "Output .mp4 (OUT.png and OUT.json are written beside it).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over the sampling steps.")
+_FLAGS: dict | None = None
+
+
+def define_flags() -> dict:
+    """Defines the command's flags (once) and returns them by name.
+
+    Defined on demand, not at import, so programs that use ``generate()`` as a library (the CPU
+    demo, with its own ``--config``) can import this module without a flag clash.
+    """
+    global _FLAGS
+    if _FLAGS is None:
+        d = flags
+        _FLAGS = dict(
+            config=config_flags.DEFINE_config_file("config", None, "The model config of the checkpoint."),
+            ckpt=d.DEFINE_string("ckpt", None, "Director-Gen checkpoint: a trainer workdir, checkpoints/ or step dir."),
+            step=d.DEFINE_integer("step", None, "Checkpoint step (default: the newest)."),
+            weights=d.DEFINE_enum("weights", "auto", ["auto", "ema", "params"], "Which weights (auto: EMA when kept)."),
+            keyframe=d.DEFINE_multi_string("keyframe", [], "PATH@TIME, TIME in seconds (1.5, 1.5s) or #frame."),
+            video=d.DEFINE_multi_string("video", [], "PATH@START, repeated: conditioning video (START: time or end)."),
+            duration=d.DEFINE_float("duration", None, "Video length in seconds (or --frames; default the config's)."),
+            frames=d.DEFINE_integer("frames", None, "Video length in frames."),
+            fps=d.DEFINE_float("fps", None, "Frames per second (default the config's video.fps)."),
+            height=d.DEFINE_integer("height", None, "Height in pixels (default the config's)."),
+            width=d.DEFINE_integer("width", None, "Width in pixels (default the config's)."),
+            resize=d.DEFINE_bool("resize", False, "Resize keyframes / videos of another size (bicubic), not refuse."),
+            caption=d.DEFINE_string("caption", None, "The caption, as it is."),
+            shot_caption=d.DEFINE_multi_string("shot_caption", [], "One caption per shot, repeated (multi-shot)."),
+            text_cache=d.DEFINE_string("text_cache", None, "Text-embedding cache holding the caption (conditioned)."),
+            seed=d.DEFINE_integer("seed", 0, "Noise seed: the same seed gives the same video."),
+            steps=d.DEFINE_integer("steps", None, "Sampler steps (default the config's sampler.steps)."),
+            guidance=d.DEFINE_float("guidance", None, "Classifier-free guidance scale (default the config's)."),
+            shift=d.DEFINE_float("shift", None, "Sampler timestep shift (default the config's)."),
+            sampler=d.DEFINE_string("sampler", None, "Sampler name (default the config's sampler.name)."),
+            sr=d.DEFINE_bool("sr", False, "Super-resolve the result with Director-SR (needs --sr_ckpt, --sr_config)."),
+            sr_ckpt=d.DEFINE_string("sr_ckpt", None, "Director-SR checkpoint (trainer workdir)."),
+            sr_config=config_flags.DEFINE_config_file("sr_config", None, "The Director-SR model config."),
+            sr_steps=d.DEFINE_integer("sr_steps", None, "SR sampler steps (default the SR config's)."),
+            out=d.DEFINE_string("out", None, "Output .mp4 (OUT.png and OUT.json are written beside it)."),
+            progress=d.DEFINE_bool("progress", True, "Show a progress bar over the sampling steps."),
+        )
+    return _FLAGS
 
 
 def request_from_flags() -> Request:
-    if _CONFIG.value is None:
+    v = {name: flag.value for name, flag in define_flags().items()}
+    if v["config"] is None:
         raise GenerateError("--config is required: the model config the checkpoint was trained with.")
-    if not _OUT.value:
+    if not v["out"]:
         raise GenerateError("--out PATH.mp4 is required.")
-    if not _CKPT.value:
+    if not v["ckpt"]:
         raise GenerateError("--ckpt is required: the trainer's workdir (or its checkpoints/ directory).")
     return Request(
-        config=_CONFIG.value, ckpt=_CKPT.value, out=_OUT.value, keyframes=tuple(_KEYFRAME.value),
-        videos=tuple(_VIDEO.value), duration=_DURATION.value, frames=_FRAMES.value, fps=_FPS.value,
-        height=_HEIGHT.value, width=_WIDTH.value, caption=_CAPTION.value, shot_captions=tuple(_SHOT_CAPTION.value),
-        text_cache=_TEXT_CACHE.value, seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value,
-        shift=_SHIFT.value, sampler=_SAMPLER.value, resize=_RESIZE.value, step=_STEP.value, weights=_WEIGHTS.value,
-        sr=_SR.value, sr_ckpt=_SR_CKPT.value, sr_config=_SR_CONFIG.value, sr_steps=_SR_STEPS.value,
-        progress=_PROGRESS.value, config_path=flags.FLAGS["config"].config_filename,
-        sr_config_path=flags.FLAGS["sr_config"].config_filename if _SR_CONFIG.value is not None else None)
+        config=v["config"], ckpt=v["ckpt"], out=v["out"], keyframes=tuple(v["keyframe"]), videos=tuple(v["video"]),
+        duration=v["duration"], frames=v["frames"], fps=v["fps"], height=v["height"], width=v["width"],
+        caption=v["caption"], shot_captions=tuple(v["shot_caption"]), text_cache=v["text_cache"], seed=v["seed"],
+        steps=v["steps"], guidance=v["guidance"], shift=v["shift"], sampler=v["sampler"], resize=v["resize"],
+        step=v["step"], weights=v["weights"], sr=v["sr"], sr_ckpt=v["sr_ckpt"], sr_config=v["sr_config"],
+        sr_steps=v["sr_steps"], progress=v["progress"], config_path=flags.FLAGS["config"].config_filename,
+        sr_config_path=flags.FLAGS["sr_config"].config_filename if v["sr_config"] is not None else None)
 
 
 def main(argv) -> int:
@@ -552,7 +551,7 @@ def main(argv) -> int:
     except GenerateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(_OUT.value)
+    out = Path(define_flags()["out"].value)
     print(f"{result['num_frames']} frames at {result['fps']:g} fps ({result['width']}x{result['height']}), "
           f"checkpoint step {result['checkpoint']['step']} -> {out}, {out.with_suffix('.png')}, "
           f"{out.with_suffix('.json')}")
@@ -561,4 +560,5 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    define_flags()
     sys.exit(app.run(main))

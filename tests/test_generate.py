@@ -66,6 +66,7 @@ def images(tmp_path_factory) -> dict[int, Path]:
 
 def _run(*args: str) -> dict:
     """The CLI in process: argv parsed by absl exactly as ``python -m director_jax.generate ...`` does."""
+    cli.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", "--noprogress", *args])
     return cli.generate(cli.request_from_flags())
@@ -164,6 +165,7 @@ def test_bad_inputs_are_refused_and_write_nothing(checkpoint, images, tmp_path):
     ]
     for match, *args in cases:
         if any(a.startswith("--out=") for a in args):
+            cli.define_flags()
             flags.FLAGS.unparse_flags()
             flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", *args])
             with pytest.raises(cli.GenerateError, match=match):
@@ -173,6 +175,7 @@ def test_bad_inputs_are_refused_and_write_nothing(checkpoint, images, tmp_path):
                 _run(*args, f"--out={out / 'bad.mp4'}")
         assert list(out.iterdir()) == [], (match, list(out.iterdir()))
     # --resize accepts the wrong-size image (checked without generating: the plan only)
+    cli.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", ck, f"--keyframe={bad_dir / 'big.png'}@0",
                  "--resize", f"--out={out / 'ok.mp4'}"])
@@ -181,6 +184,7 @@ def test_bad_inputs_are_refused_and_write_nothing(checkpoint, images, tmp_path):
 
 
 def test_main_reports_errors_without_traceback(checkpoint, tmp_path, capsys):
+    cli.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", f"--ckpt={checkpoint}",
                  f"--keyframe={tmp_path / 'missing.png'}@0", f"--out={tmp_path / 'x.mp4'}"])
@@ -191,6 +195,7 @@ def test_main_reports_errors_without_traceback(checkpoint, tmp_path, capsys):
 
 def test_durations_pacing_and_captions(images):
     """Pacing: the same keyframes at other times land on other frames; captions build the shot-structured one."""
+    cli.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", "--ckpt=unused", "--duration=4", "--fps=8",
                  f"--keyframe={images[0]}@0", f"--keyframe={images[8]}@3.5s", "--shot_caption=a cat sleeps.",
@@ -198,3 +203,76 @@ def test_durations_pacing_and_captions(images):
     p = cli.plan(cli.request_from_flags())
     assert p.num_frames == 32 and [k["frame"] for k in p.keyframes] == [0, 28]
     assert p.caption == "The video features 2 shots. Shot 1: a cat sleeps. Shot 2: a hard cut to a dog barks."
+
+
+def _video_file(path: Path, frames: np.ndarray) -> Path:
+    from director_jax.pipeline.video_io import write_mp4
+
+    return write_mp4(path, frames.astype(np.float32) / 127.5 - 1.0, 8.0, crf=0)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward", "in between"])
+def test_video_extension_keeps_the_given_video(checkpoint, tmp_path, where):
+    """--video PATH@START: the given segment comes back as its VAE round trip (encoded as its own chunk)."""
+    rng = np.random.default_rng(0)
+    clip = np.stack([_image((40 + 30 * i, 200 - 20 * i, 90)) for i in range(5)])
+    clip = np.clip(clip.astype(np.int32) + rng.integers(-8, 9, clip.shape), 0, 255).astype(np.uint8)
+    path = _video_file(tmp_path / "context.mp4", clip)
+    given = cli.read_video(str(path), SIZE, SIZE, resize=False)  # the frames the CLI reads (lossless H.264)
+    starts = {"forward": ["0"], "backward": ["end"], "in between": ["0", "end"]}[where]
+    result = _run(f"--ckpt={checkpoint}", *[f"--video={path}@{s}" for s in starts], "--frames=17", "--steps=2",
+                  f"--out={tmp_path / 'ext.mp4'}")
+    spans = [(0 if s == "0" else 12, 5) for s in starts]
+    assert [(v["frame"], v["length"]) for v in result["videos"]] == spans
+    vae = load_frozen_vae(load_config(GEN_CONFIG), sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    encode, decode = cli._vae_codec(vae)
+    alone = np.asarray(decode(encode(jnp.asarray(cli._to_float(given)[None]))[0]))[0]  # the 5 frames on their own
+    for start, length in spans:
+        out = result["frames"][start:start + length]
+        # causal decoding: a chunk's first frames depend only on its first latents, all of them given here
+        np.testing.assert_allclose(out, np.clip(alone, -1, 1), rtol=0, atol=2e-3)
+    generated = [f for f in range(17) if not any(s <= f < s + n for s, n in spans)]
+    assert np.abs(result["frames"][generated] - np.clip(alone[-1], -1, 1)).mean() > 1e-2  # the rest is generated
+
+
+@pytest.fixture(scope="module")
+def sr_checkpoint(tmp_path_factory) -> tuple[Path, object]:
+    """sr_tiny's random train state at 64x64 (2x over gen_tiny's 32x32), saved by the trainer's code."""
+    workdir = tmp_path_factory.mktemp("sr_tiny")
+    cfg = load_config(ROOT / "configs" / "sr_tiny.py")
+    cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    cfg.degradation.scales = (2,)
+    run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
+    state = jax.jit(run.init, out_shardings=run.shardings)()
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "sr", "step": 0}, wait=True)
+    ckpt.close()
+    return workdir, cfg
+
+
+def test_sr_anchors_full_resolution_keyframes(checkpoint, sr_checkpoint, tmp_path):
+    """--sr: the output is 2x the Gen size and its keyframes are the SR VAE's round trip of the full-res images."""
+    sr_dir, sr_cfg = sr_checkpoint
+    big = {0: _image((230, 40, 40), (2 * SIZE, 2 * SIZE)), 16: _image((40, 60, 230), (2 * SIZE, 2 * SIZE))}
+    keyframes = []
+    for frame, img in big.items():
+        Image.fromarray(img).save(tmp_path / f"big_{frame}.png")
+        keyframes.append(f"{tmp_path / f'big_{frame}.png'}@#{frame}")
+    req = cli.Request(config=load_config(GEN_CONFIG), ckpt=str(checkpoint), out=str(tmp_path / "sr.mp4"),
+                      keyframes=keyframes, frames=17, steps=2, sr=True,
+                      sr_ckpt=str(sr_dir), sr_config=sr_cfg, sr_steps=1, progress=False)
+    result = cli.generate(req)
+    assert result["frames"].shape == (17, 2 * SIZE, 2 * SIZE, 3) and result["lowres"].shape == (17, SIZE, SIZE, 3)
+    assert result["sr"]["scale"] == 2
+    assert _decode_mp4(tmp_path / "sr.mp4").shape == (17, 2 * SIZE, 2 * SIZE, 3)
+    vae = load_frozen_vae(sr_cfg, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    encode, decode = cli._vae_codec(vae)
+    for frame, img in big.items():
+        alone = np.asarray(decode(encode(jnp.asarray(cli._to_float(img)[None, None]))[0]))[0, 0]
+        np.testing.assert_allclose(result["frames"][frame], np.clip(alone, -1, 1), rtol=0, atol=2e-3)
+    # a wrong-size full-res keyframe is refused before anything is written
+    Image.fromarray(_image((1, 2, 3), (SIZE, SIZE))).save(tmp_path / "small.png")
+    with pytest.raises(cli.GenerateError, match="64x64|--resize"):
+        cli.generate(cli.Request(**{**req.__dict__, "keyframes": [f"{tmp_path / 'small.png'}@0"],
+                                    "out": str(tmp_path / "bad.mp4")}))
+    assert not (tmp_path / "bad.mp4").exists()

@@ -154,8 +154,11 @@ def test_super_resolve_with_and_without_keyframes_and_tiled(models):
         for frame, image in keyframes.items():  # measured: max |diff| <= 1e-6
             np.testing.assert_allclose(video[frame], _round_trip(vae, image), rtol=0, atol=1e-5)
     assert np.abs(free[0] - anchored[0]).max() > 1e-2  # without anchors frame 0 is generated, not given
-    partial = super_resolve(sr, vae, lowres, {0: keyframes[0]}, scale=4, key=key, steps=2, layout=layout)
+    partial, latents = super_resolve(sr, vae, lowres, {0: keyframes[0]}, scale=4, key=key, steps=2, layout=layout,
+                                     return_latents=True)
     np.testing.assert_allclose(partial[0], anchored[0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(latents["given"], [[True, False, False, False]])  # latent 3 is frame 8's chunk
+    assert latents["sampled"].shape == latents["lowres"].shape == (1, 4, 8, 8, Z)
     assert np.abs(partial[8] - anchored[8]).max() > 1e-2  # a layout chunk without a keyframe is generated
 
 

@@ -49,9 +49,10 @@ def jax_noise(key: Any, shape: Sequence[int]) -> np.ndarray:
     return np.asarray(jax.random.normal(key, tuple(shape), np.float32))
 
 
-def noise_shape(layout: TimelineLayout, batch: int, height: int, width: int, z_dim: int) -> tuple[int, ...]:
-    """(B, L, h, w, z) latents for ``batch`` videos of ``height`` x ``width`` pixels (VAE 8x)."""
-    return (batch, layout.num_latents, height // 8, width // 8, z_dim)
+def noise_shape(layout: TimelineLayout, batch: int, height: int, width: int, z_dim: int,
+                spatial_factor: int = 8) -> tuple[int, ...]:
+    """(B, L, h, w, z) latents for ``batch`` videos of ``height`` x ``width`` pixels (Wan2.1's VAE: 8x)."""
+    return (batch, layout.num_latents, height // spatial_factor, width // spatial_factor, z_dim)
 
 
 def _to_torch(x: Any, device: Any = None):
@@ -285,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     pipe = TorchDirectorPipeline.from_pretrained(args.vae, args.transformer, device=args.device)
     z_dim = pipe.vae.config.z_dim
-    shape = noise_shape(layout, 1, size[0], size[1], z_dim)
+    shape = noise_shape(layout, 1, size[0], size[1], z_dim, pipe.vae.config.scale_factor_spatial)
     noise = np.load(args.noise) if args.noise else jax_noise(args.seed, shape)
     negative = embeddings(args.negative_embeddings) if args.negative_embeddings else None
     out, _ = pipe(layout, video, embeddings(args.text_embeddings), noise, negative_text=negative, steps=args.steps,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ class LoadedCheckpoint:
 
 def step_directory(path: str | Path, step: int | None = None) -> tuple[epath.Path, int]:
     """The directory of one saved step: ``path`` may be a run's workdir, its ``checkpoints`` dir or a step dir."""
-    p = epath.Path(path)
+    path = os.fspath(path)
+    p = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax reads relative paths as nothing
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist: pass the trainer's --workdir (or its "
                                 "checkpoints/ directory).")
@@ -65,15 +67,14 @@ def _saved_arrays(state_dir: epath.Path) -> dict[str, Any]:
     return dict(tree)
 
 
-def load_director_gen(model_cfg: ml_collections.ConfigDict, path: str | Path, *, sharding: jax.sharding.Sharding,
-                      step: int | None = None, weights: str = "auto") -> tuple[DirectorGen, LoadedCheckpoint]:
-    """Director-Gen as ``model_cfg`` builds it, with the checkpoint's EMA (or raw) weights placed on ``sharding``."""
+def _load_model(build, model_cfg: ml_collections.ConfigDict, path: str | Path, *, sharding: jax.sharding.Sharding,
+                step: int | None, weights: str, what: str) -> tuple[nnx.Module, LoadedCheckpoint]:
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}; choose one of {WEIGHTS}.")
     step_dir, step = step_directory(path, step)
     cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     cfg.init_from = ""  # the checkpoint gives the weights: never read the config's init checkpoint
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_director_gen(cfg)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(cfg)))
     expected = flatten_state(abstract)
     saved = _saved_arrays(step_dir / "state")
     has_ema = any(name.startswith("ema.") for name in saved)
@@ -83,14 +84,31 @@ def load_director_gen(model_cfg: ml_collections.ConfigDict, path: str | Path, *,
     found = {name[len(prefix) + 1:]: value for name, value in saved.items() if name.startswith(prefix + ".")}
     bad = describe_mismatch(expected, found)
     if bad:
-        raise ValueError(f"the {prefix} weights in {step_dir} do not fit the model of the eval's model config:\n{bad}\n"
-                         "Point --config.model_config at the config the checkpoint was trained with.")
+        raise ValueError(f"the {prefix} weights in {step_dir} do not fit the model ({what}) of the given config:\n"
+                         f"{bad}\nPass the config the checkpoint was trained with (evaluate: --config.model_config; "
+                         "generate: --config / --sr_config).")
     target = {f"{prefix}.{n}": jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for n, v in expected.items()}
     restored = ocp.PyTreeCheckpointer().restore(
         step_dir / "state", args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                                         restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     state = unflatten_state(abstract, {n: restored[f"{prefix}.{n}"] for n in expected})
     return nnx.merge(graphdef, state), LoadedCheckpoint(str(step_dir), step, prefix)
+
+
+def load_director_gen(model_cfg: ml_collections.ConfigDict, path: str | Path, *, sharding: jax.sharding.Sharding,
+                      step: int | None = None, weights: str = "auto") -> tuple[DirectorGen, LoadedCheckpoint]:
+    """Director-Gen as ``model_cfg`` builds it, with the checkpoint's EMA (or raw) weights placed on ``sharding``."""
+    return _load_model(build_director_gen, model_cfg, path, sharding=sharding, step=step, weights=weights,
+                       what="Director-Gen")
+
+
+def load_director_sr(sr_cfg: ml_collections.ConfigDict, path: str | Path, *, sharding: jax.sharding.Sharding,
+                     step: int | None = None, weights: str = "auto") -> tuple[nnx.Module, LoadedCheckpoint]:
+    """Director-SR from an SR trainer checkpoint, as ``load_director_gen`` reads Gen's."""
+    from director_jax.train.tasks import build_director_sr
+
+    return _load_model(build_director_sr, sr_cfg, path, sharding=sharding, step=step, weights=weights,
+                       what="Director-SR")
 
 
 def load_frozen_vae(model_cfg: ml_collections.ConfigDict, *, sharding: jax.sharding.Sharding) -> WanVAE:

@@ -41,7 +41,7 @@ def check_given_latents(latents: jax.Array, layout: TimelineLayout, gen: Directo
     h, w = latents.shape[2:4]
     if h % ph or w % pw:
         raise ValueError(f"keyframe latents are {h}x{w}, not a multiple of the DiT patch {ph}x{pw}: keyframes must be "
-                         f"a multiple of {8 * ph}x{8 * pw} pixels (VAE 8x times patch); resize or crop them.")
+                         f"a multiple of the VAE's spatial factor times {ph}x{pw} pixels; resize or crop them.")
 
 
 @functools.partial(jax.jit, static_argnums=0)

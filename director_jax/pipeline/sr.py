@@ -158,7 +158,8 @@ def super_resolve(sr: DirectorSR, vae: WanVAE, lowres_video: Any, keyframes: Map
                   text: jax.Array | None = None, text_mask: jax.Array | None = None, steps: int = 4,
                   sampler: str = "euler", shift: float = 1.0, tile: tuple[int, int] | int | None = None,
                   overlap: tuple[int, int] | int | None = None, negative_text: jax.Array | None = None,
-                  negative_mask: jax.Array | None = None, guidance_scale: float = 1.0) -> np.ndarray:
+                  negative_mask: jax.Array | None = None, guidance_scale: float = 1.0,
+                  return_latents: bool = False) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
     """The high-res video (float32 in [-1, 1]) of ``lowres_video`` (T, h, w, 3) or (B, T, h, w, 3): shape x ``scale``.
 
     ``lowres_video``: uint8 [0, 255] or float [-1, 1]. ``keyframes``: {frame index: high-res image
@@ -171,6 +172,9 @@ def super_resolve(sr: DirectorSR, vae: WanVAE, lowres_video: Any, keyframes: Map
     training without captions). ``steps`` sampler steps (1, 4 or 12 are the intended budgets)
     from noise drawn with ``key``; ``tile`` / ``overlap`` in latent pixels run the DiT on
     overlapping spatial tiles (``sample_sr_tiled``; overlap defaults to one patch).
+    ``return_latents=True`` also returns the normalized latents (B, L, h, w, z) as a dict:
+    ``"sampled"`` (the output's), ``"lowres"`` (the upsampled input's) and ``"given"`` (the mask, (B, L)),
+    for measuring the SR model apart from the VAE decoder.
     """
     scale = _check_scale(scale)
     video = as_float_frames(lowres_video, "lowres_video")
@@ -211,4 +215,7 @@ def super_resolve(sr: DirectorSR, vae: WanVAE, lowres_video: Any, keyframes: Map
                         negative_mask=negative_mask, guidance_scale=guidance_scale)
     out = decode_timeline(vae, denormalize_latents(latents, vae.config), layout, decode=decode)
     out = np.clip(np.asarray(out, np.float32), -1.0, 1.0)
-    return out[0] if single else out
+    out = out[0] if single else out
+    if return_latents:
+        return out, {"sampled": np.asarray(latents), "lowres": np.asarray(lowres_latents), "given": np.asarray(mask)}
+    return out

@@ -123,7 +123,9 @@ class Checkpointer:
     """The run's ``CheckpointManager`` under ``workdir/checkpoints``."""
 
     def __init__(self, directory: str | os.PathLike, options: ml_collections.ConfigDict):
-        self.directory = epath.Path(directory)
+        directory = os.fspath(directory)
+        # Orbax refuses relative paths: a local --workdir like runs/x is made absolute (gs:// stays as it is)
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         keep_every = int(options.keep_every) or None
         manager_options = ocp.CheckpointManagerOptions(
             max_to_keep=int(options.keep_last), keep_period=keep_every,

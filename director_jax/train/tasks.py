@@ -34,7 +34,6 @@ from director_jax.train.losses import gen_loss, sr_loss, vae_loss
 
 log = logging.getLogger(__name__)
 
-SPATIAL_FACTOR = 8  # pixels per latent, each side (Wan2.1 VAE)
 
 LATENT_SOURCES = ("encode", "precomputed")
 
@@ -147,7 +146,8 @@ class VaeTask(Task):
 
     def tokens_per_example(self) -> int:
         v = self.cfg.video
-        return ((v.num_frames - 1) // TEMPORAL_FACTOR + 1) * (v.height // SPATIAL_FACTOR) * (v.width // SPATIAL_FACTOR)
+        f = self.vae_config.spatial_factor
+        return ((v.num_frames - 1) // TEMPORAL_FACTOR + 1) * (v.height // f) * (v.width // f)
 
     def clips_config(self):
         v = self.cfg.video
@@ -173,8 +173,11 @@ class GenTask(Task):
             raise ValueError(f"train.latents={t.latents!r}; choose one of {LATENT_SOURCES}.")
         self.layout: TimelineLayout = Timeline.from_keyframes(int(v.num_frames), list(t.keyframes)).layout
         self.vae_config = vae_config_from(cfg.vae)
-        if v.height % (SPATIAL_FACTOR * 2) or v.width % (SPATIAL_FACTOR * 2):
-            raise ValueError(f"video {v.height}x{v.width} must be a multiple of 16 (VAE 8x times the 2x2 patch).")
+        factor = self.vae_config.spatial_factor * int(cfg.model.patch_size[1])
+        if v.height % factor or v.width % factor:
+            raise ValueError(f"video {v.height}x{v.width} must be a multiple of {factor} (the VAE's "
+                             f"{self.vae_config.spatial_factor}x times the patch).")
+        self.layouts_in_batch = bool(t.get("layouts_in_batch", False))
 
     def build_fn(self) -> Callable[[], nnx.Module]:
         cfg = self.cfg
@@ -199,8 +202,8 @@ class GenTask(Task):
 
     def _latent_shape(self) -> tuple[int, int, int, int]:
         v = self.cfg.video
-        return (self.layout.num_latents, v.height // SPATIAL_FACTOR, v.width // SPATIAL_FACTOR,
-                self.vae_config.z_dim)
+        f = self.vae_config.spatial_factor
+        return (self.layout.num_latents, v.height // f, v.width // f, self.vae_config.z_dim)
 
     def batch_fields(self, global_batch: int) -> dict[str, BatchField]:
         v, model = self.cfg.video, self.cfg.model
@@ -216,7 +219,26 @@ class GenTask(Task):
             fields["text"] = BatchField((global_batch, length, model.text_dim), jnp.float32,
                                         ("batch", "text_length", None))
             fields["text_mask"] = BatchField((global_batch, length), jnp.bool_, ("batch", "text_length"))
+        if self.layouts_in_batch:
+            fields.update(self._layout_fields(global_batch))
         return fields
+
+    def _layout_fields(self, global_batch: int) -> dict[str, BatchField]:
+        """Per-example timelines (``train.layouts_in_batch``): the given mask and MC-RoPE positions of each row.
+
+        The shapes here are those of ``train.keyframes``' layout; a batch of another latent count L (one
+        layout family per batch, e.g. a latent cache grouped by layout) traces the step once more.
+        """
+        length = self.layout.num_latents
+        return {"given": BatchField((global_batch, length), jnp.bool_, ("batch", None)),
+                "position": BatchField((global_batch, length), jnp.float32, ("batch", None))}
+
+    def batch_layout(self, batch: dict[str, jax.Array], b: int) -> tuple[jax.Array, jax.Array]:
+        """(given (B, L), positions (L,) or (B, L)): the batch's own timelines, else ``train.keyframes``' layout."""
+        if self.layouts_in_batch:
+            return jnp.asarray(batch["given"], bool), jnp.asarray(batch["position"], jnp.float32)
+        given = jnp.broadcast_to(jnp.asarray(self.layout.given), (b, self.layout.num_latents))
+        return given, jnp.asarray(self.layout.position)
 
     def loss(self, model, frozen, batch, key):
         if "latents" in batch:
@@ -229,9 +251,9 @@ class GenTask(Task):
         else:  # unconditional: one masked-out text token
             text = jnp.zeros((b, 1, self.cfg.model.text_dim), jnp.float32)
             text_mask = jnp.zeros((b, 1), bool)
-        given = jnp.broadcast_to(jnp.asarray(self.layout.given), (b, self.layout.num_latents))
+        given, positions = self.batch_layout(batch, b)
         f = self.cfg.flow
-        return gen_loss(model, latents, given, jnp.asarray(self.layout.position), text, key, text_mask=text_mask,
+        return gen_loss(model, latents, given, positions, text, key, text_mask=text_mask,
                         timestep_sampling=f.timestep_sampling, logit_mean=float(f.logit_mean),
                         logit_std=float(f.logit_std), shift=float(f.shift))
 
@@ -397,7 +419,8 @@ class SRTask(GenTask):
             fields["upsampled"] = BatchField(fields["video"].shape, jnp.float32, frames)
         else:
             fields["lowres_latents"] = BatchField(fields["latents"].shape, jnp.float32, frames)
-        fields["given"] = BatchField((global_batch, self.layout.num_latents), jnp.bool_, ("batch", None))
+        if not self.layouts_in_batch:  # per-example keyframe dropout: the given mask is always a batch field
+            fields["given"] = BatchField((global_batch, self.layout.num_latents), jnp.bool_, ("batch", None))
         return fields
 
     def loss(self, model, frozen, batch, key):
@@ -412,9 +435,13 @@ class SRTask(GenTask):
         else:  # unconditional: one masked-out text token
             text = jnp.zeros((b, 1, self.cfg.model.text_dim), jnp.float32)
             text_mask = jnp.zeros((b, 1), bool)
-        given = jnp.asarray(batch["given"], bool) & jnp.asarray(self.layout.given)[None]
+        if self.layouts_in_batch:
+            given, positions = self.batch_layout(batch, b)
+        else:
+            given = jnp.asarray(batch["given"], bool) & jnp.asarray(self.layout.given)[None]
+            positions = jnp.asarray(self.layout.position)
         f = self.cfg.flow
-        return sr_loss(model, latents, lowres, given, jnp.asarray(self.layout.position), text, key,
+        return sr_loss(model, latents, lowres, given, positions, text, key,
                        text_mask=text_mask, timestep_sampling=f.timestep_sampling, logit_mean=float(f.logit_mean),
                        logit_std=float(f.logit_std), shift=float(f.shift))
 

@@ -1,0 +1,180 @@
+"""The demo's training stages: the VAE, Director-Gen and Director-SR, each written where the commands read it.
+
+The VAE goes to ``WORKDIR/vae`` (a diffusers directory with its measured latent statistics), Gen
+and SR to trainer checkpoints under ``WORKDIR/gen`` and ``WORKDIR/sr`` with their config beside
+them as ``config.py``, so ``python -m director_jax.generate --config WORKDIR/gen/config.py --ckpt
+WORKDIR/gen`` and ``python -m director_jax.evaluate`` work on the demo's models as on any run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from director_jax.configs_common import load_config
+from director_jax.convert.state_dict import write_diffusers_dir
+from director_jax.convert.vae_weights import export_diffusers_state_dict
+from director_jax.demo.data import downscale, training_windows
+from director_jax.io_utils import atomic_write_text
+from director_jax.models.timeline import Timeline, TimelineLayout
+from director_jax.models.vae import WanVAE, WanVAEConfig
+from director_jax.train.cpu_fit import encode_layouts, fit_vae, scale_conv_kernels, train_on_cache, with_latent_stats
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+VAE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
+
+
+def vae_section(cfg: ml_collections.ConfigDict) -> dict:
+    return {k: cfg.vae[k] for k in VAE_FIELDS}
+
+
+def layouts(cfg: ml_collections.ConfigDict) -> list[TimelineLayout]:
+    n = int(cfg.data.gen_frames)
+    return [Timeline.from_keyframes(n, list(t["keyframes"]), [tuple(v) for v in t.get("videos", ())]).layout
+            for t in cfg.layouts]
+
+
+def write_config_file(path: Path, cfg: ml_collections.ConfigDict, what: str) -> Path:
+    """``cfg`` as a config file the commands take (``--config path``): JSON inside a ``get_config()``."""
+    text = (f'"""{what}: written by the CPU demo (director_jax/demo/stages.py)."""\n\nimport json\n\n'
+            f"import ml_collections\n\n_CONFIG = {json.dumps(cfg.to_dict())!r}\n\n\n"
+            "def get_config() -> ml_collections.ConfigDict:\n"
+            "    return ml_collections.ConfigDict(json.loads(_CONFIG))\n")
+    return atomic_write_text(path, text)
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE
+
+
+def fit_demo_vae(cfg: ml_collections.ConfigDict, samples: list[dict], workdir: Path, *, progress: bool = True
+                 ) -> tuple[WanVAE, list[dict]]:
+    """The VAE fitted on the curated clips at both resolutions it serves (Gen's 32 px and crops of SR's 64 px)."""
+    v = cfg.vae
+    vae = WanVAE(WanVAEConfig(**vae_section(cfg)), rngs=nnx.Rngs(int(cfg.seed)))
+    scale_conv_kernels(vae, float(v.init_scale))
+    factor, crop, frames = int(cfg.data.sr_scale), int(v.crop), int(cfg.data.gen_frames)
+
+    def views(clips: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = []
+        for clip in clips:
+            if rng.random() < 0.5:
+                out.append(downscale(clip, factor))
+            else:
+                y, x = rng.integers(0, clip.shape[1] - crop + 1, size=2)
+                out.append(clip[:, y:y + crop, x:x + crop])
+        return np.stack(out)
+
+    def sample(i: int, rng: np.random.Generator) -> np.ndarray:
+        if i % int(v.clip_every) == int(v.clip_every) - 1:
+            return views(training_windows(samples, int(v.clip_batch), frames, rng), rng)
+        return views(training_windows(samples, int(v.frame_batch), 1, rng), rng)
+
+    history = fit_vae(vae, sample, int(v.steps), learning_rate=float(v.learning_rate), seed=int(cfg.seed),
+                      mse_weight=float(v.mse_weight), progress=progress)
+    stats_clips = downscale(training_windows(samples, 32, frames, np.random.default_rng(int(cfg.seed) + 5)), factor)
+    with_latent_stats(vae, stats_clips)
+    write_diffusers_dir(workdir / "vae", vae.config.to_diffusers_config(), export_diffusers_state_dict(vae),
+                        "AutoencoderKLWan")
+    return vae, history
+
+
+# ------------------------------------------------------------------------------------------------
+# Director-Gen and Director-SR configs
+
+
+def _common(c: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+            workdir: Path) -> ml_collections.ConfigDict:
+    c.seed = int(cfg.seed)
+    c.vae.update(vae_section(cfg))
+    c.vae.init_from = str((workdir / "vae").resolve())
+    c.video.num_frames = int(cfg.data.gen_frames)
+    c.video.fps = float(cfg.data.fps)
+    c.train.update(dict(steps=int(section.steps), batch_size=int(section.batch_size), latents="precomputed",
+                        layouts_in_batch=True, log_every=50))
+    c.optim.update(dict(learning_rate=float(section.learning_rate), warmup_steps=int(section.warmup_steps),
+                        ema_decay=float(section.ema_decay)))
+    c.checkpoint.update(dict(every=int(section.steps), keep_last=1, async_save=False))
+    c.sampler.steps = int(section.sampler_steps)
+    return c
+
+
+def gen_config(cfg: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
+    """``configs/gen_tiny.py`` at the demo's size, VAE and training budget."""
+    c = _common(load_config(CONFIGS / "gen_tiny.py"), cfg, cfg.gen, workdir)
+    size = int(cfg.data.size) // int(cfg.data.sr_scale)
+    c.video.update(dict(height=size, width=size))
+    c.sampler.update(dict(name="euler", shift=1.0, guidance_scale=1.0))
+    return c
+
+
+def sr_config(cfg: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
+    """``configs/sr_tiny.py`` at the demo's size and scale."""
+    c = _common(load_config(CONFIGS / "sr_tiny.py"), cfg, cfg.sr, workdir)
+    c.video.update(dict(height=int(cfg.data.size), width=int(cfg.data.size)))
+    c.degradation.scales = (int(cfg.data.sr_scale),)
+    c.train.keyframe_dropout = float(cfg.sr.keyframe_dropout)
+    return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Training on latent caches
+
+
+def train_gen(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], workdir: Path, *,
+              progress: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
+    """Director-Gen on 32x32 windows of the curated clips, over every layout of ``cfg.layouts``."""
+    gcfg = gen_config(cfg, workdir)
+    rng = np.random.default_rng(int(cfg.seed) + 11)
+    clips = downscale(training_windows(samples, int(cfg.data.gen_clips), int(cfg.data.gen_frames), rng),
+                      int(cfg.data.sr_scale))
+    caches = encode_layouts(vae, clips, layouts(cfg), progress=progress)
+    out = workdir / "gen"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh model: no steps of an earlier run mixed in
+    report = train_on_cache(gcfg, caches, out, progress=progress)
+    write_config_file(out / "config.py", gcfg, "Director-Gen of the CPU demo")
+    atomic_write_text(out / "train_log.json", json.dumps(report))
+    return gcfg, report
+
+
+def train_sr(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], workdir: Path, *,
+             progress: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
+    """Director-SR on 64x64 windows, degraded and upsampled by the SR task's own seeded data path."""
+    from director_jax.train.tasks import SRTask
+
+    scfg = sr_config(cfg, workdir)
+    task = SRTask(scfg)
+    rng = np.random.default_rng(int(cfg.seed) + 12)
+    clips = training_windows(samples, int(cfg.data.sr_clips), int(cfg.data.gen_frames), rng)
+    batch = task.data_transform()({"video": clips, "index": np.arange(len(clips))})
+    chosen = [layouts(cfg)[i] for i in cfg.sr.layouts]
+    caches = encode_layouts(vae, clips, chosen, lowres=batch["upsampled"], progress=progress)
+    out = workdir / "sr"
+    shutil.rmtree(out, ignore_errors=True)
+    report = train_on_cache(scfg, caches, out, keyframe_dropout=float(cfg.sr.keyframe_dropout), progress=progress)
+    write_config_file(out / "config.py", scfg, "Director-SR of the CPU demo")
+    atomic_write_text(out / "train_log.json", json.dumps(report))
+    return scfg, report
+
+
+def reused_vae(workdir: Path) -> WanVAE:
+    """The VAE a previous run wrote to ``workdir/vae`` (``--reuse vae``)."""
+    from director_jax.convert.vae import load_vae
+
+    return load_vae(workdir / "vae")
+
+
+def reused(model_dir: Path) -> tuple[ml_collections.ConfigDict, dict]:
+    """The config and training log a previous run wrote beside its checkpoint (``--reuse gen`` / ``sr``)."""
+    log = json.loads((model_dir / "train_log.json").read_text())
+    return load_config(model_dir / "config.py"), {**log, "note": "reused"}
+
+
+def devices_note() -> str:
+    return f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
