@@ -61,20 +61,20 @@ def fit_demo_vae(cfg: ml_collections.ConfigDict, samples: list[dict], workdir: P
     scale_conv_kernels(vae, float(v.init_scale))
     factor, crop, frames = int(cfg.data.sr_scale), int(v.crop), int(cfg.data.gen_frames)
 
-    def views(clips: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def views(clips: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+        """Half Gen's view (downscaled), half SR's (full resolution); random ``size`` crops of either."""
         out = []
         for clip in clips:
             if rng.random() < 0.5:
-                out.append(downscale(clip, factor))
-            else:
-                y, x = rng.integers(0, clip.shape[1] - crop + 1, size=2)
-                out.append(clip[:, y:y + crop, x:x + crop])
+                clip = downscale(clip, factor)
+            y, x = rng.integers(0, clip.shape[1] - size + 1, size=2)
+            out.append(clip[:, y:y + size, x:x + size])
         return np.stack(out)
 
     def sample(i: int, rng: np.random.Generator) -> np.ndarray:
-        if i % int(v.clip_every) == int(v.clip_every) - 1:
-            return views(training_windows(samples, int(v.clip_batch), frames, rng), rng)
-        return views(training_windows(samples, int(v.frame_batch), 1, rng), rng)
+        if i % int(v.clip_every) == int(v.clip_every) - 1:  # the temporal path: small crops, so several clips
+            return views(training_windows(samples, int(v.clip_batch), frames, rng), rng, int(v.clip_crop))
+        return views(training_windows(samples, int(v.frame_batch), 1, rng), rng, crop)
 
     history = fit_vae(vae, sample, int(v.steps), learning_rate=float(v.learning_rate), seed=int(cfg.seed),
                       mse_weight=float(v.mse_weight), progress=progress)
