@@ -99,7 +99,7 @@ def test_bad_input_is_named(setup):
     with pytest.raises(ValueError, match=r"given latents must be \(B, 7, h, w, 4\)"):
         generate_latents(gen, layout, latents[:, :5], text, key=jax.random.key(0), steps=2, progress=False)
     odd = jnp.zeros((1, 7, 3, 4, Z))  # a 24x32 keyframe: 3 latent rows, not a multiple of the 2x2 patch
-    with pytest.raises(ValueError, match="multiple of 16x16 pixels"):
+    with pytest.raises(ValueError, match="not a multiple of the DiT patch 2x2"):
         generate_latents(gen, layout, odd, text, key=jax.random.key(0), steps=2, progress=False)
     with pytest.raises(ValueError, match="lie outside the timeline of 17 frames"):
         Timeline.from_keyframes(17, [0, 17])

@@ -111,6 +111,7 @@ def gen_config(cfg: ml_collections.ConfigDict, workdir: Path) -> ml_collections.
     size = int(cfg.data.size) // int(cfg.data.sr_scale)
     c.video.update(dict(height=size, width=size))
     c.sampler.update(dict(name="euler", shift=1.0, guidance_scale=1.0))
+    c.flow.timestep_sampling = str(cfg.gen.timestep_sampling)
     return c
 
 
