@@ -103,8 +103,7 @@ def export_check(workdir: Path, gen_cfg: ml_collections.ConfigDict, row: dict) -
     t0 = time.time()
     pipe = TorchDirectorPipeline.from_pretrained(out / "vae", out / "transformer")
     lowres = row["_lowres"]
-    given = row["given_frames"]
-    layout = Timeline.from_keyframes(len(lowres), given).layout  # a keyframes-only case: its given frames
+    layout = Timeline.from_keyframes(len(lowres), row["given_frames"]).layout  # a keyframes-only case
     video = place_given_frames(len(lowres), row["_given"])[None]
     s = gen_cfg.sampler
     shape = noise_shape(layout, 1, lowres.shape[1], lowres.shape[2], vae.config.z_dim, vae.config.spatial_factor)

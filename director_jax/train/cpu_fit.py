@@ -166,7 +166,7 @@ def train_on_cache(cfg: ml_collections.ConfigDict, caches: Sequence[LayoutCache]
     run = build_run(cfg, devices=jax.devices()[:1])
     state = jax.jit(run.init, out_shardings=run.shardings)()
     rng = np.random.default_rng(int(cfg.seed))
-    place = {name: sharding for name, sharding in run.batch_sharding.items()}
+    place = run.batch_sharding
     history, recent = [], []
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"train {run.task.name}", unit="step", dynamic_ncols=True, disable=not progress)

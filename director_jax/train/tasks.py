@@ -240,17 +240,19 @@ class GenTask(Task):
         given = jnp.broadcast_to(jnp.asarray(self.layout.given), (b, self.layout.num_latents))
         return given, jnp.asarray(self.layout.position)
 
+    def batch_text(self, batch: dict[str, jax.Array], b: int) -> tuple[jax.Array, jax.Array]:
+        """(text, mask) of the batch; unconditional training gets one masked-out text token per row."""
+        if "text" in batch:
+            return batch["text"], batch["text_mask"]
+        return jnp.zeros((b, 1, self.cfg.model.text_dim), jnp.float32), jnp.zeros((b, 1), bool)
+
     def loss(self, model, frozen, batch, key):
         if "latents" in batch:
             latents = batch["latents"]
         else:
             latents = jax.lax.stop_gradient(timeline_latents(frozen, batch["video"], self.layout))
         b = latents.shape[0]
-        if "text" in batch:
-            text, text_mask = batch["text"], batch["text_mask"]
-        else:  # unconditional: one masked-out text token
-            text = jnp.zeros((b, 1, self.cfg.model.text_dim), jnp.float32)
-            text_mask = jnp.zeros((b, 1), bool)
+        text, text_mask = self.batch_text(batch, b)
         given, positions = self.batch_layout(batch, b)
         f = self.cfg.flow
         return gen_loss(model, latents, given, positions, text, key, text_mask=text_mask,
@@ -430,11 +432,7 @@ class SRTask(GenTask):
             latents = jax.lax.stop_gradient(timeline_latents(frozen, batch["video"], self.layout))
             lowres = jax.lax.stop_gradient(timeline_latents(frozen, batch["upsampled"], self.layout))
         b = latents.shape[0]
-        if "text" in batch:
-            text, text_mask = batch["text"], batch["text_mask"]
-        else:  # unconditional: one masked-out text token
-            text = jnp.zeros((b, 1, self.cfg.model.text_dim), jnp.float32)
-            text_mask = jnp.zeros((b, 1), bool)
+        text, text_mask = self.batch_text(batch, b)
         if self.layouts_in_batch:
             given, positions = self.batch_layout(batch, b)
         else:
