@@ -96,25 +96,29 @@ def frame_lpips(lpips, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def fit_vae(cfg, steps: int, crop: int = 32, learning_rate: float = 5e-3, init_scale: float = 8.0,
             clip_every: int = 2, clip_frames: int = 17, frame_batch: int = 8, clip_batch: int = 4, clip_crop: int = 16,
-            mse_weight: float = 1.0):
+            mse_weight: float = 1.0, inflate: bool = True, anchor_weight: float = 0.0):
     """The tiny VAE fitted on ``crop`` x ``crop`` crops of the synthetic footage (``train/cpu_fit.py``'s fit).
 
     Half the steps see ``frame_batch`` single frames (the causal VAE encodes a clip's first frame
     alone), every ``clip_every``-th step ``clip_batch`` ``clip_frames``-frame clips as small crops,
     which train the temporal path (each later latent decodes with the caches of the ones before, so
     the clips are as long as the chunks encoded later; configs/demo.py says what too few clip steps
-    cost). Kernels start ``init_scale`` x PyTorch's default (``scale_conv_kernels`` says why).
+    cost). Kernels start ``init_scale`` x PyTorch's default (``scale_conv_kernels`` says why),
+    temporal taps as an inflated image VAE (``inflate``, see ``inflate_temporal_kernels``), and
+    ``anchor_weight`` keeps later latents near their frames' image latents (``temporal_anchor_loss``).
     """
     from flax import nnx
 
     from director_jax.data.synthetic_loader import SyntheticClipsConfig, synthetic_clip
     from director_jax.models.vae import WanVAE
     from director_jax.train.cpu_fit import fit_vae as fit
-    from director_jax.train.cpu_fit import scale_conv_kernels
+    from director_jax.train.cpu_fit import inflate_temporal_kernels, scale_conv_kernels
     from director_jax.train.tasks import vae_config_from
 
     vae = WanVAE(vae_config_from(cfg.vae), rngs=nnx.Rngs(int(cfg.seed)))
     scale_conv_kernels(vae, init_scale)
+    if inflate:
+        inflate_temporal_kernels(vae)
     source = dict(num_movies=10**9, height=cfg.video.height, width=cfg.video.width, fps=cfg.video.fps,
                   shot_lengths=tuple(cfg.data.synthetic.shot_lengths), shots_per_movie=2)
     frames = SyntheticClipsConfig(clip_frames=1, seed=int(cfg.seed) + 77, **source)
@@ -131,7 +135,7 @@ def fit_vae(cfg, steps: int, crop: int = 32, learning_rate: float = 5e-3, init_s
         return np.stack(out)
 
     history = fit(vae, sample, steps, learning_rate=learning_rate, seed=int(cfg.seed), log_every=200,
-                  mse_weight=mse_weight)
+                  mse_weight=mse_weight, anchor_weight=anchor_weight)
     log(f"VAE fit: {history[-1]}")
     return vae
 
@@ -286,6 +290,9 @@ def main() -> None:
     parser.add_argument("--vae", help="a fitted VAE (diffusers dir, e.g. WORKDIR/vae): skip the VAE fit")
     parser.add_argument("--sr", help="a trained SR model (trainer workdir, e.g. WORKDIR/sr): skip SR training")
     parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--vae-inflate", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the VAE's temporal taps as an inflated image VAE (inflate_temporal_kernels)")
+    parser.add_argument("--vae-anchor", type=float, default=0.0, help="temporal_anchor_loss weight of the VAE fit")
     parser.add_argument("--cache", type=int, default=400, help="training examples encoded into the latent cache")
     parser.add_argument("--sr-steps", type=int, default=2000)
     parser.add_argument("--heldout", type=int, default=24, help="held-out clips evaluated (multiple of 4)")
@@ -334,7 +341,8 @@ def main() -> None:
                                            shot_lengths=tuple(cfg.data.synthetic.shot_lengths))
         stats_videos = np.stack([synthetic_clip(i, stats_clips)["video"] for i in range(16)])
 
-        vae_dir = export_vae(with_latent_stats(fit_vae(cfg, args.vae_steps), stats_videos), workdir / "vae")
+        fitted = fit_vae(cfg, args.vae_steps, inflate=args.vae_inflate, anchor_weight=args.vae_anchor)
+        vae_dir = export_vae(with_latent_stats(fitted, stats_videos), workdir / "vae")
         log(f"VAE written to {vae_dir}")
         if args.only_vae:
             return

@@ -18,7 +18,16 @@ from director_jax.configs_common import load_config
 from director_jax.eval.checkpoint import load_director_gen
 from director_jax.models.timeline import Timeline, encode_timeline
 from director_jax.models.vae import WanVAE, WanVAEConfig, normalize_latents
-from director_jax.train.cpu_fit import LayoutCache, encode_layouts, train_on_cache, with_latent_stats
+from director_jax.train.cpu_fit import (
+    LayoutCache,
+    encode_layouts,
+    fit_vae,
+    inflate_temporal_kernels,
+    scale_conv_kernels,
+    temporal_anchor_loss,
+    train_on_cache,
+    with_latent_stats,
+)
 from director_jax.train.tasks import make_task
 from tests.test_generate import GEN_CONFIG
 
@@ -66,9 +75,10 @@ def test_encode_layouts_matches_the_timeline_encoder():
     vae = _tiny_vae()
     clips = np.asarray(jax.random.uniform(jax.random.key(0), (3, 17, 16, 16, 3), minval=-1, maxval=1))
     with_latent_stats(vae, clips)
-    layouts = [Timeline.from_keyframes(17, [0, 16]).layout, Timeline.from_keyframes(17, [], [(12, 5)]).layout]
+    layouts = [Timeline.from_keyframes(17, [0, 16]).layout, Timeline.from_keyframes(17, [], [(12, 5)]).layout,
+               Timeline.from_keyframes(17, [0, 8, 16]).layout]  # shares the span of frame 16 with the first
     caches = encode_layouts(vae, clips, layouts, batch=2, progress=False)
-    assert [c.latents.shape for c in caches] == [(3, 6, 4, 4, 16), (3, 6, 4, 4, 16)]
+    assert [c.latents.shape for c in caches] == [(3, 6, 4, 4, 16), (3, 6, 4, 4, 16), (3, 7, 4, 4, 16)]
     for cache, layout in zip(caches, layouts, strict=True):
         mean, _ = encode_timeline(vae, jnp.asarray(clips), layout)
         np.testing.assert_allclose(cache.latents, normalize_latents(mean, vae.config), rtol=0, atol=1e-5)
@@ -100,3 +110,84 @@ def test_train_on_cache_learns_and_writes_a_loadable_checkpoint(tmp_path):
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(init, trained, strict=True)) > 1e-3
     with pytest.raises(ValueError, match="batch_size"):
         train_on_cache(cfg, [LayoutCache(caches[0].layout, caches[0].latents[:2])], tmp_path / "x", progress=False)
+
+
+def test_inflated_vae_starts_as_an_image_vae():
+    """After inflation each latent depends on its own frames only: a static clip encodes to equal latents and
+    decodes to a static clip; changing a late frame leaves the earlier latents and decoded frames unchanged."""
+    vae = _tiny_vae()
+    scale_conv_kernels(vae, 8.0)
+    rng = np.random.default_rng(0)
+    frame = rng.uniform(-1, 1, (1, 1, 16, 16, 3)).astype(np.float32)
+    static = jnp.asarray(np.repeat(frame, 9, axis=1))
+    before, _ = vae.encode(static)
+    assert float(jnp.max(jnp.abs(before[:, 1:] - before[:, 1:2]))) > 1e-3  # random 3D kernels mix in history
+    inflate_temporal_kernels(vae)
+    mean, _ = vae.encode(static)
+    assert mean.shape[1] == 3
+    np.testing.assert_allclose(np.asarray(mean[:, 1:]), np.asarray(jnp.broadcast_to(mean[:, 1:2], mean[:, 1:].shape)),
+                               atol=1e-5)
+    decoded = np.asarray(vae.decode(mean))
+    np.testing.assert_allclose(decoded, np.broadcast_to(decoded[:, :1], decoded.shape), atol=1e-5)
+    moved = np.asarray(static).copy()
+    moved[:, 8] = rng.uniform(-1, 1, moved[:, 8].shape)  # the last frame of the last latent
+    mean2, _ = vae.encode(jnp.asarray(moved))
+    np.testing.assert_allclose(np.asarray(mean2[:, :2]), np.asarray(mean[:, :2]), atol=1e-5)
+    assert float(jnp.max(jnp.abs(mean2[:, 2] - mean[:, 2]))) > 1e-3
+
+
+def test_temporal_anchor_loss_is_zero_for_an_inflated_vae_and_fit_vae_learns():
+    """The anchor (later latents vs the image latents of their newest frames) is exactly what inflation gives at
+    initialization, and not what random 3D kernels give; a short fit with it lowers the reconstruction error."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:16, 0:16] / 16.0
+
+    def clips(n: int, frames: int) -> np.ndarray:  # moving soft blobs on gradients: smooth, learnable content
+        out = np.zeros((n, frames, 16, 16, 3), np.float32)
+        for i in range(n):
+            c, v, col = rng.uniform(0.2, 0.8, 2), rng.uniform(-0.03, 0.03, 2), rng.uniform(-1, 1, 3)
+            for t in range(frames):
+                cy, cx = c + t * v
+                blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)[..., None]
+                out[i, t] = (1 - blob) * (yy[..., None] - 0.5) + blob * col
+        return out
+
+    video = jnp.asarray(clips(2, 9))
+    random_vae = _tiny_vae()
+    scale_conv_kernels(random_vae, 8.0)
+    assert float(temporal_anchor_loss(random_vae, video, random_vae.encode(video)[0])) > 1e-2
+    vae = _tiny_vae()
+    scale_conv_kernels(vae, 8.0)
+    inflate_temporal_kernels(vae)
+    assert float(temporal_anchor_loss(vae, video, vae.encode(video)[0])) < 1e-8
+    history = fit_vae(vae, lambda i, r: clips(4, 1) if i % 2 == 0 else clips(2, 9), 60, learning_rate=5e-3,
+                      mse_weight=1.0, anchor_weight=0.1, log_every=20, progress=False)
+    assert [h["step"] for h in history] == [20, 40, 60]
+    assert history[-1]["l1"] < 0.8 * history[0]["l1"]
+
+
+def test_a_fitted_vae_reads_back_with_its_own_latent_statistics(tmp_path):
+    """The latents Gen trains on (the fitted VAE's cache) and the keyframe latents generate / evaluate encode (the
+    VAE loaded from the model config's vae.init_from) must be normalised alike: the statistics come from the
+    directory unless the config sets its own. (They once came from Wan2.1's defaults: keyframes off by ~2x.)"""
+    from director_jax.convert.vae import export_vae
+    from director_jax.eval.checkpoint import load_frozen_vae
+    from director_jax.pipeline.gen import timeline_latents
+    from director_jax.train.tasks import vae_config_from
+
+    vae = _tiny_vae()
+    clips = np.asarray(jax.random.uniform(jax.random.key(4), (2, 17, 16, 16, 3), minval=-1, maxval=0.5))
+    with_latent_stats(vae, clips)
+    export_vae(vae, tmp_path / "vae")
+    cfg = load_config(GEN_CONFIG)
+    cfg.vae.update(dict(base_dim=8, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, attn_scales=(),
+                        temperal_downsample=(True, True), init_from=str(tmp_path / "vae")))
+    loaded = load_frozen_vae(cfg, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    np.testing.assert_allclose(loaded.config.latents_mean, vae.config.latents_mean, rtol=1e-6)
+    np.testing.assert_allclose(loaded.config.latents_std, vae.config.latents_std, rtol=1e-6)
+    layout = Timeline.from_keyframes(17, [0, 16]).layout
+    (cache,) = encode_layouts(vae, clips, [layout], progress=False)
+    np.testing.assert_allclose(cache.latents, timeline_latents(loaded, jnp.asarray(clips), layout), atol=1e-5)
+    # a config that names its own statistics keeps them
+    cfg.vae.latents_mean, cfg.vae.latents_std = (0.0,) * 16, (2.0,) * 16
+    assert vae_config_from(cfg.vae).latents_std == (2.0,) * 16

@@ -70,26 +70,40 @@ def read_curated(curated: Path) -> list[dict]:
 
 
 def training_windows(samples: list[dict], count: int, frames: int, rng: np.random.Generator, *,
-                     multi_shot_fraction: float = 0.25) -> np.ndarray:
+                     multi_shot_fraction: float = 0.25, cut_at: int | None = None) -> np.ndarray:
     """``count`` random ``frames``-long windows of curated samples, horizontally flipped half the time.
 
-    About ``multi_shot_fraction`` of them come from multi-shot samples and contain a cut (hard cuts
-    inside a clip are what the keyframe-per-shot layouts teach).
+    About ``multi_shot_fraction`` of them come from multi-shot samples and contain a cut somewhere.
+    With ``cut_at`` every window comes from a multi-shot sample and has its cut at frame ``cut_at``:
+    the keyframe-per-shot timelines put each shot's keyframe at the start of a chunk, so the model
+    learns that the content before a given frame may belong to another shot.
     """
     single = [s for s in samples if s["kind"] != "multi_shot" and len(s["frames"]) >= frames]
     multi = [s for s in samples if s["kind"] == "multi_shot" and len(s["frames"]) >= frames and s["cuts"]]
-    if not single:
-        raise RuntimeError(f"no curated single-shot sample has {frames} frames: lengthen data.shot_lengths.")
+    if cut_at is not None:
+        starts = [(s, c - cut_at) for s in multi for c in s["cuts"]
+                  if c - cut_at >= 0 and c - cut_at + frames <= len(s["frames"])]
+        if not starts:
+            raise RuntimeError(f"no curated multi-shot sample has a cut with {cut_at} frames before it and "
+                               f"{frames - cut_at} from it: lengthen data.shot_lengths or move the layout's cut.")
+        picks = [starts[i] for i in rng.integers(len(starts), size=count)]
+    else:
+        if not single:
+            raise RuntimeError(f"no curated single-shot sample has {frames} frames: lengthen data.shot_lengths.")
+        picks = []
+        for _ in range(count):
+            if multi and rng.random() < multi_shot_fraction:
+                s = multi[rng.integers(len(multi))]
+                cut = s["cuts"][rng.integers(len(s["cuts"]))]
+                lo, hi = max(0, cut - frames + 2), min(len(s["frames"]) - frames, cut - 1)
+                last = len(s["frames"]) - frames
+                start = int(rng.integers(lo, hi + 1)) if hi >= lo else int(rng.integers(0, last + 1))
+            else:
+                s = single[rng.integers(len(single))]
+                start = int(rng.integers(0, len(s["frames"]) - frames + 1))
+            picks.append((s, start))
     out = []
-    for _ in range(count):
-        if multi and rng.random() < multi_shot_fraction:
-            s = multi[rng.integers(len(multi))]
-            cut = s["cuts"][rng.integers(len(s["cuts"]))]
-            lo, hi = max(0, cut - frames + 2), min(len(s["frames"]) - frames, cut - 1)
-            start = int(rng.integers(lo, hi + 1)) if hi >= lo else int(rng.integers(0, len(s["frames"]) - frames + 1))
-        else:
-            s = single[rng.integers(len(single))]
-            start = int(rng.integers(0, len(s["frames"]) - frames + 1))
+    for s, start in picks:
         clip = s["frames"][start:start + frames]
         out.append(clip[:, :, ::-1] if rng.random() < 0.5 else clip)
     return np.stack(out).astype(np.float32)

@@ -24,7 +24,15 @@ from director_jax.demo.data import downscale, training_windows
 from director_jax.io_utils import atomic_write_text
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import WanVAE, WanVAEConfig
-from director_jax.train.cpu_fit import encode_layouts, fit_vae, scale_conv_kernels, train_on_cache, with_latent_stats
+from director_jax.train.cpu_fit import (
+    LayoutCache,
+    encode_layouts,
+    fit_vae,
+    inflate_temporal_kernels,
+    scale_conv_kernels,
+    train_on_cache,
+    with_latent_stats,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VAE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
@@ -59,6 +67,8 @@ def fit_demo_vae(cfg: ml_collections.ConfigDict, samples: list[dict], workdir: P
     v = cfg.vae
     vae = WanVAE(WanVAEConfig(**vae_section(cfg)), rngs=nnx.Rngs(int(cfg.seed)))
     scale_conv_kernels(vae, float(v.init_scale))
+    if v.get("inflate", False):
+        inflate_temporal_kernels(vae)
     factor, crop, frames = int(cfg.data.sr_scale), int(v.crop), int(cfg.data.gen_frames)
 
     def views(clips: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -77,7 +87,8 @@ def fit_demo_vae(cfg: ml_collections.ConfigDict, samples: list[dict], workdir: P
         return views(training_windows(samples, int(v.frame_batch), 1, rng), rng, crop)
 
     history = fit_vae(vae, sample, int(v.steps), learning_rate=float(v.learning_rate), seed=int(cfg.seed),
-                      mse_weight=float(v.mse_weight), progress=progress)
+                      mse_weight=float(v.mse_weight), anchor_weight=float(v.get("anchor_weight", 0.0)),
+                      progress=progress)
     stats_clips = downscale(training_windows(samples, 32, frames, np.random.default_rng(int(cfg.seed) + 5)), factor)
     with_latent_stats(vae, stats_clips)
     write_diffusers_dir(workdir / "vae", vae.config.to_diffusers_config(), export_diffusers_state_dict(vae),
@@ -93,6 +104,7 @@ def _common(c: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, sectio
             workdir: Path) -> ml_collections.ConfigDict:
     c.seed = int(cfg.seed)
     c.vae.update(vae_section(cfg))
+    c.model.update(dict(in_channels=int(cfg.vae.z_dim), out_channels=int(cfg.vae.z_dim)))  # the DiT over its latents
     c.vae.init_from = str((workdir / "vae").resolve())
     c.video.num_frames = int(cfg.data.gen_frames)
     c.video.fps = float(cfg.data.fps)
@@ -128,14 +140,32 @@ def sr_config(cfg: ml_collections.ConfigDict, workdir: Path) -> ml_collections.C
 # Training on latent caches
 
 
+def gen_caches(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], *, progress: bool = True
+               ) -> list[LayoutCache]:
+    """Latent caches of Gen's training windows (32x32), one per layout of ``cfg.layouts``, in that order.
+
+    Layouts without a ``cut`` share single-shot windows; a layout with ``cut=k`` gets windows of
+    multi-shot samples whose cut is at frame k (a cut anywhere else in a window would teach Gen that
+    shots change between keyframes, which no timeline asks for).
+    """
+    rng = np.random.default_rng(int(cfg.seed) + 11)
+    count, frames, factor = int(cfg.data.gen_clips), int(cfg.data.gen_frames), int(cfg.data.sr_scale)
+    groups: dict[int | None, list[int]] = {}
+    for i, t in enumerate(cfg.layouts):
+        groups.setdefault(t.get("cut"), []).append(i)
+    all_layouts, out = layouts(cfg), {}
+    for cut, members in groups.items():
+        windows = training_windows(samples, count, frames, rng, multi_shot_fraction=0.0, cut_at=cut)
+        caches = encode_layouts(vae, downscale(windows, factor), [all_layouts[i] for i in members], progress=progress)
+        out.update(zip(members, caches, strict=True))
+    return [out[i] for i in range(len(all_layouts))]
+
+
 def train_gen(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], workdir: Path, *,
               progress: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
     """Director-Gen on 32x32 windows of the curated clips, over every layout of ``cfg.layouts``."""
     gcfg = gen_config(cfg, workdir)
-    rng = np.random.default_rng(int(cfg.seed) + 11)
-    clips = downscale(training_windows(samples, int(cfg.data.gen_clips), int(cfg.data.gen_frames), rng),
-                      int(cfg.data.sr_scale))
-    caches = encode_layouts(vae, clips, layouts(cfg), progress=progress)
+    caches = gen_caches(cfg, vae, samples, progress=progress)
     out = workdir / "gen"
     shutil.rmtree(out, ignore_errors=True)  # a fresh model: no steps of an earlier run mixed in
     report = train_on_cache(gcfg, caches, out, progress=progress)

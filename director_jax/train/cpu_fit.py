@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from director_jax.models.timeline import TimelineLayout, encode_timeline
+from director_jax.models.timeline import TimelineLayout, pad_to_length, padded_length
 from director_jax.models.vae import WanVAE, kl_divergence, normalize_latents
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,65 @@ def scale_conv_kernels(vae: WanVAE, factor: float) -> None:
             module.kernel.set_value(factor * module.kernel.get_value())
 
 
+def inflate_temporal_kernels(vae: WanVAE) -> None:
+    """Makes every temporal tap of ``vae`` start as "this frame only", in place (an image VAE, inflated).
+
+    From random 3D kernels a short fit learns codes in which each 4-frame latent depends on the
+    chunk's history: consecutive latents of a nearly static clip came out less alike than two
+    random latents (their squared difference 0.97 vs variance 1.07), and variance grew along the
+    chunk, which leaves Director-Gen nothing to copy from its keyframes. Wan's VAE starts from an
+    image VAE instead; this does the same at initialization: the causal convolutions keep only
+    their last (current-frame) tap, the temporal downsampling passes the newest frame of each pair
+    through and the temporal upsampling repeats each frame, so a static clip has equal latents.
+    Call after ``scale_conv_kernels`` (the identity taps stay at 1).
+    """
+    from director_jax.models.vae import CausalConv3d, Resample
+
+    time_convs = {id(m.time_conv) for _, m in nnx.iter_graph(vae) if isinstance(m, Resample) and m.time_conv}
+    for _, module in nnx.iter_graph(vae):
+        if not isinstance(module, CausalConv3d) or module.kernel.shape[0] == 1:
+            continue
+        kernel = jnp.asarray(module.kernel.get_value())
+        kt, kh, kw, c_in, c_out = kernel.shape
+        if id(module) in time_convs:  # (kt, 1, 1, C, C) downsampling or (kt, 1, 1, C, 2C) upsampling
+            eye = jnp.eye(c_in, dtype=kernel.dtype)
+            tap = jnp.concatenate([eye] * (c_out // c_in), axis=1)[None, None]
+            kernel = jnp.zeros_like(kernel).at[-1].set(tap)
+            module.bias.set_value(jnp.zeros_like(module.bias.get_value()))
+        else:
+            kernel = jnp.zeros_like(kernel).at[-1].set(kernel[-1])
+        module.kernel.set_value(kernel)
+
+
+def temporal_anchor_loss(vae: WanVAE, video: jax.Array, mean: jax.Array) -> jax.Array:
+    """Relative squared distance of each later latent of ``video`` to the image latent of its newest frame.
+
+    Keyframes enter Director-Gen as single-frame (image) latents, the frames between them as 4-frame
+    latents; when the 4-frame latents of a clip stay close to the image latents of their frames,
+    Gen can carry a keyframe's content to its neighbours by copying. The image latents (each frame
+    encoded alone) are the fixed target (no gradient); the distance is divided by their mean square
+    so the encoder cannot shrink it by shrinking every latent.
+    """
+    factor = 2 ** sum(vae.config.temperal_downsample)
+    b, t = video.shape[:2]
+    frames = video[:, factor::factor]  # latent k >= 1 covers frames factor*(k-1)+1 .. factor*k
+    k = frames.shape[1]
+    image, _ = vae.encode(frames.reshape(b * k, 1, *frames.shape[2:]))
+    image = jax.lax.stop_gradient(image.reshape(b, k, *image.shape[2:]))
+    return jnp.mean(jnp.square(mean[:, 1:1 + k] - image)) / (jnp.mean(jnp.square(image)) + 1e-6)
+
+
 def fit_vae(vae: WanVAE, sample: ClipSampler, steps: int, *, learning_rate: float = 5e-3, seed: int = 0,
-            kl_weight: float = 1e-6, mse_weight: float = 0.0, log_every: int = 100, progress: bool = True
-            ) -> list[dict]:
+            kl_weight: float = 1e-6, mse_weight: float = 0.0, anchor_weight: float = 0.0, log_every: int = 100,
+            progress: bool = True) -> list[dict]:
     """Fits ``vae`` in place (L1 on the decoded posterior mean + a tiny KL; Adam, warmup-cosine); returns the log.
 
     ``sample(i, rng)`` gives step ``i``'s clips: mix single frames (the causal VAE encodes a chunk's
     first frame alone, as keyframes are) with clips as long as the chunks decoded later (each later
     latent decodes with the caches of the ones before it). ``mse_weight`` adds the mean squared
     error: L1's gradient does not shrink with the error, MSE's does; with both a short fit reached
-    +0.35 dB PSNR on frames (500 steps, 32x32 synthetic frames).
+    +0.35 dB PSNR on frames (500 steps, 32x32 synthetic frames). ``anchor_weight`` pulls each
+    later latent of a clip towards the image latent of its newest frame (``temporal_anchor_loss``).
     """
     if steps < 1:
         raise ValueError(f"the VAE fit needs at least one step, got {steps}.")
@@ -72,6 +121,8 @@ def fit_vae(vae: WanVAE, sample: ClipSampler, steps: int, *, learning_rate: floa
             error = model.decode(mean, clip=False) - video
             l1 = jnp.mean(jnp.abs(error))
             loss = l1 + kl_weight * jnp.mean(kl_divergence(mean, logvar)) + mse_weight * jnp.mean(jnp.square(error))
+            if anchor_weight > 0 and video.shape[1] > 1:
+                loss = loss + anchor_weight * temporal_anchor_loss(model, video, mean)
             return loss, {"l1": l1}
 
         (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -123,25 +174,40 @@ class LayoutCache:
 def encode_layouts(vae: WanVAE, clips: np.ndarray, layouts: Sequence[TimelineLayout], *,
                    lowres: np.ndarray | None = None, batch: int = 8, encode: Callable | None = None,
                    progress: bool = True) -> list[LayoutCache]:
-    """Each clip (N, T, H, W, 3) encoded over each layout, chunk by chunk as the timeline encodes at sampling time."""
+    """Each clip (N, T, H, W, 3) encoded over each layout, chunk by chunk as the timeline encodes at sampling time.
+
+    A chunk is a frame span (start, length) encoded on its own, so layouts that share a span (every
+    layout with a keyframe at frame 0, say) share its latents: each distinct span is encoded once
+    per clip (the demo's 11 layouts: 23 chunks of 187 frames, 11 distinct spans of 96).
+    """
     encode = encode or jax.jit(lambda x: vae.encode(x))
-    out = []
-    total = len(layouts) * len(clips)
-    bar = tqdm(total=total, desc="latent cache", unit="clip", dynamic_ncols=True, disable=not progress)
     for layout in layouts:
         if layout.timeline.num_frames != clips.shape[1]:
             raise ValueError(f"a layout of {layout.timeline.num_frames} frames for clips of {clips.shape[1]}.")
-        parts: dict[str, list[np.ndarray]] = {"latents": [], "lowres": []}
-        for first in range(0, len(clips), batch):
-            sources = [("latents", clips)] + ([("lowres", lowres)] if lowres is not None else [])
-            for name, video in sources:
-                mean, _ = encode_timeline(vae, jnp.asarray(video[first:first + batch]), layout, encode=encode)
-                parts[name].append(np.asarray(normalize_latents(mean, vae.config), np.float32))
-            bar.update(min(batch, len(clips) - first))
-        out.append(LayoutCache(layout, np.concatenate(parts["latents"]),
-                               np.concatenate(parts["lowres"]) if lowres is not None else None))
+    spans_by_length: dict[int, list[tuple[int, int]]] = {}
+    for span in sorted({(c.start, c.length) for layout in layouts for c in layout.chunks}):
+        spans_by_length.setdefault(padded_length(span[1]), []).append(span)
+    sources = [("latents", clips)] + ([("lowres", lowres)] if lowres is not None else [])
+    encoded: dict[tuple[str, tuple[int, int]], list[np.ndarray]] = {}
+    bar = tqdm(total=len(clips), desc="latent cache", unit="clip", dynamic_ncols=True, disable=not progress)
+    for first in range(0, len(clips), batch):
+        for name, video in sources:
+            part = jnp.asarray(video[first:first + batch])
+            b = part.shape[0]
+            for length, spans in spans_by_length.items():
+                stacked = jnp.concatenate([pad_to_length(part[:, s:s + n], length) for s, n in spans], axis=0)
+                mean, _ = encode(stacked)
+                latents = np.asarray(normalize_latents(mean, vae.config), np.float32)
+                for k, span in enumerate(spans):
+                    encoded.setdefault((name, span), []).append(latents[k * b:(k + 1) * b])
+        bar.update(min(batch, len(clips) - first))
     bar.close()
-    return out
+
+    def gather(name: str, layout: TimelineLayout) -> np.ndarray:
+        return np.concatenate([np.concatenate(encoded[(name, (c.start, c.length))]) for c in layout.chunks], axis=1)
+
+    return [LayoutCache(layout, gather("latents", layout), gather("lowres", layout) if lowres is not None else None)
+            for layout in layouts]
 
 
 def train_on_cache(cfg: ml_collections.ConfigDict, caches: Sequence[LayoutCache], workdir: str | Path, *,

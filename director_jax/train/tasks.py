@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -47,13 +48,36 @@ class BatchField:
     logical: tuple[str | None, ...]
 
 
+STAT_FIELDS = ("latents_mean", "latents_std")
+
+
+def saved_latent_stats(init_from: str) -> dict[str, tuple[float, ...]]:
+    """The latent statistics stored in the config.json of a VAE directory (or beside a weight file); {} if none."""
+    path = Path(init_from)
+    beside = [path / "config.json", path / "vae" / "config.json"] if path.is_dir() else [path.with_name("config.json")]
+    for candidate in beside:
+        if candidate.is_file():
+            saved = json.loads(candidate.read_text())
+            return {k: tuple(float(x) for x in saved[k]) for k in STAT_FIELDS if k in saved}
+    return {}
+
+
 def vae_config_from(section: ml_collections.ConfigDict) -> WanVAEConfig:
-    """``config.vae`` (WanVAEConfig fields, plus ``init_from``) as a WanVAEConfig."""
+    """``config.vae`` (WanVAEConfig fields, plus ``init_from``) as a WanVAEConfig.
+
+    The section names the architecture; the latent statistics belong to the weights. Unless the
+    section sets them, they come from ``init_from``'s config.json: a VAE fitted here (the demo's,
+    the SR benchmark's) stores the statistics it measured, and Wan2.1's defaults in their place
+    normalised the keyframe latents with the wrong mean and scale (Gen saw inputs unlike its
+    training latents and its outputs decoded as colour blotches).
+    """
     fields = {f.name for f in dataclasses.fields(WanVAEConfig)}
     values = {k: v for k, v in section.to_dict().items() if k != "init_from"}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"config.vae has unknown keys {unknown}; WanVAEConfig fields are {sorted(fields)}.")
+    if section.get("init_from") and not set(STAT_FIELDS) & set(values):
+        values.update(saved_latent_stats(str(section.init_from)))
     return WanVAEConfig(**values)
 
 
