@@ -1,7 +1,7 @@
 """Where the CPU demo's trajectory error comes from: the VAE's round trip, its latent space, and Gen's sampler.
 
     python benchmarks/demo_latents.py --workdir runs/demo              # after bash scripts/demo.sh
-    python benchmarks/demo_latents.py --workdir runs/demo --movies 4   # faster
+    python benchmarks/demo_latents.py --workdir runs/demo --movies 4   # faster (the demo evaluates 16)
 
 On the held-out suite of the demo's evaluation (``configs/eval_synthetic.py``, same movies and
 seeds), with the demo's VAE (``WORKDIR/vae``) and Director-Gen (``WORKDIR/gen``):
@@ -36,7 +36,7 @@ log = make_log("demo-latents")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="a CPU demo run (vae/, gen/)")
-    parser.add_argument("--movies", type=int, default=8, help="held-out movies (3 cases each)")
+    parser.add_argument("--movies", type=int, default=16, help="held-out movies (3 cases each; the demo's 16)")
     args = parser.parse_args()
 
     import jax
@@ -45,7 +45,7 @@ def main() -> None:
     from director_jax.configs_common import load_config
     from director_jax.eval.baselines import crossfade
     from director_jax.eval.checkpoint import load_director_gen, load_frozen_vae
-    from director_jax.eval.generate import _jitted_vae
+    from director_jax.eval.generate import _jitted_vae, case_key
     from director_jax.eval.run import build_cases, sampling_settings
     from director_jax.eval.trajectory import trajectory_error
     from director_jax.models.timeline import Timeline, decode_timeline, place_given_frames
@@ -87,7 +87,7 @@ def main() -> None:
 
         keyframes = jnp.asarray(place_given_frames(case.num_frames, {k: case.reference[k] for k in case.keyframes}))
         given_latents = timeline_latents(vae, keyframes[None], layout, encode=encode)
-        key = jax.random.key(case.index)
+        key = case_key(int(ecfg.seed), case.index)  # evaluate's noise: the sampler row is its number
         mask = jnp.asarray(given)[None]
         x = jnp.where(mask[..., None, None, None], given_latents, jax.random.normal(key, given_latents.shape))
         sigma = jnp.where(mask, 0.0, 1.0)
