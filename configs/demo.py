@@ -54,8 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     # Director-Gen: gen_tiny's architecture (2 layers, width 64) at 32x32.
-    # Uniform flow timesteps: logit-normal ones rarely train t near 0, and the sharp VAE decodes the residual
-    # latent noise the last sampler steps then leave as colour blotches (trajectory error 10.3 -> 9.3 px).
+    # Uniform flow timesteps: logit-normal ones rarely train t near 0 (trajectory error 10.3 vs 9.3 px, measured
+    # before the latent-statistics fix of train/tasks.py; not re-measured since).
     c.gen = ml_collections.ConfigDict(dict(steps=8000, batch_size=8, learning_rate=1e-3, warmup_steps=100,
                                            ema_decay=0.995, sampler_steps=20, timestep_sampling="uniform"))
     # Director-SR: sr_tiny's architecture (2 layers, width 128), 2x from 32x32 to 64x64, trained on the layouts

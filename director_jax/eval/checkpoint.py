@@ -24,7 +24,7 @@ from director_jax.configs_common import build_director_gen
 from director_jax.models.dit import DirectorGen
 from director_jax.models.vae import WanVAE
 from director_jax.train.checkpoint import describe_mismatch, flatten_state, unflatten_state
-from director_jax.train.tasks import vae_config_from
+from director_jax.train.tasks import vae_config_with_checkpoint_stats
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def load_frozen_vae(model_cfg: ml_collections.ConfigDict, *, sharding: jax.shard
     from director_jax.train.tasks import make_task
 
     if model_cfg.vae.init_from:
-        vae = load_vae(model_cfg.vae.init_from, vae_config_from(model_cfg.vae))
+        vae = load_vae(model_cfg.vae.init_from, vae_config_with_checkpoint_stats(model_cfg.vae))
     elif model_cfg.train.get("latents") == "encode":
         log.warning("vae.init_from is empty: using the randomly initialised VAE the trainer encoded with (fine for "
                     "tests; real evaluations set vae.init_from in the model config to a Wan2.1 VAE).")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -48,36 +47,13 @@ class BatchField:
     logical: tuple[str | None, ...]
 
 
-STAT_FIELDS = ("latents_mean", "latents_std")
-
-
-def saved_latent_stats(init_from: str) -> dict[str, tuple[float, ...]]:
-    """The latent statistics stored in the config.json of a VAE directory (or beside a weight file); {} if none."""
-    path = Path(init_from)
-    beside = [path / "config.json", path / "vae" / "config.json"] if path.is_dir() else [path.with_name("config.json")]
-    for candidate in beside:
-        if candidate.is_file():
-            saved = json.loads(candidate.read_text())
-            return {k: tuple(float(x) for x in saved[k]) for k in STAT_FIELDS if k in saved}
-    return {}
-
-
 def vae_config_from(section: ml_collections.ConfigDict) -> WanVAEConfig:
-    """``config.vae`` (WanVAEConfig fields, plus ``init_from``) as a WanVAEConfig.
-
-    The section names the architecture; the latent statistics belong to the weights. Unless the
-    section sets them, they come from ``init_from``'s config.json: a VAE fitted here (the demo's,
-    the SR benchmark's) stores the statistics it measured, and Wan2.1's defaults in their place
-    normalised the keyframe latents with the wrong mean and scale (Gen saw inputs unlike its
-    training latents and its outputs decoded as colour blotches).
-    """
+    """``config.vae`` (WanVAEConfig fields, plus ``init_from``) as a WanVAEConfig."""
     fields = {f.name for f in dataclasses.fields(WanVAEConfig)}
     values = {k: v for k, v in section.to_dict().items() if k != "init_from"}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"config.vae has unknown keys {unknown}; WanVAEConfig fields are {sorted(fields)}.")
-    if section.get("init_from") and not set(STAT_FIELDS) & set(values):
-        values.update(saved_latent_stats(str(section.init_from)))
     return WanVAEConfig(**values)
 
 
@@ -196,7 +172,7 @@ class GenTask(Task):
         if t.latents not in LATENT_SOURCES:
             raise ValueError(f"train.latents={t.latents!r}; choose one of {LATENT_SOURCES}.")
         self.layout: TimelineLayout = Timeline.from_keyframes(int(v.num_frames), list(t.keyframes)).layout
-        self.vae_config = vae_config_from(cfg.vae)
+        self.vae_config = vae_config_with_checkpoint_stats(cfg.vae)  # the weights' own latent scale
         factor = self.vae_config.spatial_factor * int(cfg.model.patch_size[1])
         if v.height % factor or v.width % factor:
             raise ValueError(f"video {v.height}x{v.width} must be a multiple of {factor} (the VAE's "
@@ -349,8 +325,9 @@ def degrade_batch(batch: dict[str, np.ndarray], *, degradation: DegradationConfi
 def vae_config_with_checkpoint_stats(section: ml_collections.ConfigDict) -> WanVAEConfig:
     """``config.vae`` as a WanVAEConfig, with the latent statistics of ``init_from``'s config.json when it has one.
 
-    A VAE fitted here (``benchmarks/sr.py``) has its own latent scale; its directory records it, and
-    normalising with other statistics would silently mis-scale every latent. The architecture fields
+    A VAE fitted here (the CPU demo's, ``benchmarks/sr.py``'s) has its own latent scale; its directory
+    records it, and normalising with other statistics mis-scales every latent (Director-Gen once got
+    keyframes normalised ~2x off this way: the frozen VAE of Gen runs took Wan2.1's defaults). The architecture fields
     must agree with ``config.vae`` (they fix the shapes the step is compiled for). For the Wan2.1
     VAE the directory's statistics are the defaults, so nothing changes.
     """
@@ -432,7 +409,6 @@ class SRTask(GenTask):
         if int(cfg.model.in_channels) != self.vae_config.z_dim:
             raise ValueError(f"config.model.in_channels={cfg.model.in_channels} but the VAE has z_dim "
                              f"{self.vae_config.z_dim}: config.model is the Gen architecture over the VAE's latents.")
-        self.vae_config = vae_config_with_checkpoint_stats(cfg.vae)
 
     def build_fn(self) -> Callable[[], nnx.Module]:
         cfg = self.cfg
