@@ -15,8 +15,13 @@ seeds), with the demo's VAE (``WORKDIR/vae``) and Director-Gen (``WORKDIR/gen``)
    nothing to carry over from its keyframes.
 3. **Gen**: the trajectory error of Gen's one-step estimate of the clean latents from pure noise
    (the conditional mean: blurry, but where the model thinks the objects are) and of the sampler
-   at the demo's step count. A sampler result much worse than the one-step estimate means the
-   model's samples, not its idea of the motion, are what fail.
+   at the demo's step count, at each keyframe-guidance scale of ``--keyframe-guidance``. A sampler
+   result much worse than the one-step estimate means the model's samples, not its idea of the
+   motion, are what fail.
+4. **Position oracles** (no video, the true centres only): the error of an object held at the
+   nearest keyframe's position (a generator that copies its keyframes perfectly) and of one moved
+   linearly between the keyframes' positions (perfect interpolation; bounces off the frame edge
+   are what is left). Across a cut each shot holds its own keyframe's position.
 
 Prints a markdown table (stdout).
 """
@@ -33,10 +38,30 @@ from bench_common import REPO, machine_description, make_log
 log = make_log("demo-latents")
 
 
+def position_oracles(centers: np.ndarray, keyframes, cuts) -> tuple[np.ndarray, np.ndarray]:
+    """(T, 2) positions: held at the nearest keyframe's, and moved linearly between keyframes (per shot)."""
+    keyframes = sorted(keyframes)
+    hold, linear = np.empty_like(centers), np.empty_like(centers)
+    for t in range(len(centers)):
+        after = [k for k in keyframes if k >= t]
+        before = [k for k in keyframes if k <= t]
+        a = before[-1] if before else after[0]
+        b = after[0] if after else before[-1]
+        cut = next((c for c in cuts if a < c <= b), None)
+        if cut is not None:  # another shot: each side keeps its own shot's keyframe
+            a = b = a if t < cut else b
+        w = 0.0 if a == b else (t - a) / (b - a)
+        hold[t] = centers[a] if w < 0.5 else centers[b]
+        linear[t] = (1 - w) * centers[a] + w * centers[b]
+    return hold, linear
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="a CPU demo run (vae/, gen/)")
     parser.add_argument("--movies", type=int, default=16, help="held-out movies (3 cases each; the demo's 16)")
+    parser.add_argument("--keyframe-guidance", default="1",
+                        help="comma-separated keyframe-guidance scales for the sampler rows (the config's is added)")
     args = parser.parse_args()
 
     import jax
@@ -63,10 +88,12 @@ def main() -> None:
     vae = load_frozen_vae(model_cfg, sharding=sharding)
     encode, decode = _jitted_vae(vae)
     settings = sampling_settings(ecfg, model_cfg)
+    scales = sorted({float(s) for s in args.keyframe_guidance.split(",") if s} | {settings.keyframe_guidance})
     text = jnp.zeros((1, 1, int(model_cfg.model.text_dim)), jnp.float32)
     text_mask = jnp.zeros((1, 1), bool)
 
-    rows: dict[str, list] = {k: [] for k in ("roundtrip", "crossfade", "onestep", "sampler", "copy", "var")}
+    rows: dict = {k: [] for k in ("roundtrip", "crossfade", "onestep", "copy", "var", "hold", "linear")}
+    rows.update({("sampler", s): [] for s in scales})
     for case in cases:
         layout = Timeline.from_keyframes(case.num_frames, case.keyframes).layout
         generated = [t for t in range(case.num_frames) if t not in case.keyframes]
@@ -93,13 +120,17 @@ def main() -> None:
         sigma = jnp.where(mask, 0.0, 1.0)
         velocity = gen(x, sigma, text, positions=jnp.asarray(layout.position), text_mask=text_mask)
         rows["onestep"].append(score(x - sigma[..., None, None, None] * velocity))
-        sampled = generate_latents(gen, layout, given_latents, text, key=key, text_mask=text_mask,
-                                   steps=settings.steps, sampler=settings.sampler, shift=settings.shift,
-                                   progress=False)
-        rows["sampler"].append(score(sampled))
+        for s in scales:
+            sampled = generate_latents(gen, layout, given_latents, text, key=key, text_mask=text_mask,
+                                       steps=settings.steps, sampler=settings.sampler, shift=settings.shift,
+                                       keyframe_guidance=s, progress=False)
+            rows[("sampler", s)].append(score(sampled))
+        hold, linear = position_oracles(case.truth.centers[:, 0], case.keyframes, case.cuts)
+        rows["hold"].append(float(np.mean(np.hypot(*(hold - case.truth.centers[:, 0])[generated].T))))
+        rows["linear"].append(float(np.mean(np.hypot(*(linear - case.truth.centers[:, 0])[generated].T))))
         log(f"case {case.index + 1}/{len(cases)}")
 
-    def traj(name: str) -> str:
+    def traj(name) -> str:
         err = np.mean([r["trajectory_error_px"] for r in rows[name]])
         missing = np.mean([r["object_missing_fraction"] for r in rows[name]])
         return f"{err:.2f} | {missing:.3f}"
@@ -111,7 +142,12 @@ def main() -> None:
     print(f"| VAE round trip of the true clip | {traj('roundtrip')} |")
     print(f"| cross-fade between the keyframes | {traj('crossfade')} |")
     print(f"| Gen, one-step clean estimate from noise | {traj('onestep')} |")
-    print(f"| Gen, {settings.sampler} {settings.steps} steps (the demo's) | {traj('sampler')} |")
+    for s in scales:
+        mark = " (the demo's)" if s == settings.keyframe_guidance else ""
+        print(f"| Gen, {settings.sampler} {settings.steps} steps, keyframe guidance {s:g}{mark} | "
+              f"{traj(('sampler', s))} |")
+    print(f"| position oracle: held at the nearest keyframe's position | {np.mean(rows['hold']):.2f} | |")
+    print(f"| position oracle: moved linearly between keyframes | {np.mean(rows['linear']):.2f} | |")
     ratio = np.mean(rows["copy"]) / np.mean(rows["var"])
     print(f"\nLatent copyability: nearest-keyframe latent MSE {np.mean(rows['copy']):.3f} vs variance "
           f"{np.mean(rows['var']):.3f} of the generated latents ({ratio:.2f}x).")

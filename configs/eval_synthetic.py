@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # Sampling: unset fields take the model config's sampler section.
     c.sampler = ml_collections.ConfigDict(dict(name=placeholder(str), steps=placeholder(int),
-                                               shift=placeholder(float), guidance_scale=placeholder(float)))
+                                               shift=placeholder(float), guidance_scale=placeholder(float),
+                                               keyframe_guidance=placeholder(float)))
     c.text_cache = ""  # caption embeddings for text-conditioned models (data/text_embeddings.py)
     c.cases_per_device = 1  # cases each device generates at once (fixed, so results do not depend on device count)
     # FVD: Kinetics-400 I3D logits of the first fvd_frames frames at fvd_size px (16 and 224 are the standard).

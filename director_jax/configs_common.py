@@ -42,8 +42,9 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
     # Flow matching: t ~ logit-normal, then shifted toward noise for larger token counts.
     c.flow = ml_collections.ConfigDict(dict(timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0,
                                             shift=shift))
+    # keyframe_guidance > 1 needs a model trained with train.keyframe_dropout > 0 (diffusion/samplers.py)
     c.sampler = ml_collections.ConfigDict(dict(name="unipc", steps=50, shift=shift, guidance_scale=5.0,
-                                               negative_prompt=""))
+                                               keyframe_guidance=1.0, negative_prompt=""))
     c.vae = ml_collections.ConfigDict(dict(init_from=""))  # the frozen Wan2.1 VAE (architecture defaults)
     add_training(c, task="gen", batch_size=1, steps=10_000, learning_rate=1e-5, warmup_steps=500)
     c.train.keyframes = (0,)  # frames of the training timeline held clean (keyframes)

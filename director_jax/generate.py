@@ -61,6 +61,7 @@ class Request:
     seed: int = 0
     steps: int | None = None
     guidance: float | None = None
+    keyframe_guidance: float | None = None
     shift: float | None = None
     sampler: str | None = None
     resize: bool = False
@@ -395,6 +396,10 @@ def generate(req: Request) -> dict:
     if steps < 1:
         raise GenerateError(f"--steps={steps}: sample with at least one step.")
     guidance = float(cfg.sampler.guidance_scale if req.guidance is None else req.guidance)
+    keyframe_guidance = float(cfg.sampler.get("keyframe_guidance", 1.0) if req.keyframe_guidance is None
+                              else req.keyframe_guidance)
+    if not np.isfinite(keyframe_guidance):
+        raise GenerateError(f"--keyframe_guidance={keyframe_guidance}: give a finite scale (1 = off).")
     shift = float(cfg.sampler.shift if req.shift is None else req.shift)
     sampler = str(cfg.sampler.name if req.sampler is None else req.sampler)
     text, mask, negative, negative_mask = text_inputs(req, p.caption, guidance)
@@ -411,7 +416,8 @@ def generate(req: Request) -> dict:
     kw = {} if negative is None else {"negative_text": negative, "negative_mask": negative_mask}
     video, _ = generate_video(gen, vae, layout, given, text, key=jax.random.key(req.seed), encode=encode,
                               decode=decode, text_mask=mask, steps=steps, sampler=sampler, shift=shift,
-                              guidance_scale=guidance, progress=req.progress, **kw)
+                              guidance_scale=guidance, keyframe_guidance=keyframe_guidance, progress=req.progress,
+                              **kw)
     lowres = np.clip(np.asarray(video[0], np.float32), -1.0, 1.0)
     frames = lowres
     sr_info = None
@@ -423,6 +429,7 @@ def generate(req: Request) -> dict:
         config=req.config_path,
         checkpoint=dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights),
         seed=req.seed, steps=steps, sampler=sampler, shift=shift, guidance=guidance,
+        keyframe_guidance=keyframe_guidance,
         fps=p.fps, num_frames=p.num_frames, duration=p.num_frames / p.fps, height=int(frames.shape[1]),
         width=int(frames.shape[2]), gen_height=p.height, gen_width=p.width, resize=req.resize,
         keyframes=p.keyframes, videos=p.videos, caption=p.caption,
@@ -512,6 +519,10 @@ def define_flags() -> dict:
             seed=d.DEFINE_integer("seed", 0, "Noise seed: the same seed gives the same video."),
             steps=d.DEFINE_integer("steps", None, "Sampler steps (default the config's sampler.steps)."),
             guidance=d.DEFINE_float("guidance", None, "Classifier-free guidance scale (default the config's)."),
+            keyframe_guidance=d.DEFINE_float("keyframe_guidance", None,
+                                             "Keyframe guidance scale, 1 = off (default the config's "
+                                             "sampler.keyframe_guidance); needs a model trained with keyframe "
+                                             "dropout."),
             shift=d.DEFINE_float("shift", None, "Sampler timestep shift (default the config's)."),
             sampler=d.DEFINE_string("sampler", None, "Sampler name (default the config's sampler.name)."),
             sr=d.DEFINE_bool("sr", False, "Super-resolve the result with Director-SR (needs --sr_ckpt, --sr_config)."),
@@ -536,7 +547,8 @@ def request_from_flags() -> Request:
         config=v["config"], ckpt=v["ckpt"], out=v["out"], keyframes=tuple(v["keyframe"]), videos=tuple(v["video"]),
         duration=v["duration"], frames=v["frames"], fps=v["fps"], height=v["height"], width=v["width"],
         caption=v["caption"], shot_captions=tuple(v["shot_caption"]), text_cache=v["text_cache"], seed=v["seed"],
-        steps=v["steps"], guidance=v["guidance"], shift=v["shift"], sampler=v["sampler"], resize=v["resize"],
+        steps=v["steps"], guidance=v["guidance"], keyframe_guidance=v["keyframe_guidance"], shift=v["shift"],
+        sampler=v["sampler"], resize=v["resize"],
         step=v["step"], weights=v["weights"], sr=v["sr"], sr_ckpt=v["sr_ckpt"], sr_config=v["sr_config"],
         sr_steps=v["sr_steps"], progress=v["progress"], config_path=flags.FLAGS["config"].config_filename,
         sr_config_path=flags.FLAGS["sr_config"].config_filename if v["sr_config"] is not None else None)

@@ -14,6 +14,7 @@ from director_jax.diffusion import (
     euler_sigmas,
     euler_step,
     guided_velocity,
+    keyframe_guided_velocity,
     sample,
     unipc_sigmas,
 )
@@ -280,6 +281,64 @@ def test_guidance_one_is_unguided_and_cfg_is_one_batched_call():
     assert np.abs(np.asarray(out) - np.asarray(plain)).max() > 1e-2
 
 
+def _coupled_model(x, sigma_frames, c):
+    """A velocity field in which every frame sees the others (as attention does) and the caption."""
+    mix = jnp.mean(x * (1.0 - sigma_frames)[:, :, None, None, None], axis=1, keepdims=True)
+    text = jnp.tanh(c["emb"].mean((1, 2))).reshape(-1, 1, 1, 1, 1)
+    return -0.7 * x * sigma_frames[:, :, None, None, None] + jnp.sin(mix) + 0.3 * text
+
+
+def test_keyframe_guidance_matches_a_numpy_loop_and_one_is_off():
+    rng = np.random.RandomState(8)
+    noise = rng.randn(*SHAPE).astype(np.float32)
+    given = rng.randn(*SHAPE).astype(np.float32)
+    mask = np.zeros(SHAPE[:2], bool)
+    mask[:, 0] = True
+    mask[1, 2] = True
+    cond = {"emb": jnp.asarray(rng.randn(2, 5, 4), jnp.float32)}
+    uncond = {"emb": jnp.asarray(rng.randn(2, 5, 4), jnp.float32)}
+    kw = dict(steps=5, sampler="euler", shift=2.0, given_latents=jnp.asarray(given), given_mask=jnp.asarray(mask),
+              cond=cond, progress=False)
+    plain = np.asarray(sample(_coupled_model, jnp.asarray(noise), **kw))
+    off = np.asarray(sample(_coupled_model, jnp.asarray(noise), keyframe_guidance=1.0, **kw))
+    np.testing.assert_array_equal(off, plain)
+
+    def reference(scale, text_scale):
+        def v_text(x, s):
+            vc = np.asarray(_coupled_model(jnp.asarray(x), jnp.asarray(s), cond))
+            if text_scale == 1.0:
+                return vc
+            vu = np.asarray(_coupled_model(jnp.asarray(x), jnp.asarray(s), uncond))
+            return vu + text_scale * (vc - vu)
+
+        sig = euler_sigmas(5, 2.0)
+        m = mask[:, :, None, None, None]
+        x = np.where(m, given, noise)
+        for i in range(5):
+            v_kf = v_text(x, np.where(mask, 0.0, sig[i]).astype(np.float32))
+            released = np.where(m, (1 - sig[i]) * given + sig[i] * noise, x)
+            v_free = v_text(released, np.full(mask.shape, sig[i], np.float32))
+            x = np.where(m, given, x + (sig[i + 1] - sig[i]) * (v_free + scale * (v_kf - v_free)))
+        return x
+
+    guided = np.asarray(sample(_coupled_model, jnp.asarray(noise), keyframe_guidance=3.0, **kw))
+    np.testing.assert_allclose(guided, reference(3.0, 1.0), atol=1e-4)
+    np.testing.assert_array_equal(guided[mask], given[mask])  # given frames still exact
+    assert np.abs(guided - plain)[~mask].max() > 1e-2
+    both = np.asarray(sample(_coupled_model, jnp.asarray(noise), keyframe_guidance=2.5, uncond=uncond,
+                             guidance_scale=4.0, **kw))
+    np.testing.assert_allclose(both, reference(2.5, 4.0), atol=1e-4)
+
+    # One step's velocity directly: the released branch sees the given frames noised from `noise`.
+    x = jnp.asarray(np.where(mask[:, :, None, None, None], given, noise))
+    got = keyframe_guided_velocity(_coupled_model, x, jnp.float32(0.6), jnp.asarray(given), jnp.asarray(mask),
+                                   jnp.asarray(noise), 2.0, cond)
+    released = np.where(mask[:, :, None, None, None], 0.4 * given + 0.6 * noise, np.asarray(x))
+    v_kf = np.asarray(_coupled_model(x, jnp.asarray(np.where(mask, 0.0, 0.6), jnp.float32), cond))
+    v_free = np.asarray(_coupled_model(jnp.asarray(released), jnp.full(mask.shape, 0.6), cond))
+    np.testing.assert_allclose(np.asarray(got), v_free + 2.0 * (v_kf - v_free), atol=1e-5)
+
+
 def test_sample_is_deterministic():
     noise, denoise, _, _ = _gaussian_problem(4)
     a = sample(denoise, jnp.asarray(noise), steps=4, progress=False)
@@ -304,5 +363,10 @@ def test_bad_inputs_raise_clear_errors():
         guided_velocity(denoise, x, jnp.zeros((2, 3)), {"a": jnp.zeros((2, 1))}, {"b": jnp.zeros((2, 1))}, 2.0)
     with pytest.raises(ValueError, match="pad both captions"):
         guided_velocity(denoise, x, jnp.zeros((2, 3)), {"a": jnp.zeros((2, 3))}, {"a": jnp.zeros((2, 5))}, 2.0)
+    with pytest.raises(ValueError, match="none are given"):
+        sample(denoise, x, steps=2, keyframe_guidance=2.0, progress=False)
+    with pytest.raises(ValueError, match="finite"):
+        sample(denoise, x, steps=2, keyframe_guidance=float("nan"), given_latents=x,
+               given_mask=jnp.zeros((2, 3), bool), progress=False)
     with pytest.raises(ValueError, match="decrease strictly"):
         UniPCSolver([1.0, 0.5, 0.0])

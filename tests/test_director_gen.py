@@ -106,3 +106,43 @@ def test_bad_input_is_named(setup):
     with pytest.raises(ValueError, match="needs uncond"):
         generate_latents(gen, layout, latents, text, key=jax.random.key(0), steps=2, guidance_scale=5.0,
                          progress=False)
+
+
+def test_keyframe_dropout_drops_whole_rows_and_reaches_the_gen_loss():
+    from pathlib import Path
+
+    from director_jax.configs_common import load_config
+    from director_jax.train.losses import drop_keyframes
+    from director_jax.train.tasks import GenTask
+
+    given = jnp.asarray(np.tile(np.array([True, False, False, True, False]), (400, 1)))
+    keys = jax.random.split(jax.random.key(3), 400)  # one key per example, as the trainer passes them
+    np.testing.assert_array_equal(np.asarray(drop_keyframes(given, keys, 0.0)), np.asarray(given))
+    assert not np.asarray(drop_keyframes(given, keys, 1.0)).any()
+    half = np.asarray(drop_keyframes(given, keys, 0.3))
+    kept = half.any(axis=1)
+    np.testing.assert_array_equal(half[kept], np.asarray(given)[kept])  # a kept row keeps every keyframe
+    assert 0.22 < 1 - kept.mean() < 0.38  # ~30% of 400 rows dropped (binomial sd 2.3%)
+    np.testing.assert_array_equal(np.asarray(drop_keyframes(given, keys, 0.3)), half)  # a pure function of the keys
+    one_key = np.asarray(drop_keyframes(given, jax.random.key(4), 0.3))
+    assert 0.22 < 1 - one_key.any(axis=1).mean() < 0.38
+
+    # GenTask applies train.keyframe_dropout in its loss: at 1.0 the loss is gen_loss with no given frames.
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gen_tiny.py")
+    cfg.train.update(dict(latents="precomputed", keyframe_dropout=1.0))
+    task = GenTask(cfg)
+    model = task.build_fn()()
+    latents = jax.random.normal(jax.random.key(6), (2, *task._latent_shape()))
+    key = jax.random.split(jax.random.key(7), 2)
+    loss, _ = task.loss(model, None, {"latents": latents}, key)
+    text, mask = task.batch_text({}, 2)
+    free = jnp.zeros((2, task.layout.num_latents), bool)
+    positions = jnp.asarray(task.layout.position)
+    expect, _ = gen_loss(model, latents, free, positions, text, key, text_mask=mask, timestep_sampling="logit_normal")
+    with_keyframes, _ = gen_loss(model, latents, jnp.broadcast_to(jnp.asarray(task.layout.given), free.shape),
+                                 positions, text, key, text_mask=mask, timestep_sampling="logit_normal")
+    np.testing.assert_allclose(float(loss), float(expect), rtol=1e-6)
+    assert abs(float(loss) - float(with_keyframes)) > 1e-4
+    cfg.train.keyframe_dropout = 1.5
+    with pytest.raises(ValueError, match="keyframe_dropout is a probability"):
+        GenTask(cfg)

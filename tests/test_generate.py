@@ -139,6 +139,22 @@ def test_same_seed_same_video(two_runs, checkpoint, images, tmp_path):
     assert np.abs(c["frames"] - a["frames"]).max() > 1e-3  # another seed, another video
 
 
+def test_keyframe_guidance_flag_changes_the_generated_frames_only(two_runs, checkpoint, images, tmp_path):
+    _, a, _, _ = two_runs
+    out = tmp_path / "guided.mp4"
+    g = _run(f"--ckpt={checkpoint}", *_keyframe_args(images), "--frames=17", "--steps=2", "--seed=3",
+             "--keyframe_guidance=4", f"--out={out}")
+    assert json.loads(out.with_suffix(".json").read_text())["keyframe_guidance"] == 4.0
+    generated = [f for f in range(17) if f not in KEYFRAMES]
+    assert np.abs(g["frames"][generated] - a["frames"][generated]).max() > 1e-2
+    np.testing.assert_allclose(g["frames"][list(KEYFRAMES)], a["frames"][list(KEYFRAMES)], atol=1e-5)
+    bad = tmp_path / "bad.mp4"
+    with pytest.raises(cli.GenerateError, match="keyframe_guidance"):
+        _run(f"--ckpt={checkpoint}", *_keyframe_args(images), "--frames=17", "--keyframe_guidance=nan",
+             f"--out={bad}")
+    assert not list(tmp_path.glob("bad*"))
+
+
 def test_bad_inputs_are_refused_and_write_nothing(checkpoint, images, tmp_path):
     good = f"--keyframe={images[0]}@0"
     ck = f"--ckpt={checkpoint}"

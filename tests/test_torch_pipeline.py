@@ -95,7 +95,8 @@ def _run_both_uncached(models, inputs, **sampling):
 @pytest.mark.parametrize("sampling", [
     dict(sampler="euler", steps=8, shift=3.0),
     dict(sampler="unipc", steps=5, shift=5.0, guidance_scale=4.0),
-], ids=["euler", "unipc-cfg"])
+    dict(sampler="euler", steps=6, shift=1.0, keyframe_guidance=5.0),
+], ids=["euler", "unipc-cfg", "euler-keyframe-guidance"])
 def test_torch_pipeline_reproduces_jax_video(models, inputs, sampling):
     gen, vae, pipe = models
     scheduler = pipe.scheduler(sampling["sampler"], sampling["shift"])
@@ -117,6 +118,9 @@ def test_torch_pipeline_reproduces_jax_video(models, inputs, sampling):
     assert latent_err < LATENT_ATOL
     assert value >= PSNR_MIN
     assert jax_video.std() > 0.05  # a real video, not a constant one that any pipeline would match
+    if sampling.get("keyframe_guidance", 1.0) != 1.0:  # guidance reached both samplers: it changes the latents
+        unguided = {k: v for k, v in sampling.items() if k != "keyframe_guidance"}
+        assert np.abs(_run_both(models, inputs, **unguided)[1] - jax_latents)[:, ~given].max() > 1e-2
 
 
 def test_integer_rope_does_not_reproduce(models, inputs):

@@ -162,8 +162,12 @@ class TorchDirectorPipeline:
     def sample(self, layout: TimelineLayout, given_latents: np.ndarray, text: np.ndarray, noise: np.ndarray, *,
                text_mask: np.ndarray | None = None, negative_text: np.ndarray | None = None,
                negative_mask: np.ndarray | None = None, steps: int = 50, sampler: str = "unipc",
-               shift: float = 5.0, guidance_scale: float = 1.0) -> np.ndarray:
-        """``generate_latents`` with the noise given: normalized latents (B, L, h, w, z), given frames exact."""
+               shift: float = 5.0, guidance_scale: float = 1.0, keyframe_guidance: float = 1.0) -> np.ndarray:
+        """``generate_latents`` with the noise given: normalized latents (B, L, h, w, z), given frames exact.
+
+        ``keyframe_guidance`` as ``diffusion.keyframe_guided_velocity``: a second pass with the given
+        frames released to the current sigma from their share of ``noise``.
+        """
         import torch
 
         noise = np.asarray(noise, np.float32)
@@ -200,18 +204,26 @@ class TorchDirectorPipeline:
         def impose(x):
             return torch.where(mask5, given_t, x)
 
-        x = impose(_to_torch(noise, dev))
+        noise_t = _to_torch(noise, dev)
+
+        def velocity(x, sigma_frames):
+            if guidance_scale == 1.0:
+                return self.transformer.gen_forward(x, sigma_frames, cond[0], positions=positions,
+                                                    text_mask=cond[1]).float()
+            both = self.transformer.gen_forward(torch.cat([x, x]), torch.cat([sigma_frames, sigma_frames]),
+                                                cond[0], positions=positions, text_mask=cond[1]).float()
+            v_c, v_u = both.chunk(2, dim=0)
+            return v_u + guidance_scale * (v_c - v_u)
+
+        x = impose(noise_t)
         with torch.no_grad():
             for i, t in enumerate(scheduler.timesteps):
-                sigma_frames = torch.where(given, 0.0, sigmas[i]).to(torch.float32)
-                if guidance_scale == 1.0:
-                    v = self.transformer.gen_forward(x, sigma_frames, cond[0], positions=positions,
-                                                     text_mask=cond[1]).float()
-                else:
-                    both = self.transformer.gen_forward(torch.cat([x, x]), torch.cat([sigma_frames, sigma_frames]),
-                                                        cond[0], positions=positions, text_mask=cond[1]).float()
-                    v_c, v_u = both.chunk(2, dim=0)
-                    v = v_u + guidance_scale * (v_c - v_u)
+                sigma = sigmas[i]
+                v = velocity(x, torch.where(given, 0.0, sigma).to(torch.float32))
+                if keyframe_guidance != 1.0:  # the given frames released to this sigma, as if generated
+                    free = torch.where(mask5, (1.0 - sigma) * given_t + sigma * noise_t, x)
+                    v_free = velocity(free, torch.full(given.shape, float(sigma), dtype=torch.float32, device=dev))
+                    v = v_free + keyframe_guidance * (v - v_free)
                 x = impose(scheduler.step(v, t, x, return_dict=False)[0].float())
         return _from_torch(x)
 
@@ -261,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--text-embeddings", required=True, help=".npy caption embeddings (Lt, D) or (1, Lt, D)")
     parser.add_argument("--negative-embeddings", default=None, help=".npy negative caption embeddings (for CFG)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--keyframe-guidance", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", choices=("unipc", "euler"), default="unipc")
     parser.add_argument("--shift", type=float, default=5.0)
@@ -290,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     noise = np.load(args.noise) if args.noise else jax_noise(args.seed, shape)
     negative = embeddings(args.negative_embeddings) if args.negative_embeddings else None
     out, _ = pipe(layout, video, embeddings(args.text_embeddings), noise, negative_text=negative, steps=args.steps,
-                  sampler=args.sampler, shift=args.shift, guidance_scale=args.guidance_scale)
+                  sampler=args.sampler, shift=args.shift, guidance_scale=args.guidance_scale,
+                  keyframe_guidance=args.keyframe_guidance)
     if args.out.endswith(".npy"):
         np.save(args.out, out[0])
     else:

@@ -109,7 +109,8 @@ def export_check(workdir: Path, gen_cfg: ml_collections.ConfigDict, row: dict) -
     shape = noise_shape(layout, 1, lowres.shape[1], lowres.shape[2], vae.config.z_dim, vae.config.spatial_factor)
     text = np.zeros((1, 1, int(gen_cfg.model.text_dim)), np.float32)
     torch_video, _ = pipe(layout, video, text, jax_noise(0, shape), text_mask=np.zeros((1, 1), bool),
-                          steps=int(s.steps), sampler=str(s.name), shift=float(s.shift))
+                          steps=int(s.steps), sampler=str(s.name), shift=float(s.shift),
+                          keyframe_guidance=float(s.get("keyframe_guidance", 1.0)))
     return {"case": row["name"], "psnr_db": float(psnr(torch_video[0], lowres)), "seconds": round(time.time() - t0, 1),
             "directories": [str(out / "vae"), str(out / "transformer")]}
 

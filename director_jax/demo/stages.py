@@ -122,8 +122,10 @@ def gen_config(cfg: ml_collections.ConfigDict, workdir: Path) -> ml_collections.
     c = _common(load_config(CONFIGS / "gen_tiny.py"), cfg, cfg.gen, workdir)
     size = int(cfg.data.size) // int(cfg.data.sr_scale)
     c.video.update(dict(height=size, width=size))
-    c.sampler.update(dict(name="euler", shift=1.0, guidance_scale=1.0))
+    c.sampler.update(dict(name="euler", shift=1.0, guidance_scale=1.0,
+                          keyframe_guidance=float(cfg.gen.get("keyframe_guidance", 1.0))))
     c.flow.timestep_sampling = str(cfg.gen.timestep_sampling)
+    c.train.keyframe_dropout = float(cfg.gen.get("keyframe_dropout", 0.0))
     return c
 
 

@@ -44,6 +44,7 @@ class SamplingSettings:
     steps: int
     shift: float
     guidance_scale: float
+    keyframe_guidance: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,8 @@ def generate_cases(gen: DirectorGen, vae: WanVAE, cases: Sequence[EvalCase], tex
             video, _ = generate_video(gen, vae, layout, given[None], caption[None], key=key, encode=encode,
                                       decode=decode, text_mask=caption_mask[None], steps=sampling.steps,
                                       sampler=sampling.sampler, shift=sampling.shift,
-                                      guidance_scale=sampling.guidance_scale, progress=False, **kw)
+                                      guidance_scale=sampling.guidance_scale,
+                                      keyframe_guidance=sampling.keyframe_guidance, progress=False, **kw)
             return video[0]
 
         run = jax.vmap(one)

@@ -36,8 +36,9 @@ def sampling_settings(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.
         return fallback if value is None else value
 
     return SamplingSettings(sampler=str(pick("name", m.name)), steps=int(pick("steps", m.steps)),
-                            shift=float(pick("shift", m.shift)), guidance_scale=float(pick("guidance_scale",
-                                                                                             m.guidance_scale)))
+                            shift=float(pick("shift", m.shift)),
+                            guidance_scale=float(pick("guidance_scale", m.guidance_scale)),
+                            keyframe_guidance=float(pick("keyframe_guidance", m.get("keyframe_guidance", 1.0))))
 
 
 def text_inputs(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, cases: Sequence[EvalCase],

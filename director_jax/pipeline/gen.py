@@ -62,13 +62,15 @@ def _with_mask(text: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.
 def generate_latents(gen: DirectorGen, layout: TimelineLayout, given_latents: jax.Array, text: jax.Array, *,
                      key: jax.Array, text_mask: jax.Array | None = None, negative_text: jax.Array | None = None,
                      negative_mask: jax.Array | None = None, steps: int = 50, sampler: str = "unipc",
-                     shift: float = 5.0, guidance_scale: float = 1.0, progress: bool = True) -> jax.Array:
+                     shift: float = 5.0, guidance_scale: float = 1.0, keyframe_guidance: float = 1.0,
+                     progress: bool = True) -> jax.Array:
     """Samples the generated latent frames of ``layout``; given frames come out exactly as given.
 
     ``given_latents`` (B, L, h, w, C) normalized (values on generated frames are ignored);
     ``text`` (B, Lt, text_dim) caption embeddings; ``negative_text`` the negative caption's,
-    needed when ``guidance_scale != 1`` (classifier-free guidance). ``key`` seeds the noise: the
-    same key gives the same latents.
+    needed when ``guidance_scale != 1`` (classifier-free guidance); ``keyframe_guidance != 1``
+    guides toward the given frames (``diffusion.keyframe_guided_velocity``; a model trained with
+    keyframe dropout). ``key`` seeds the noise: the same key gives the same latents.
     """
     check_given_latents(given_latents, layout, gen)
     b = given_latents.shape[0]
@@ -83,7 +85,8 @@ def generate_latents(gen: DirectorGen, layout: TimelineLayout, given_latents: ja
         return _velocity(graphdef, state, x, sigma_frames, positions, c)
 
     return sample(denoise, noise, steps=steps, sampler=sampler, shift=shift, given_latents=given_latents,
-                  given_mask=given, guidance_scale=guidance_scale, cond=cond, uncond=uncond, progress=progress)
+                  given_mask=given, guidance_scale=guidance_scale, cond=cond, uncond=uncond,
+                  keyframe_guidance=keyframe_guidance, progress=progress)
 
 
 def generate_video(gen: DirectorGen, vae: WanVAE, layout: TimelineLayout, given_video: jax.Array,
@@ -93,7 +96,8 @@ def generate_video(gen: DirectorGen, vae: WanVAE, layout: TimelineLayout, given_
 
     ``given_video`` holds the given frames at their timeline positions (see
     ``timeline.place_given_frames``); its other frames are ignored. ``sampling`` goes to
-    ``generate_latents`` (text_mask, negative_text, steps, sampler, shift, guidance_scale, ...).
+    ``generate_latents`` (text_mask, negative_text, steps, sampler, shift, guidance_scale,
+    keyframe_guidance, ...).
     """
     given_latents = timeline_latents(vae, given_video, layout, encode=encode)
     latents = generate_latents(gen, layout, given_latents, text, key=key, **sampling)

@@ -216,8 +216,9 @@ def train_on_cache(cfg: ml_collections.ConfigDict, caches: Sequence[LayoutCache]
 
     Each step draws one layout (so a batch has one latent count; each count compiles once), then
     ``train.batch_size`` rows; for SR, a row's keyframes are dropped with ``keyframe_dropout`` (every
-    frame generated). Writes a trainer checkpoint of the last step to ``workdir/checkpoints``
-    (read back by ``eval.checkpoint`` / ``generate``) and returns the loss log.
+    frame generated: SR's dropout otherwise lives in its data path, which a cache skips; Gen drops
+    keyframes in its loss, ``train.keyframe_dropout``). Writes a trainer checkpoint of the last step
+    to ``workdir/checkpoints`` (read back by ``eval.checkpoint`` / ``generate``) and returns the loss log.
     """
     from director_jax.train.checkpoint import Checkpointer
     from director_jax.train.trainer import build_run

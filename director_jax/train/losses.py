@@ -48,6 +48,26 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     return loss, aux
 
 
+_KEYFRAME_DROP_TAG = 0x4B44  # folds the keyframe-dropout draw out of the step key, apart from the flow draws
+
+
+def drop_keyframes(given: jax.Array, key: jax.Array, rate: float) -> jax.Array:
+    """Keyframe dropout: each row's given frames all become generated frames with probability ``rate``.
+
+    The model then also learns the timeline without its keyframes, the unconditional branch that
+    keyframe guidance (``diffusion.keyframe_guided_velocity``) steers away from. ``key`` is one key
+    or one per example (B,), as ``_flow_loss`` takes it; the draw is folded out of it.
+    """
+    given = jnp.asarray(given, bool)
+    if rate <= 0.0:
+        return given
+    if key.ndim == 1:
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, _KEYFRAME_DROP_TAG)))(key)
+    else:
+        u = jax.random.uniform(jax.random.fold_in(key, _KEYFRAME_DROP_TAG), (given.shape[0],))
+    return given & (u >= rate)[:, None]
+
+
 def _flow_loss(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array, given: jax.Array,
                key: jax.Array, *, timestep_sampling: str, logit_mean: float, logit_std: float, shift: float
                ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -30,7 +30,7 @@ from director_jax.models.sr import DirectorSR, sr_config
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import TEMPORAL_FACTOR, WanVAE, WanVAEConfig
 from director_jax.pipeline.gen import timeline_latents
-from director_jax.train.losses import gen_loss, sr_loss, vae_loss
+from director_jax.train.losses import drop_keyframes, gen_loss, sr_loss, vae_loss
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ class GenTask(Task):
     (``train.latents = "encode"``: the batch holds pixels) or precomputed (``"precomputed"``: the
     batch holds normalized chunk latents in the layout's order, as a latent cache provides them).
     With ``text.conditioning`` off the model is trained unconditionally (an empty caption).
+    ``train.keyframe_dropout``: the probability that an example's keyframes are all generated
+    instead (``losses.drop_keyframes``), which keyframe guidance at sampling needs.
     """
 
     name = "gen"
@@ -178,6 +180,9 @@ class GenTask(Task):
             raise ValueError(f"video {v.height}x{v.width} must be a multiple of {factor} (the VAE's "
                              f"{self.vae_config.spatial_factor}x times the patch).")
         self.layouts_in_batch = bool(t.get("layouts_in_batch", False))
+        self.keyframe_dropout = float(t.get("keyframe_dropout", 0.0))
+        if not 0.0 <= self.keyframe_dropout <= 1.0:
+            raise ValueError(f"train.keyframe_dropout is a probability; got {self.keyframe_dropout}.")
 
     def build_fn(self) -> Callable[[], nnx.Module]:
         cfg = self.cfg
@@ -254,6 +259,7 @@ class GenTask(Task):
         b = latents.shape[0]
         text, text_mask = self.batch_text(batch, b)
         given, positions = self.batch_layout(batch, b)
+        given = drop_keyframes(given, key, self.keyframe_dropout)
         f = self.cfg.flow
         return gen_loss(model, latents, given, positions, text, key, text_mask=text_mask,
                         timestep_sampling=f.timestep_sampling, logit_mean=float(f.logit_mean),
@@ -403,9 +409,6 @@ class SRTask(GenTask):
         v = cfg.video
         if v.height % self.scale or v.width % self.scale:
             raise ValueError(f"video {v.height}x{v.width} is not divisible by the scale {self.scale}.")
-        self.keyframe_dropout = float(cfg.train.get("keyframe_dropout", 0.0))
-        if not 0.0 <= self.keyframe_dropout <= 1.0:
-            raise ValueError(f"train.keyframe_dropout is a probability; got {self.keyframe_dropout}.")
         if int(cfg.model.in_channels) != self.vae_config.z_dim:
             raise ValueError(f"config.model.in_channels={cfg.model.in_channels} but the VAE has z_dim "
                              f"{self.vae_config.z_dim}: config.model is the Gen architecture over the VAE's latents.")
