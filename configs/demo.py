@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     # before the latent-statistics fix of train/tasks.py; not re-measured since).
     # Keyframe guidance (diffusion/samplers.py: keyframe_guided_velocity; trained by dropping every keyframe of 10%
     # of the examples): unguided, this Gen lets an object fade into the background midway between two keyframes
-    # (5% of generated frames lost it, trajectory error 5.1 px); guided at 10, 0.1-0.4% (2.9-3.0 px).
+    # (8.3% of generated frames lost it, trajectory error 6.3 px); guided at 10, 0.7% (3.1 px vs cross-fade 3.3).
+    # Measured: benchmarks/RESULTS.md, "CPU demo".
     c.gen = ml_collections.ConfigDict(dict(steps=8000, batch_size=8, learning_rate=1e-3, warmup_steps=100,
                                            ema_decay=0.995, sampler_steps=20, timestep_sampling="uniform",
                                            keyframe_dropout=0.1, keyframe_guidance=10.0))
