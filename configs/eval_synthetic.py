@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
         # the clip starts 8 frames before the movie's cut: one keyframe per shot
         dict(name="keyframe per shot", anchor="cut", start=-8, keyframes=("#0", "#8")),
     )
-    # Sampling: unset fields take the model config's sampler section.
+    # Sampling: unset fields take the model config's sampler section (keyframe_guidance: 1 = off).
     c.sampler = ml_collections.ConfigDict(dict(name=placeholder(str), steps=placeholder(int),
                                                shift=placeholder(float), guidance_scale=placeholder(float),
                                                keyframe_guidance=placeholder(float)))

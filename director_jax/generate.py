@@ -10,6 +10,9 @@ gives a conditioning video segment (START as TIME, or ``end``): at the start, th
 forward; at the end, backward; two videos, in between. ``--shot_caption`` (repeated) builds the
 shot-structured caption of ``data/captions.py`` for multi-shot videos (``--caption``: one caption as
 it is); models trained without captions (``text.conditioning=False``) ignore them, with a note.
+``--keyframe_guidance S`` (default the config's ``sampler.keyframe_guidance``; 1 = off) pushes the
+generated frames toward what the keyframes imply, for models trained with keyframe dropout
+(``diffusion.keyframe_guided_velocity``; two model calls per step).
 
 Writes ``OUT.mp4`` (H.264), ``OUT.png`` (a contact sheet with the keyframe frames outlined in yellow)
 and ``OUT.json`` (the exact settings: seed, frames, times, checkpoint step, ...). Every input is
