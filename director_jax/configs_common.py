@@ -74,9 +74,18 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
                                              grad_clip=1.0, ema_decay=0.999))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep_last=3, keep_every=0, async_save=True))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", worker_count=0,
+        source="synthetic",  # "synthetic" (generated on the fly) or "curated" (the TFDS shards of data/tfds_builder.py)
+        worker_count=0,
         synthetic=ml_collections.ConfigDict(dict(num_movies=100_000, fps=8.0, shot_lengths=(20, 28),
                                                  shots_per_movie=2, hflip=True)),
+        # data/loader.py: windows of video.num_frames frames, resized and cropped to video.height x width
+        curated=ml_collections.ConfigDict(dict(
+            dir="",  # the curated directory (with tfds/ inside), its tfds/ dir or the dataset version dir
+            split="train",
+            fps=0.0,  # resample the clips to this rate; 0 keeps each clip's own
+            caption_dropout=0.1,  # the probability that a caption becomes "" (classifier-free guidance)
+            decode_threads=1,  # FFmpeg threads per decode; parallelism comes from data.worker_count
+        )),
     ))
     return c
 

@@ -8,7 +8,8 @@ aggregate numbers, identical between runs) and ``OUT/report.html`` (tables and c
 ``--baseline reference`` scores the true clips (each metric's best value).
 
 Cases are generated on all devices (a data mesh; see ``eval/generate.py``); on a pod run the same
-command on every host (``--coordinator_address`` etc. as for training). Process 0 writes the files.
+command on every host: ``--distributed`` as for training (``auto`` finds Cloud TPU slices, GKE and
+SLURM; ``parallel/distributed.py``). Process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from director_jax.parallel.distributed import DistributedFlags
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_synthetic.py", "An eval suite config file.")
 _CKPT = flags.DEFINE_string("ckpt", None, "Director-Gen checkpoint: the trainer's workdir, checkpoints/ or step dir.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/eval", "Where metrics.json, report.html and media/ are written.")
@@ -26,11 +29,7 @@ _BASELINE = flags.DEFINE_enum("baseline", None, ["crossfade", "reference"],
                               "Score a baseline instead of a checkpoint (no --ckpt).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars (process 0 only).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for multi-process runs (with --num_processes, "
-                                   "--process_id); TPU pods and SLURM are detected by jax.distributed.initialize().")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_DISTRIBUTED = DistributedFlags()
 
 
 def main(argv) -> int:
@@ -40,8 +39,10 @@ def main(argv) -> int:
         raise app.UsageError("give --ckpt DIR (a Director-Gen checkpoint) or --baseline crossfade|reference.")
     import jax
 
-    if _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        _DISTRIBUTED.initialize()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     from director_jax.eval.run import run_evaluation
 
     results = run_evaluation(_CONFIG.value, _WORKDIR.value, ckpt=_CKPT.value, baseline=_BASELINE.value,

@@ -468,12 +468,15 @@ def cmd_train(args) -> list[list[str]]:
     steps = []
     if args.compile_first:
         steps.append(compile_argv(config, acc.topology, overrides))
-    module = ["director_jax.train", "--config", config, "--workdir", workdir]
-    if acc.multi_host or n > 1:
-        module += ["--distributed", "on"]  # TPU VMs do not export the multi-host env vars the auto mode looks for
+    module = ["director_jax.train", "--config", config, "--workdir", workdir, *distributed_flag(acc, n)]
     module += with_slices(overrides, n)
     steps.append(ssh(args, launch_script(args, run, module, env, bucket)))
     return steps
+
+
+def distributed_flag(acc, num_slices: int) -> list[str]:
+    """``--distributed on`` for several hosts: said outright, not left to the commands' metadata-server detection."""
+    return ["--distributed", "on"] if acc.multi_host or num_slices > 1 else []
 
 
 def evaluate_module_present() -> bool:
@@ -504,7 +507,8 @@ def cmd_eval(args) -> list[list[str]]:
     while len(parts) > 1 and (parts[-1] == "checkpoints" or parts[-1].isdigit()):
         parts.pop()  # .../runs/RUN/checkpoints[/STEP] -> RUN
     run = run_name(args.run, "eval-" + parts[-1])
-    module = ["director_jax.evaluate", "--config", config, "--ckpt", ckpt, *eval_out(args), *eval_extra(args.extra)]
+    module = ["director_jax.evaluate", "--config", config, "--ckpt", ckpt, *eval_out(args),
+              *distributed_flag(acc, n), *eval_extra(args.extra)]
     return [ssh(args, launch_script(args, run, module, env, bucket))]
 
 
@@ -661,9 +665,7 @@ def cmd_xpk(args) -> list[list[str]]:
             raise LaunchError(f"--workdir {workdir!r}: a GKE pod's disk goes with the pod; checkpoints must go to "
                               "gs://BUCKET/...")
         parse_gs(workdir, what="--workdir")
-        module = ["director_jax.train", "--config", config, "--workdir", workdir]
-        if acc.multi_host or n > 1:
-            module += ["--distributed", "on"]
+        module = ["director_jax.train", "--config", config, "--workdir", workdir, *distributed_flag(acc, n)]
         return [_xpk_workload(args, module + with_slices(overrides, n))]
     if action == "eval":
         config = eval_config(args.config)
@@ -671,7 +673,7 @@ def cmd_xpk(args) -> list[list[str]]:
             raise LaunchError(f"--ckpt {args.ckpt!r}: the pods read checkpoints from gs://BUCKET/...")
         parse_gs(args.ckpt, what="--ckpt")
         return [_xpk_workload(args, ["director_jax.evaluate", "--config", config, "--ckpt", args.ckpt,
-                                     *eval_out(args), *eval_extra(args.extra)])]
+                                     *eval_out(args), *distributed_flag(acc, n), *eval_extra(args.extra)])]
     if action == "list":
         return [["xpk", "workload", "list", f"--cluster={args.cluster}", *_xpk_common(args)]]
     if action == "delete":

@@ -350,6 +350,10 @@ def test_eval_command():
         "logs/ev1.log" in remote_script(ssh)
     assert "every host must see" in fails("eval", "dj", "--zone", ZONE, "--accelerator", "v4-16", "--config",
                                           "configs/eval_synthetic.py", "--ckpt", "ckpts/x")
+    (ssh,) = dry("eval", "dj", "--zone", ZONE, "--accelerator", "v4-16", "--config", "configs/eval_synthetic.py",
+                 "--ckpt", "gs://my-bkt/runs/gen", "--", "--config.movies.count", "16")
+    assert ("-m director_jax.evaluate --config configs/eval_synthetic.py --ckpt gs://my-bkt/runs/gen "
+            "--distributed on --config.movies.count 16 >> logs/eval-gen.log") in remote_script(ssh)
     if (ROOT / "director_jax" / "evaluate.py").is_file():
         assert "configs/eval_missing.py does not exist" in fails(
             "eval", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--config", "configs/eval_missing.py", "--ckpt",
@@ -589,6 +593,9 @@ def test_xpk_commands():
                     "configs/eval_synthetic.py", "--ckpt", "gs://my-bkt/runs/gen/checkpoints", "--out", "/tmp/ev")
     assert create[8] == ("--command=cd /app && python -m director_jax.evaluate --config configs/eval_synthetic.py "
                          "--ckpt gs://my-bkt/runs/gen/checkpoints --workdir /tmp/ev")
+    (create,) = dry("xpk", "eval", *common, "--accelerator", "v5p-32", *run[:4], "--config",
+                    "configs/eval_synthetic.py", "--ckpt", "gs://my-bkt/runs/gen")
+    assert create[8].endswith("--ckpt gs://my-bkt/runs/gen --distributed on")
     assert dry("xpk", "list", *common) == [["xpk", "workload", "list", "--cluster=director", f"--zone={ZONE}"]]
     assert dry("xpk", "delete", *common, "--workload", "w") == [
         ["xpk", "workload", "delete", "--cluster=director", "--workload=w", f"--zone={ZONE}"]]

@@ -166,6 +166,40 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(uninterrupted, tmp_pat
     assert [r["loss"] for r in _jsonl(tmp_path)] == [r["loss"] for r in _jsonl(ref_dir)]
 
 
+def test_cloud_storage_workdir_survives_kill_9_like_a_local_one(uninterrupted, gcs_emulator, tmp_path):
+    """--workdir gs://...: checkpoints, metrics, TensorBoard and config in the bucket; kill -9 and resume as locally."""
+    from etils import epath
+
+    ref_dir, _ = uninterrupted
+    remote = f"gs://{gcs_emulator.bucket}/runs/gen-{time.time_ns()}"
+    env = {**_env(), **gcs_emulator.env}
+    committed = epath.Path(remote) / "checkpoints" / "10" / "commit_success.txt"  # Orbax's last write on GCS
+    proc = subprocess.Popen(_cli(remote, 20, 10), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(committed.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (epath.Path(remote) / "checkpoints" / "20").exists(), "the run finished before the kill"
+    assert not list(Path.cwd().glob("gs:*")), "a local directory named after the bucket was made"
+
+    resumed = subprocess.run(_cli(remote, 20, 10), env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert b"resumed from step 10" in resumed.stderr
+
+    import gcsfs
+
+    local = tmp_path / "downloaded"
+    gcsfs.GCSFileSystem().get(remote + "/", str(local), recursive=True)
+    strip = lambda d: [(r["step"], r["loss"], r["data_fingerprint"]) for r in _jsonl(d)]  # noqa: E731
+    assert strip(local) == strip(ref_dir) and len(strip(local)) == 20
+    assert json.loads((local / "config.json").read_text()) == json.loads((ref_dir / "config.json").read_text())
+    assert len(list((local / "tensorboard").iterdir())) == 2  # one event file per process start
+    cfg = tiny(20, data=2, fsdp=4)
+    ours, _ = _restore_params(epath.Path(remote), 20, cfg)
+    theirs, _ = _restore_params(ref_dir, 20, cfg)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("mesh,devices", [({"data": 4}, 4), ({"data": 8}, 8), ({"tensor": 2, "fsdp": 2}, 4)])
 def test_restore_onto_another_mesh_gives_identical_parameters(uninterrupted, mesh, devices):
     """Saved as fsdp=4 x data=2 on 8 devices; restored on 4 devices or as pure data parallel."""

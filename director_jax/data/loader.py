@@ -68,7 +68,7 @@ from director_jax.data.task_sampling import DEFAULT_TASK_WEIGHTS, TaskSamplingCo
 log = logging.getLogger(__name__)
 
 __all__ = ["CuratedLoaderConfig", "make_curated_dataset", "make_iterator", "batch_plan", "nearest_bucket",
-           "resampled_length", "source_frame_indices", "dataset_dir"]
+           "resampled_length", "source_frame_indices", "dataset_dir", "text_metadata"]
 
 VIDEO_DTYPES = ("float32", "uint8")
 _EPS = 1e-9  # keeps j * ratio + 1/2 that is a whole number in exact arithmetic from rounding down
@@ -305,6 +305,11 @@ def decode_frames(data: bytes, indices: np.ndarray, height: int, width: int, thr
         raise ValueError(f"the clip has fewer frames than needed (frame {last} asked, {n + 1} decoded): the stored "
                          "clip and the manifest's num_frames disagree; rebuild the curated directory.")
     return out
+
+
+def text_metadata(cfg: CuratedLoaderConfig) -> dict | None:
+    """The dataset's text-embedding metadata (``dim``, ``max_length``, ``dtype``...), None when built without any."""
+    return _open(cfg).text
 
 
 def _to_float(pixels: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ instead (needs libtpu; no TPU needed), prints per-device memory and FLOPs, and e
 the step does not fit the chip's HBM.
 
 On a TPU pod run the same command on every host: ``--distributed auto`` (default) calls
-``jax.distributed.initialize()`` when the environment describes more than one host. Elsewhere give
+``jax.distributed.initialize()`` when this host is one of several (``parallel/distributed.py``: the
+environment, or a Cloud TPU VM's metadata server). Elsewhere give
 ``--coordinator_address host:port --num_processes N --process_id i`` to every process (on CPUs
 also set ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``). Each process loads its own rows of every
 global batch; process 0 writes metrics; checkpoints hold one data-iterator state per process.
@@ -15,30 +16,19 @@ global batch; process 0 writes metrics; checkpoints hold one data-iterator state
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from director_jax.parallel.distributed import DistributedFlags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (get_config()); see configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard files go here.")
 _TOPOLOGY = flags.DEFINE_string("compile_topology", None,
                                 "Compile only, for this TPU topology (e.g. v5p:2x2x1, v6e:2x2), and report memory.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "jax.distributed.initialize(): auto = when a multi-host environment is detected.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (process 0 only).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs outside TPU pods / SLURM "
-                                   "(with --num_processes and --process_id); implies --distributed on.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-
-def _multihost_environment() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
-                or len([h for h in hosts.split(",") if h.strip()]) > 1)
-
+_DISTRIBUTED = DistributedFlags()
 
 def main(argv) -> int:
     del argv
@@ -56,12 +46,10 @@ def main(argv) -> int:
 
     import jax
 
-    if _COORDINATOR.value:
-        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-            raise app.UsageError("--coordinator_address needs --num_processes and --process_id.")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
-        jax.distributed.initialize()  # TPU pods, GKE, SLURM: the environment says who is who
+    try:
+        _DISTRIBUTED.initialize()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     from director_jax.train.trainer import train
 
     result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value)

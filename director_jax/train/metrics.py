@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -20,13 +22,14 @@ from typing import IO, Any
 
 import jax
 import numpy as np
+from etils import epath
 from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
 from tensorboardX.proto.summary_pb2 import Summary
 from tqdm import tqdm
 
-from director_jax.io_utils import atomic_write
+from director_jax.io_utils import atomic_write, is_remote, storage_path
 from director_jax.parallel.chips import chip_spec
 
 log = logging.getLogger(__name__)
@@ -106,19 +109,34 @@ class MetricWriter:
     The event files are written synchronously with tensorboardX's ``EventsWriter`` (the writer underneath
     ``SummaryWriter``): SummaryWriter hands events to a background thread through a queue that its ``flush()``
     does not drain, so a killed run could lose events that "were flushed".
+
+    A cloud ``workdir`` (``gs://...``) cannot be appended to: both files are written in a local staging
+    directory and uploaded whole by ``sync()``, which the trainer calls after every checkpoint (so what a
+    resume keeps is in the bucket), and which ``write_scalars`` calls every ``sync_every_s`` seconds and
+    ``close()`` once more. A kill loses at most the lines since the last sync, all past the last checkpoint.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
+                 sync_every_s: float = 60.0):
+        self.remote = is_remote(workdir)
+        self.workdir = storage_path(workdir) if self.remote else Path(workdir)
         self.enabled = enabled
+        self.sync_every_s = float(sync_every_s)
         self._jsonl: IO[str] | None = None
         self._events: EventsWriter | None = None
+        self._staging: Path | None = None
+        self._last_sync = time.monotonic()
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        _repair_jsonl(self.metrics_path, resume_step)
-        self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        tb_dir = self.workdir / TB_DIR
+        if self.remote:
+            self._staging = Path(tempfile.mkdtemp(prefix="director_jax_metrics_"))
+            if self.metrics_path.exists():
+                (self._staging / METRICS_FILE).write_bytes(self.metrics_path.read_bytes())
+        local = self._local_dir
+        _repair_jsonl(local / METRICS_FILE, resume_step)
+        self._jsonl = open(local / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        tb_dir = local / TB_DIR
         tb_dir.mkdir(exist_ok=True)
         # Event file names start with the time in whole seconds; the ns suffix keeps a restart within the same
         # second from overwriting the previous file and sorts it after that file (TensorBoard reads in name order).
@@ -132,14 +150,28 @@ class MetricWriter:
                 )
             )
         self._events.flush()
+        self.sync()
 
     @property
-    def metrics_path(self) -> Path:
+    def _local_dir(self) -> Path:
+        return self._staging if self._staging is not None else Path(self.workdir)
+
+    @property
+    def metrics_path(self) -> Path | epath.Path:
         return self.workdir / METRICS_FILE
 
     @property
-    def config_path(self) -> Path:
+    def config_path(self) -> Path | epath.Path:
         return self.workdir / CONFIG_FILE
+
+    def sync(self) -> None:
+        """Uploads the staged files to a cloud workdir (each object replaced whole); nothing to do locally."""
+        self._last_sync = time.monotonic()
+        if self._staging is None:
+            return
+        self.metrics_path.write_bytes((self._staging / METRICS_FILE).read_bytes())
+        for event_file in sorted((self._staging / TB_DIR).iterdir()):  # only this run's: older ones stay as they are
+            (self.workdir / TB_DIR / event_file.name).write_bytes(event_file.read_bytes())
 
     def write_scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
         """Appends one JSONL line and one TensorBoard event for ``step``; values are Python/numpy/jax scalars."""
@@ -159,6 +191,8 @@ class MetricWriter:
         self._jsonl.flush()
         self._events.write_event(event_pb2.Event(wall_time=now, step=step, summary=summary))
         self._events.flush()
+        if self._staging is not None and time.monotonic() - self._last_sync >= self.sync_every_s:
+            self.sync()
 
     def write_config(self, config: str | Mapping[str, Any], step: int = 0) -> None:
         """Stores the run's config as ``config.json`` (atomically) and as TensorBoard text, to know what ran.
@@ -175,7 +209,7 @@ class MetricWriter:
         else:
             text = json.dumps(config, indent=2, sort_keys=True, default=str)
         text = text.rstrip("\n") + "\n"
-        atomic_write(self.config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(self.config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # cloud: one upload
         markdown = "\n".join("    " + line for line in text.splitlines())  # indented: a markdown code block
         self._events.write_event(
             event_pb2.Event(wall_time=time.time(), step=int(step), summary=tb_summary.text("config", markdown))
@@ -183,12 +217,22 @@ class MetricWriter:
         self._events.flush()
 
     def close(self) -> None:
+        opened = self._jsonl is not None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         if self._events is not None:
             self._events.close()
             self._events = None
+        if self._staging is not None:
+            try:
+                if opened:
+                    self.sync()
+            except Exception:  # gcsfs raises many kinds; the staged files are kept, not lost
+                log.exception("could not upload the metrics to %s; they are kept in %s", self.workdir, self._staging)
+            else:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def __enter__(self) -> MetricWriter:
         return self

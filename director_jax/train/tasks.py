@@ -109,6 +109,22 @@ class Task:
         """The synthetic-clip source settings for this task's examples."""
         raise NotImplementedError
 
+    def curated_config(self):
+        """The curated-shard loader's settings (``data.source='curated'``): windows of the config's video size.
+
+        Caption embeddings are padded to ``text.max_length`` when the task is text-conditioned.
+        """
+        from director_jax.data.loader import CuratedLoaderConfig
+
+        v, c = self.cfg.video, self.cfg.data.curated
+        text = self.cfg.get("text")
+        conditioned = text is not None and bool(text.get("conditioning", False))
+        return CuratedLoaderConfig(
+            data_dir=str(c.dir), split=str(c.split), clip_frames=int(v.num_frames), fps=float(c.fps) or None,
+            buckets=((int(v.height), int(v.width)),), caption_dropout=float(c.caption_dropout),
+            text_length=int(text.max_length) if conditioned else None, decode_threads=int(c.decode_threads),
+            seed=int(self.cfg.seed))
+
     def data_transform(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
         """A picklable function the data pipeline applies to every host batch (numpy in, numpy out); None: none."""
         return None
@@ -294,9 +310,36 @@ class GenTask(Task):
             raise ValueError("train.latents='precomputed' needs a latent cache; the synthetic source gives pixels: "
                              "set --config.train.latents=encode.")
         if self.cfg.text.conditioning:
-            raise ValueError("the synthetic source has no caption embeddings yet: set "
-                             "--config.text.conditioning=False (unconditional) or use a curated-shard source.")
+            raise ValueError("the synthetic source has no caption embeddings: set --config.text.conditioning=False "
+                             "(unconditional) or train on curated shards (--config.data.source=curated "
+                             "--config.data.curated.dir=DIR, built with text embeddings).")
         return _synthetic_clips(self.cfg, v.num_frames, v.height, v.width)
+
+    def curated_config(self):
+        """As the base, after checking what curated clips can feed: pixels for ``train.keyframes``' timeline.
+
+        Every example is trained on that one timeline; the loader's own per-example task and keyframe draw
+        (its ``given`` masks) would need a timeline per row, which the encode-in-step path does not have.
+        """
+        t = self.cfg.train
+        if t.latents != "encode":
+            raise ValueError("data.source='curated' gives pixels: set --config.train.latents=encode (the frozen VAE "
+                             "encodes them in the step).")
+        if self.layouts_in_batch:
+            raise ValueError("train.layouts_in_batch reads per-row timelines from a latent cache; curated clips are "
+                             "trained on train.keyframes' timeline: set --config.train.layouts_in_batch=False.")
+        from director_jax.data.loader import text_metadata
+
+        loader = super().curated_config()
+        if self.cfg.text.conditioning:
+            meta = text_metadata(loader)
+            if meta is None:
+                raise ValueError(f"{loader.data_dir} was built without caption embeddings but text.conditioning is "
+                                 "on: rebuild it with --text_cache, or set --config.text.conditioning=False.")
+            if int(meta["dim"]) != int(self.cfg.model.text_dim):
+                raise ValueError(f"{loader.data_dir}'s caption embeddings have {meta['dim']} channels; the model's "
+                                 f"text_dim is {self.cfg.model.text_dim}: they come from another text encoder.")
+        return loader
 
 
 _KEYFRAME_DROP_SALT = 0x4B46  # keeps the keyframe-dropout draw apart from the degradation's and the clip's

@@ -14,6 +14,7 @@ One loop for every task (``director_jax.train.tasks``). What it guarantees:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import signal
@@ -27,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from director_jax.io_utils import atomic_write_text
+from director_jax.io_utils import atomic_write, atomic_write_text, is_remote, storage_path
 from director_jax.parallel import MeshConfig, create_mesh, param_shardings
 from director_jax.train import state as state_lib
 from director_jax.train.checkpoint import Checkpointer
@@ -136,16 +137,24 @@ def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_froze
                frozen_sharding, fields, batch_sharding, step_fn)
 
 
+DATA_SOURCES = ("synthetic", "curated")
+
+
 def make_data(run: Run):
-    """This host's iterator over its rows of every global batch."""
+    """This host's iterator over its rows of every global batch: synthetic clips or the curated shards."""
     from director_jax.data.synthetic_loader import make_dataset, make_iterator
 
     cfg = run.cfg
-    if cfg.data.source != "synthetic":
-        raise ValueError(f"data.source={cfg.data.source!r}: only 'synthetic' is available so far.")
-    dataset = make_dataset(run.task.clips_config(), global_batch_size=int(cfg.train.batch_size),
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           shuffle_seed=int(cfg.seed))
+    where = dict(global_batch_size=int(cfg.train.batch_size), process_index=jax.process_index(),
+                 process_count=jax.process_count(), shuffle_seed=int(cfg.seed))
+    if cfg.data.source == "synthetic":
+        dataset = make_dataset(run.task.clips_config(), **where)
+    elif cfg.data.source == "curated":
+        from director_jax.data.loader import make_curated_dataset
+
+        dataset = make_curated_dataset(run.task.curated_config(), **where)
+    else:
+        raise ValueError(f"data.source={cfg.data.source!r}; choose one of {DATA_SOURCES}.")
     transform = run.task.data_transform()
     if transform is not None:  # the task's host-side work on each batch (e.g. SR degradations), seeded per example
         dataset = dataset.map(transform)
@@ -166,18 +175,23 @@ def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]
 
 def _save_diagnostics(workdir: Path, step: int, metrics: dict, batch: dict[str, np.ndarray]) -> Path:
     out = workdir / "diagnostics" / f"nonfinite_step_{step}"
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / f"batch_process_{jax.process_index()}.npz", **batch)
+    buffer = io.BytesIO()
+    np.savez(buffer, **batch)
+    atomic_write(out / f"batch_process_{jax.process_index()}.npz", lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
     atomic_write_text(out / "metrics.json", json.dumps({k: float(v) for k, v in metrics.items()}, indent=1))
     return out
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, progress: bool = True
           ) -> TrainResult:
-    """Trains until ``train.steps`` (resuming from ``workdir`` when it holds checkpoints)."""
+    """Trains until ``train.steps`` (resuming from ``workdir`` when it holds checkpoints).
+
+    ``workdir`` is a local directory or cloud storage (``gs://bucket/run``: every host must be able to
+    write there, and the pinned gcsfs finds the credentials as Google's client libraries do).
+    """
     from director_jax.train.metrics import MetricWriter, Progress, peak_flops
 
-    workdir = Path(workdir)
+    workdir = storage_path(workdir) if is_remote(workdir) else Path(workdir)
     is_main = jax.process_index() == 0
     run = build_run(cfg, devices=devices)
     total = int(cfg.train.steps)
@@ -234,6 +248,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
                 _finish_step(pending, cfg, workdir, writer, bar, losses, indices)
                 pending = None
                 ckpt.save(step, state, data.get_state(), {**meta, "step": step}, wait=preempted)
+                writer.sync()  # a cloud workdir's metrics up to the checkpoint are in the bucket
                 bar.reset_window()  # the save's pause is not training speed
             if preempted:
                 log.warning("preempted: checkpoint of step %d written to %s; exiting.", step, ckpt.directory)
