@@ -166,6 +166,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(uninterrupted, tmp_pat
     assert [r["loss"] for r in _jsonl(tmp_path)] == [r["loss"] for r in _jsonl(ref_dir)]
 
 
+@pytest.mark.slow  # two trainer launches against the storage emulator, ~1 min; CI runs the slow set too
 def test_cloud_storage_workdir_survives_kill_9_like_a_local_one(uninterrupted, gcs_emulator, tmp_path):
     """--workdir gs://...: checkpoints, metrics, TensorBoard and config in the bucket; kill -9 and resume as locally."""
     from etils import epath
