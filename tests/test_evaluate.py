@@ -109,6 +109,35 @@ def test_cli_writes_metrics_and_report_and_two_runs_are_identical(cli_runs):
     assert (a / "media" / "case_0000.png").stat().st_size > 0 and (a / "media" / "case_0001.png").exists()
 
 
+@pytest.mark.slow  # a third CLI run against the storage emulator; CI runs the slow set too
+def test_checkpoint_and_report_on_cloud_storage(cli_runs, checkpoint, config_file, gcs_emulator, tmp_path):
+    """--ckpt and --workdir on gs://: the same numbers as from the local disk; an unfinished step is skipped."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem()
+    run = f"{gcs_emulator.bucket}/eval-{os.getpid()}"
+    fs.put(str(checkpoint) + "/", f"{run}/ckpt", recursive=True)
+    # a newer step without Orbax's commit_success.txt: what a run killed while writing it leaves on GCS
+    for item in fs.find(f"{run}/ckpt/checkpoints/0"):
+        if not item.endswith("commit_success.txt"):
+            fs.copy(item, item.replace("/checkpoints/0/", "/checkpoints/5/"))
+    fs.pipe(f"{run}/ckpt/checkpoints/0/commit_success.txt", b"ok")  # step 0, complete (as Orbax on GCS leaves it)
+    env = dict(os.environ, **gcs_emulator.env)
+    proc = subprocess.run([sys.executable, "-m", "director_jax.evaluate", f"--config={config_file}",
+                           f"--workdir=gs://{run}/out", f"--ckpt=gs://{run}/ckpt", "--noprogress"],
+                          env={**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                               "JAX_COMPILATION_CACHE_DIR": str(cli_runs[0].parent / "jax_cache")},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fs.get(f"{run}/out/", str(tmp_path / "out"), recursive=True)
+    ours = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    local = json.loads((cli_runs[0] / "metrics.json").read_text())
+    assert ours["run"]["evaluated"].pop("checkpoint") == f"gs://{run}/ckpt/checkpoints/0"
+    local["run"]["evaluated"].pop("checkpoint")
+    assert ours == local
+    assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "media" / "case_0001.png").is_file()
+
+
 def test_baselines_score_as_expected(config_file, tmp_path):
     """The true clips get every metric's best value; the cross-fade keeps keyframes exact but misplaces objects."""
     cfg = load_config(config_file)

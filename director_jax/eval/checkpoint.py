@@ -38,6 +38,9 @@ class LoadedCheckpoint:
     weights: str  # "ema" or "params"
 
 
+COMMIT_FILE = "commit_success.txt"  # Orbax's last write of a step on cloud storage
+
+
 def step_directory(path: str | Path, step: int | None = None) -> tuple[epath.Path, int]:
     """The directory of one saved step: ``path`` may be a run's workdir, its ``checkpoints`` dir or a step dir."""
     path = os.fspath(path)
@@ -46,12 +49,21 @@ def step_directory(path: str | Path, step: int | None = None) -> tuple[epath.Pat
         raise FileNotFoundError(f"checkpoint path {p} does not exist: pass the trainer's --workdir (or its "
                                 "checkpoints/ directory).")
     if (p / "state").is_dir() and p.name.isdigit():
+        if "://" in path and not (p / COMMIT_FILE).exists():
+            raise FileNotFoundError(f"{p} has no {COMMIT_FILE}: the step was still being written when its run "
+                                    "stopped; pass the run's workdir to take its newest complete step.")
         if step is not None and int(p.name) != step:
             raise ValueError(f"{p} is step {p.name}, but step {step} was asked for.")
         return p, int(p.name)
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    # Orbax writes a step under a temporary name and renames it when complete: digit names are complete steps.
-    steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+    # Locally Orbax writes a step under a temporary name and renames it when complete: digit names are complete
+    # steps. Cloud storage has no rename: the step is written in place and commit_success.txt comes last.
+    remote = "://" in path
+
+    def complete(d: epath.Path) -> bool:
+        return d.name.isdigit() and (d / "state").is_dir() and (not remote or (d / COMMIT_FILE).exists())
+
+    steps = sorted(int(d.name) for d in root.iterdir() if complete(d))
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint step under {root}: train first (python -m director_jax.train "
                                 "--config ... --workdir DIR) and pass that DIR.")
