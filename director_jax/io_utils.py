@@ -34,6 +34,11 @@ def storage_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
+def dir_path(path: str | os.PathLike) -> Path | epath.Path:
+    """A directory the commands write into: ``pathlib.Path`` locally (as given), ``epath.Path`` in the cloud."""
+    return storage_path(path) if is_remote(path) else Path(path)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int | None = None) -> Path | epath.Path:
     """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it into place.
 

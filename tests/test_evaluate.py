@@ -90,11 +90,12 @@ def cli_runs(checkpoint, config_file, tmp_path_factory) -> tuple[Path, Path]:
     return out / "a", out / "b"
 
 
-def test_cli_writes_metrics_and_report_and_two_runs_are_identical(cli_runs):
+def test_cli_writes_metrics_and_report_and_two_runs_are_identical(cli_runs, checkpoint):
     a, b = cli_runs
     assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
     metrics = json.loads((a / "metrics.json").read_text())
     assert metrics["run"]["evaluated"]["step"] == 0 and metrics["run"]["evaluated"]["weights"] == "ema"
+    assert metrics["run"]["evaluated"]["checkpoint"] == str(checkpoint.absolute() / "checkpoints" / "0")
     assert [c["index"] for c in metrics["cases"]] == [0, 1]
     assert metrics["cases"][0]["keyframes"] == [0, 16] and metrics["cases"][0]["movie_seed"] == 7_000_000
     agg = metrics["aggregate"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from etils import epath
 from flax import nnx
 
 from director_jax.configs_common import build_director_gen
+from director_jax.io_utils import is_remote, storage_path
 from director_jax.models.dit import DirectorGen
 from director_jax.models.vae import WanVAE
 from director_jax.train.checkpoint import describe_mismatch, flatten_state, unflatten_state
@@ -43,13 +43,13 @@ COMMIT_FILE = "commit_success.txt"  # Orbax's last write of a step on cloud stor
 
 def step_directory(path: str | Path, step: int | None = None) -> tuple[epath.Path, int]:
     """The directory of one saved step: ``path`` may be a run's workdir, its ``checkpoints`` dir or a step dir."""
-    path = os.fspath(path)
-    p = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax reads relative paths as nothing
+    remote = is_remote(path)
+    p = storage_path(path)  # Orbax reads relative paths as nothing
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist: pass the trainer's --workdir (or its "
                                 "checkpoints/ directory).")
     if (p / "state").is_dir() and p.name.isdigit():
-        if "://" in path and not (p / COMMIT_FILE).exists():
+        if remote and not (p / COMMIT_FILE).exists():
             raise FileNotFoundError(f"{p} has no {COMMIT_FILE}: the step was still being written when its run "
                                     "stopped; pass the run's workdir to take its newest complete step.")
         if step is not None and int(p.name) != step:
@@ -58,7 +58,6 @@ def step_directory(path: str | Path, step: int | None = None) -> tuple[epath.Pat
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     # Locally Orbax writes a step under a temporary name and renames it when complete: digit names are complete
     # steps. Cloud storage has no rename: the step is written in place and commit_success.txt comes last.
-    remote = "://" in path
 
     def complete(d: epath.Path) -> bool:
         return d.name.isdigit() and (d / "state").is_dir() and (not remote or (d / COMMIT_FILE).exists())

@@ -22,7 +22,7 @@ from director_jax.eval.generate import SamplingSettings, TextInputs, data_mesh, 
 from director_jax.eval.report import write_metrics, write_report
 from director_jax.eval.scoring import MetricSettings, score
 from director_jax.eval.suite import EvalCase, synthetic_cases
-from director_jax.io_utils import is_remote, storage_path
+from director_jax.io_utils import dir_path
 
 BASELINES = ("crossfade", "reference")
 SUITES = ("synthetic",)
@@ -94,7 +94,7 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
         raise ValueError("evaluate either a checkpoint (--ckpt DIR) or a baseline (--baseline crossfade), not both "
                          "and not neither.")
     t0 = time.time()
-    workdir = storage_path(workdir) if is_remote(workdir) else Path(workdir)  # gs://: written object by object
+    workdir = dir_path(workdir)  # gs://: written object by object
     model_cfg = load_config(cfg.model_config)
     cases = build_cases(cfg, model_cfg)
     settings = MetricSettings(**cfg.metrics.to_dict())
@@ -113,8 +113,7 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
         text = text_inputs(cfg, model_cfg, cases, sampling.guidance_scale)
         videos = generate_cases(gen, vae, cases, text, seed=int(cfg.seed), sampling=sampling, mesh=mesh,
                                 cases_per_device=int(cfg.cases_per_device), progress=progress)
-        where = str(loaded.directory) if is_remote(loaded.directory) else str(Path(loaded.directory).resolve())
-        info["evaluated"] = {"checkpoint": where, "step": loaded.step,
+        info["evaluated"] = {"checkpoint": loaded.directory, "step": loaded.step,  # absolute, or gs://...
                              "weights": loaded.weights, "sampling": sampling.__dict__}
         label = "generated"
         title, mesh_size = f"Director-Gen step {loaded.step} ({loaded.weights})", mesh.size

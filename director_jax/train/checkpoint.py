@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from director_jax.io_utils import storage_path
 from director_jax.train.state import TrainState, path_parts
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,8 @@ class Checkpointer:
     """The run's ``CheckpointManager`` under ``workdir/checkpoints``."""
 
     def __init__(self, directory: str | os.PathLike, options: ml_collections.ConfigDict):
-        directory = os.fspath(directory)
         # Orbax refuses relative paths: a local --workdir like runs/x is made absolute (gs:// stays as it is)
-        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+        self.directory = storage_path(directory)
         keep_every = int(options.keep_every) or None
         manager_options = ocp.CheckpointManagerOptions(
             max_to_keep=int(options.keep_last), keep_period=keep_every,

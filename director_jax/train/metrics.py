@@ -29,7 +29,7 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.proto.summary_pb2 import Summary
 from tqdm import tqdm
 
-from director_jax.io_utils import atomic_write, is_remote, storage_path
+from director_jax.io_utils import atomic_write, dir_path, is_remote
 from director_jax.parallel.chips import chip_spec
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class MetricWriter:
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
                  sync_every_s: float = 60.0):
         self.remote = is_remote(workdir)
-        self.workdir = storage_path(workdir) if self.remote else Path(workdir)
+        self.workdir = dir_path(workdir)
         self.enabled = enabled
         self.sync_every_s = float(sync_every_s)
         self._jsonl: IO[str] | None = None

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from director_jax.io_utils import atomic_write, atomic_write_text, is_remote, storage_path
+from director_jax.io_utils import atomic_write, atomic_write_text, dir_path
 from director_jax.parallel import MeshConfig, create_mesh, param_shardings
 from director_jax.train import state as state_lib
 from director_jax.train.checkpoint import Checkpointer
@@ -191,7 +191,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
     """
     from director_jax.train.metrics import MetricWriter, Progress, peak_flops
 
-    workdir = storage_path(workdir) if is_remote(workdir) else Path(workdir)
+    workdir = dir_path(workdir)
     is_main = jax.process_index() == 0
     run = build_run(cfg, devices=devices)
     total = int(cfg.train.steps)
