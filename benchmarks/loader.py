@@ -5,7 +5,7 @@
     python benchmarks/loader.py --workers 0,1,2,4 --clips 12 --dtypes uint8
 
 It writes its own curated directory of synthetic movies (real H.264 mp4 files from
-``director_jax.pipeline.video_io.write_mp4``, moving shapes on gradients) in a temporary directory,
+``director_jax.video_io.write_mp4``, moving shapes on gradients) in a temporary directory,
 builds the TFDS ArrayRecord dataset from it, then times per setting:
 
 - **decode-only (baseline)**: PyAV decoding the same clips from bytes in memory, in this process, the
@@ -65,7 +65,7 @@ def write_curated(root: Path, num_clips: int, size: tuple[int, int], frames: int
     """Synthetic clips + manifest.jsonl in the curation format; returns the mean bitrate in Mbit/s."""
     from director_jax.data.captions import format_multishot_caption
     from director_jax.data.synthetic import make_movie
-    from director_jax.pipeline.video_io import write_mp4
+    from director_jax.video_io import write_mp4
 
     h, w = size
     lines, bits = [], 0
@@ -140,8 +140,8 @@ def main() -> None:
                         help="plain synthetic shapes (no texture or grain): far lower bitrate than film")
     parser.add_argument("--dtypes", default="float32,uint8", help="loader video_dtype values to time")
     args = parser.parse_args()
+    from director_jax.curation.shards import build_curated_dataset
     from director_jax.data.loader import CuratedLoaderConfig
-    from director_jax.data.tfds_builder import build_curated_dataset
 
     workers = [int(w) for w in args.workers.split(",")]
     num_clips = args.clips or (3 if args.quick else 6)

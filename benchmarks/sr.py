@@ -110,9 +110,9 @@ def fit_vae(cfg, steps: int, crop: int = 32, learning_rate: float = 5e-3, init_s
     from flax import nnx
 
     from director_jax.data.synthetic_loader import SyntheticClipsConfig, synthetic_clip
+    from director_jax.demo.cpu_fit import fit_vae as fit
+    from director_jax.demo.cpu_fit import inflate_temporal_kernels, scale_conv_kernels
     from director_jax.models.vae import WanVAE
-    from director_jax.train.cpu_fit import fit_vae as fit
-    from director_jax.train.cpu_fit import inflate_temporal_kernels, scale_conv_kernels
     from director_jax.train.tasks import vae_config_from
 
     vae = WanVAE(vae_config_from(cfg.vae), rngs=nnx.Rngs(int(cfg.seed)))
@@ -156,7 +156,7 @@ def example_batch(task, indices) -> dict[str, np.ndarray]:
 
 def build_cache(task, vae, count: int):
     """Normalized latents of ``count`` SR examples (high-res and upsampled low-res) over the task's layout."""
-    from director_jax.train.cpu_fit import encode_layouts
+    from director_jax.demo.cpu_fit import encode_layouts
 
     batch = example_batch(task, range(count))
     (cache,) = encode_layouts(vae, batch["video"], [task.layout], lowres=batch["upsampled"])
@@ -167,8 +167,8 @@ def train_sr(cfg, cache, steps: int, workdir: Path):
     """The trainer's step (task ``sr``) on random batches of the cache; returns the EMA model from its checkpoint."""
     import jax
 
+    from director_jax.demo.cpu_fit import train_on_cache
     from director_jax.eval.checkpoint import load_director_sr
-    from director_jax.train.cpu_fit import train_on_cache
 
     cfg = cfg.copy_and_resolve_references()
     cfg.train.update(dict(latents="precomputed", layouts_in_batch=True, steps=steps, log_every=100))
@@ -197,7 +197,7 @@ def evaluate(sr, vae, task, num_clips: int, sampler_steps: list[int], batch: int
     import jax
     import jax.numpy as jnp
 
-    from director_jax.eval.lpips import LPIPS
+    from director_jax.models.lpips import LPIPS
     from director_jax.models.timeline import decode_timeline, encode_timeline
     from director_jax.models.vae import normalize_latents
     from director_jax.pipeline.sr import jitted_codec, super_resolve
@@ -312,8 +312,8 @@ def main() -> None:
 
     from director_jax.configs_common import load_config
     from director_jax.convert.vae import export_vae, load_vae
+    from director_jax.demo.cpu_fit import with_latent_stats
     from director_jax.eval.checkpoint import load_director_sr
-    from director_jax.train.cpu_fit import with_latent_stats
     from director_jax.train.tasks import SRTask
 
     timings = {}

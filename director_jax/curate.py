@@ -1,7 +1,7 @@
 """``python -m director_jax.curate [--config configs/curate.py] --input FILES_OR_DIRS --out DIR [--config.a.b=v]``
 
 Cuts movies into shots, filters them, assembles single- and multi-shot samples and writes their
-clips, captions and manifest to DIR (the layout in ``director_jax.data.curation``). ``--input`` may
+clips, captions and manifest to DIR (the layout in ``director_jax.curation.pipeline``). ``--input`` may
 repeat and may hold comma-separated paths. Rerunning with the same ``--out`` resumes. Without
 ``--config`` the repository's ``configs/curate.py`` is used.
 """
@@ -35,7 +35,7 @@ def main(argv) -> int:
         raise app.UsageError("--input is required: video files or directories, e.g. --input /movies")
     if not _OUT.value:
         raise app.UsageError("--out is required: the curated output directory.")
-    from director_jax.data.curation import curate, format_summary
+    from director_jax.curation.pipeline import curate, format_summary
 
     summary = curate(_INPUT.value, _OUT.value, cfg)
     print(format_summary(summary, _OUT.value))

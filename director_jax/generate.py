@@ -465,7 +465,7 @@ def _super_resolve(req: Request, p: Plan, lowres: np.ndarray, layout, sharding) 
 def write_outputs(out: str, frames: np.ndarray, p: Plan, settings: dict, given: np.ndarray | None = None) -> None:
     """OUT.mp4, OUT.png (keyframes outlined) and OUT.json, each atomically; on a failure none is left behind."""
     from director_jax.io_utils import atomic_write_text
-    from director_jax.pipeline.video_io import contact_sheet, write_mp4
+    from director_jax.video_io import contact_sheet, write_mp4
 
     mp4 = Path(out)
     sheet, sidecar = mp4.with_suffix(".png"), mp4.with_suffix(".json")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from director_jax.data.captioners import (
+from director_jax.curation.captioners import (
     CaptionError,
     FallbackCaptioner,
     JsonlCaptioner,
@@ -26,7 +26,7 @@ from director_jax.data.captioners import (
 )
 from director_jax.data.captions import parse_multishot_caption
 from director_jax.data.synthetic import make_movie
-from director_jax.pipeline.video_io import to_uint8
+from director_jax.video_io import to_uint8
 
 SAMPLE = {"id": "0123456789abcdef", "source": "/films/a.mp4", "start_frame": 100, "end_frame": 136, "fps": 8.0,
           "cuts": [124], "kind": "multi_shot", "shots": [[100, 124], [124, 136]]}

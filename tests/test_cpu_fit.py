@@ -15,10 +15,7 @@ import pytest
 from flax import nnx
 
 from director_jax.configs_common import load_config
-from director_jax.eval.checkpoint import load_director_gen
-from director_jax.models.timeline import Timeline, encode_timeline
-from director_jax.models.vae import WanVAE, WanVAEConfig, normalize_latents
-from director_jax.train.cpu_fit import (
+from director_jax.demo.cpu_fit import (
     LayoutCache,
     encode_layouts,
     fit_vae,
@@ -28,6 +25,9 @@ from director_jax.train.cpu_fit import (
     train_on_cache,
     with_latent_stats,
 )
+from director_jax.eval.checkpoint import load_director_gen
+from director_jax.models.timeline import Timeline, encode_timeline
+from director_jax.models.vae import WanVAE, WanVAEConfig, normalize_latents
 from director_jax.train.tasks import make_task
 from tests.test_generate import GEN_CONFIG
 

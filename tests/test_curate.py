@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from director_jax.configs_common import load_config
-from director_jax.data.curation import curate
-from director_jax.data.decode import read_frames
+from director_jax.curation.decode import read_frames
+from director_jax.curation.pipeline import curate
 from director_jax.data.synthetic import write_synthetic_movie
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "curate.py")
@@ -100,7 +100,7 @@ def test_bad_inputs_are_skipped_counted_and_resume_adds_nothing(movies, tmp_path
 
 def test_black_static_and_fading_shots_are_dropped_with_their_reason(tmp_path):
     from director_jax.data.synthetic import distinct_shots
-    from director_jax.pipeline.video_io import write_mp4
+    from director_jax.video_io import write_mp4
 
     rng = np.random.default_rng(7)
     a, b, c, d = (shot.frames for shot in distinct_shots(rng, [20, 20, 20, 20], 48, 64))

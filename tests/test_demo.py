@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from director_jax.configs_common import load_config
-from director_jax.data.curation import curate
+from director_jax.curation.pipeline import curate
 from director_jax.demo import data, stages
 
 ROOT = Path(__file__).resolve().parents[1]

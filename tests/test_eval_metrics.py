@@ -18,12 +18,12 @@ import scipy.linalg
 from director_jax.data.synthetic import ShotSpec, make_movie, render_shot
 from director_jax.eval.baselines import crossfade
 from director_jax.eval.frechet import feature_frechet_distance, frechet_distance, gaussian_statistics
-from director_jax.eval.i3d import I3D, i3d_forward, i3d_params, packaged_variables, resize_tf1_bilinear
-from director_jax.eval.lpips import video_lpips
 from director_jax.eval.ssim import ssim, video_ssim
 from director_jax.eval.suite import synthetic_movie
 from director_jax.eval.temporal import consecutive_psnr, motion, temporal_error
 from director_jax.eval.trajectory import ObjectTruth, trajectory_error
+from director_jax.models.i3d import I3D, i3d_forward, i3d_params, packaged_variables, resize_tf1_bilinear
+from director_jax.models.lpips import video_lpips
 
 # ------------------------------------------------------------------------------------------------
 # SSIM

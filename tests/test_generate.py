@@ -222,7 +222,7 @@ def test_durations_pacing_and_captions(images):
 
 
 def _video_file(path: Path, frames: np.ndarray) -> Path:
-    from director_jax.pipeline.video_io import write_mp4
+    from director_jax.video_io import write_mp4
 
     return write_mp4(path, frames.astype(np.float32) / 127.5 - 1.0, 8.0, crf=0)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from director_jax.curation.shards import build_curated_dataset
 from director_jax.data.loader import (
     CuratedLoaderConfig,
     batch_plan,
@@ -27,7 +28,6 @@ from director_jax.data.task_sampling import (
     sample_task,
     spans_from_masks,
 )
-from director_jax.data.tfds_builder import build_curated_dataset
 from director_jax.models.timeline import Timeline
 from tests.test_tfds_builder import make_curated_dir, make_text_cache, psnr
 

@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 
 from director_jax.configs_common import load_config
-from director_jax.eval.lpips import LPIPS, _packaged_weights, video_lpips
+from director_jax.models.lpips import LPIPS, _packaged_weights, video_lpips
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.train.losses import vae_loss
 from director_jax.train.tasks import VaeTask

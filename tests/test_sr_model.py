@@ -9,11 +9,11 @@ from flax import nnx
 
 from director_jax.convert import load_transformer
 from director_jax.convert.sr import export_sr, load_sr
-from director_jax.convert.torch_modules import DirectorWanTransformer3DModel, mc_rope
 from director_jax.models.dit import DirectorGen, WanDiTConfig
 from director_jax.models.layers import rope_angles
 from director_jax.models.sr import DirectorSR, SpatialTiling, sample_sr, sample_sr_tiled, sr_config
 from director_jax.models.timeline import Timeline
+from director_jax.pytorch.modules import DirectorWanTransformer3DModel, mc_rope
 from tests.torch_reference import reference_transformer, state_dict_numpy
 
 Z = 4

@@ -22,7 +22,7 @@ from director_jax.data.synthetic import (
     truth_path,
     write_synthetic_movie,
 )
-from director_jax.pipeline.video_io import to_uint8
+from director_jax.video_io import to_uint8
 
 H, W, FPS = 48, 64, 8.0
 LENGTHS = [8, 10, 9]

@@ -18,11 +18,11 @@ import av
 import numpy as np
 import pytest
 
+from director_jax.curation.shards import BUILD_FILE, EMPTY_CAPTION_FILE, build_curated_dataset, index_file
 from director_jax.data.captions import format_multishot_caption
 from director_jax.data.synthetic import make_movie
 from director_jax.data.text_embeddings import ENCODER_FILE, MissingTextEmbeddingsError, _write_entry, entry_hash
-from director_jax.data.tfds_builder import BUILD_FILE, EMPTY_CAPTION_FILE, build_curated_dataset, index_file
-from director_jax.pipeline.video_io import write_mp4
+from director_jax.video_io import write_mp4
 
 # (seed, shot lengths, height, width, fps, source start frame): 12 samples of 20..40 frames, 48x64
 DEFAULT_SPECS = [(k, shots, 48, 64, 8.0, 100 * k + 7) for k, shots in enumerate(

@@ -10,13 +10,13 @@ import torch
 from flax import nnx
 
 from director_jax.convert import export_transformer, export_vae, load_transformer
-from director_jax.convert.torch_pipeline import TorchDirectorPipeline, jax_noise, noise_shape, psnr
 from director_jax.data.synthetic import make_movie
 from director_jax.diffusion import sampler_sigmas
 from director_jax.models.dit import DirectorGen, WanDiTConfig
 from director_jax.models.timeline import Timeline, place_given_frames
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.pipeline.gen import generate_video
+from director_jax.pytorch.pipeline import TorchDirectorPipeline, jax_noise, noise_shape, psnr
 from tests.torch_reference import reference_transformer, state_dict_numpy
 
 Z = 4

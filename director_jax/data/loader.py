@@ -1,6 +1,6 @@
 """The Grain pipeline of curated clips: decode, resample, crop, choose a task, batch by aspect ratio.
 
-It reads the TFDS ArrayRecord dataset that ``director_jax.data.tfds_builder`` builds from a curated
+It reads the TFDS ArrayRecord dataset that ``director_jax.curation.shards`` builds from a curated
 directory and gives the trainer the same contract as the synthetic loader
 (``director_jax.data.synthetic_loader``): each host gets its own contiguous rows of every global
 batch, the iterator state is plain JSON (``make_iterator``), and everything is deterministic in the
@@ -56,7 +56,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from director_jax.data import tfds_builder
+from director_jax.curation import shards as tfds_builder
 from director_jax.data.synthetic_loader import (
     SyntheticClipsConfig,
     _HostRowsMapDataset,

@@ -245,7 +245,7 @@ def write_synthetic_movie(path: str | os.PathLike, seed: int, shot_lengths: list
     """
     from director_jax.data.captions import format_multishot_caption
     from director_jax.io_utils import atomic_write_text
-    from director_jax.pipeline.video_io import write_mp4
+    from director_jax.video_io import write_mp4
 
     if not shot_lengths or min(shot_lengths) < 1:
         raise ValueError(f"shot_lengths must be positive frame counts, got {shot_lengths}.")

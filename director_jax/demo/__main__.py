@@ -89,9 +89,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool) -> d
 def export_check(workdir: Path, gen_cfg: ml_collections.ConfigDict, row: dict) -> dict:
     """Exports Gen's DiT and the VAE as diffusers directories; PyTorch re-makes showcase ``row`` from them."""
     from director_jax.convert import export_transformer, export_vae
-    from director_jax.convert.torch_pipeline import TorchDirectorPipeline, jax_noise, noise_shape, psnr
     from director_jax.eval.checkpoint import load_director_gen, load_frozen_vae
     from director_jax.models.timeline import Timeline, place_given_frames
+    from director_jax.pytorch.pipeline import TorchDirectorPipeline, jax_noise, noise_shape, psnr
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     gen, _ = load_director_gen(gen_cfg, workdir / "gen", sharding=sharding)
@@ -129,7 +129,7 @@ def main(_) -> None:
           max_shapes=int(cfg.data.train_max_shapes), progress=progress)
     shows = t.run("showcase movies", data.write_movies, workdir / "movies" / "showcase", SHOWCASE_SEED, 1, cfg.data,
                   max_shapes=1, progress=False)
-    from director_jax.data.curation import curate
+    from director_jax.curation.pipeline import curate
 
     shutil.rmtree(workdir / "curated", ignore_errors=True)
     movies = sorted(str(p) for p in (workdir / "movies" / "train").glob("*.mp4"))  # not the truth JSONs beside

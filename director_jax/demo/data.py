@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from director_jax.configs_common import load_config
-from director_jax.data.decode import read_frames
+from director_jax.curation.decode import read_frames
 from director_jax.data.synthetic import SyntheticMovieInfo, write_synthetic_movie
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from director_jax.data.synthetic import SyntheticMovieInfo
 from director_jax.demo.data import downscale
 from director_jax.eval.metrics import psnr
 from director_jax.generate import Request, generate, plan
-from director_jax.pipeline.video_io import to_uint8, write_mp4
+from director_jax.video_io import to_uint8, write_mp4
 
 FRAMES = 17
 CONTEXT = 5  # frames of a conditioning video

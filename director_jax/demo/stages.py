@@ -20,11 +20,7 @@ from flax import nnx
 from director_jax.configs_common import load_config
 from director_jax.convert.state_dict import write_diffusers_dir
 from director_jax.convert.vae_weights import export_diffusers_state_dict
-from director_jax.demo.data import downscale, training_windows
-from director_jax.io_utils import atomic_write_text
-from director_jax.models.timeline import Timeline, TimelineLayout
-from director_jax.models.vae import WanVAE, WanVAEConfig
-from director_jax.train.cpu_fit import (
+from director_jax.demo.cpu_fit import (
     LayoutCache,
     encode_layouts,
     fit_vae,
@@ -33,6 +29,10 @@ from director_jax.train.cpu_fit import (
     train_on_cache,
     with_latent_stats,
 )
+from director_jax.demo.data import downscale, training_windows
+from director_jax.io_utils import atomic_write_text
+from director_jax.models.timeline import Timeline, TimelineLayout
+from director_jax.models.vae import WanVAE, WanVAEConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VAE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")

@@ -19,7 +19,7 @@ import numpy as np
 from director_jax.eval.scoring import PER_CASE
 from director_jax.eval.suite import EvalCase
 from director_jax.io_utils import atomic_write_text
-from director_jax.pipeline.video_io import contact_sheet
+from director_jax.video_io import contact_sheet
 
 # How to read each metric: (label, better direction).
 _LABELS = {

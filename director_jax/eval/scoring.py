@@ -25,13 +25,13 @@ import numpy as np
 from tqdm import tqdm
 
 from director_jax.eval.frechet import feature_frechet_distance
-from director_jax.eval.i3d import shared_i3d
-from director_jax.eval.lpips import default_lpips
 from director_jax.eval.metrics import psnr
 from director_jax.eval.ssim import ssim
 from director_jax.eval.suite import EvalCase
 from director_jax.eval.temporal import MAX_PSNR, consecutive_psnr, motion, temporal_error
 from director_jax.eval.trajectory import trajectory_error
+from director_jax.models.i3d import shared_i3d
+from director_jax.models.lpips import default_lpips
 
 PER_CASE = ("psnr", "ssim", "lpips", "keyframe_psnr", "keyframe_ssim", "keyframe_lpips", "temporal_error",
             "consecutive_psnr", "motion", "motion_reference", "trajectory_error_px", "object_missing_fraction")

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from director_jax.diffusion import flow_matching_loss, noisy_latents, sample_timesteps, velocity_target
-from director_jax.eval.lpips import LPIPS
 from director_jax.models.dit import DirectorGen
+from director_jax.models.lpips import LPIPS
 from director_jax.models.sr import DirectorSR
 from director_jax.models.vae import WanVAE, kl_divergence, sample_posterior
 
@@ -29,7 +29,7 @@ def vae_loss(vae: WanVAE, video: jax.Array, key: jax.Array, kl_weight: float = 1
     At weight 0 LPIPS is not computed and the loss and aux are exactly the L1 + KL ones.
     """
     if lpips_weight > 0 and lpips is None:
-        raise ValueError(f"vae_loss: lpips_weight={lpips_weight} needs an LPIPS (director_jax.eval.lpips.LPIPS).")
+        raise ValueError(f"vae_loss: lpips_weight={lpips_weight} needs an LPIPS (director_jax.models.lpips.LPIPS).")
     mean, logvar = vae.encode(video)
     if sample:
         if key.ndim == 1:

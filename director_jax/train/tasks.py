@@ -25,7 +25,7 @@ from flax import nnx
 
 from director_jax.configs_common import build_director_gen, dit_config
 from director_jax.data.degradations import DegradationConfig, degrade_float
-from director_jax.eval.lpips import LPIPS
+from director_jax.models.lpips import LPIPS
 from director_jax.models.sr import DirectorSR, sr_config
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import TEMPORAL_FACTOR, WanVAE, WanVAEConfig

@@ -5,8 +5,8 @@ the data contract (``OUT/shots.jsonl``, ``manifest.jsonl``, ``skipped.jsonl``, `
 ``summary.json``). Each source is decoded twice, streaming, never held whole:
 
 1. analysis pass: small BGR frames (at most ``shots.analysis_width`` wide) feed the PySceneDetect
-   detector and the per-frame statistics (``director_jax.data.shots``); the filters then judge each
-   shot and ``director_jax.data.assembly`` makes the samples;
+   detector and the per-frame statistics (``director_jax.curation.shots``); the filters then judge each
+   shot and ``director_jax.curation.assembly`` makes the samples;
 2. clip pass: full frames are resized once each (short side <= ``clip.max_short_side``) and go to
    one H.264 encoder per *open* sample (a sample is open from its first to its last frame), which
    also keeps the few frames per shot its captioner gets. Memory is bounded by the samples that
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from director_jax.data import assembly, decode, shots
+from director_jax.curation import assembly, decode, shots
 from director_jax.data.captions import parse_multishot_caption
 from director_jax.io_utils import atomic_write_text
 
@@ -86,7 +86,7 @@ class CurationSettings:
 
 def build_captioner(caption_cfg):
     """The captioner ``config.caption`` names, with that kind's options."""
-    from director_jax.data.captioners import make_captioner
+    from director_jax.curation.captioners import make_captioner
 
     kind = caption_cfg.kind
     options: dict[str, Any] = {}

@@ -21,7 +21,7 @@ start from the same sample. Tensors at the API are channels-last NumPy, as in th
 
 Command line (writes an mp4, or .npy frames)::
 
-    python -m director_jax.convert.torch_pipeline --vae DIR --transformer DIR --text-embeddings text.npy \\
+    python -m director_jax.pytorch.pipeline --vae DIR --transformer DIR --text-embeddings text.npy \\
         --keyframe a.png@#0 --keyframe b.png@#18 --frames 19 --seed 0 --steps 50 --out video.mp4
 """
 
@@ -83,7 +83,7 @@ class TorchDirectorPipeline:
                         device: Any = "cpu", mc_rope: bool = True) -> TorchDirectorPipeline:
         from diffusers import AutoencoderKLWan
 
-        from director_jax.convert.torch_modules import DirectorWanTransformer3DModel
+        from director_jax.pytorch.modules import DirectorWanTransformer3DModel
 
         vae = AutoencoderKLWan.from_pretrained(os.fspath(vae_dir)).to(device).eval()
         transformer = DirectorWanTransformer3DModel.from_pretrained(os.fspath(transformer_dir)).to(device).eval()
@@ -261,7 +261,7 @@ def _read_keyframe(spec: str, num_frames: int, fps: float, size: tuple[int, int]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m director_jax.convert.torch_pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m director_jax.pytorch.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, help="exported diffusers AutoencoderKLWan directory")
     parser.add_argument("--transformer", required=True, help="exported Director-Gen transformer directory")
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out.endswith(".npy"):
         np.save(args.out, out[0])
     else:
-        from director_jax.pipeline.video_io import write_mp4
+        from director_jax.video_io import write_mp4
 
         write_mp4(args.out, out[0], args.fps)
     print(f"wrote {args.out}: {args.frames} frames, keyframes at {[f for f, _ in keyframes]}")

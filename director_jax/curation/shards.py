@@ -2,7 +2,7 @@
 
 Build it (after ``python -m director_jax.curate --out OUT``; rebuilt only when the manifest changed)::
 
-    python -m director_jax.data.tfds_builder --curated OUT [--text_cache CACHE] [--validation_fraction 0.01]
+    python -m director_jax.curation.shards --curated OUT [--text_cache CACHE] [--validation_fraction 0.01]
 
 It reads ``OUT/manifest.jsonl`` and ``OUT/clips/*.mp4`` and writes ``OUT/tfds/`` (``--data_dir``
 elsewhere), a TFDS dataset ``curated_clips`` in ArrayRecord files (random access; no TensorFlow
@@ -69,7 +69,7 @@ FORMAT = 1  # bump when the features or the digest change
 BUILD_FILE = "build.json"
 EMPTY_CAPTION_FILE = "empty_caption_embedding.npy"
 SPLITS = ("train", "validation")
-CLI = "python -m director_jax.data.tfds_builder"
+CLI = "python -m director_jax.curation.shards"
 KEYFRAME_KINDS = ("shot_starts", "even", "motion_peaks")
 _RELEASE_NOTE = "clips (mp4 bytes), caption, cuts, keyframe candidates, optional text embeddings"
 _REQUIRED = {"id": str, "source": str, "start_frame": int, "end_frame": int, "fps": (int, float), "cuts": list,
@@ -157,7 +157,7 @@ def _make_builder_class():
     import tensorflow_datasets as tfds
 
     class CuratedClips(tfds.core.GeneratorBasedBuilder):
-        """Curated clips and their metadata (see director_jax.data.tfds_builder)."""
+        """Curated clips and their metadata (see director_jax.curation.shards)."""
 
         VERSION = tfds.core.Version(VERSION)
         RELEASE_NOTES = {str(VERSION): _RELEASE_NOTE}

@@ -23,7 +23,7 @@ import hashlib
 
 import numpy as np
 
-from director_jax.data.shots import FrameStats, section_dataclass
+from director_jax.curation.shots import FrameStats, section_dataclass
 
 
 @dataclasses.dataclass(frozen=True)

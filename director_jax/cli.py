@@ -1,0 +1,82 @@
+"""The prologue every ``python -m director_jax.<verb>`` shares: quiet logs, JAX platforms, one-line errors.
+
+Each command is an absl program with underscore flags. ``run(main)`` replaces ``app.run(main)``:
+before ``main`` it sets up logging (this package's one line per stage at INFO; Orbax, absl, JAX and
+TensorStore chatter only with ``--verbose``) and keeps JAX off libtpu on a machine without TPU chips
+(libtpu otherwise warns at start-up that no TPU was found). A ``UserError`` (or absl's
+``UsageError``) raised anywhere in ``main`` becomes one line ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from director_jax.parallel.distributed import tpu_chip_count
+
+VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, absl, JAX), not only one line per stage.")
+
+# Loggers of libraries that speak at INFO on every checkpoint, compile or file open.
+_CHATTY = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", "tensorflow_datasets", "fsspec",
+           "gcsfs", "urllib3", "google", "PIL", "matplotlib", "numexpr", "filelock", "httpx", "diffusers")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for: printed as one line ``error: ...``, exit code 2, no traceback."""
+
+
+def default_jax_platforms() -> str | None:
+    """The ``JAX_PLATFORMS`` to use when the user set none: ``None`` keeps JAX's own choice.
+
+    Where no Google TPU chip is on the PCI bus, TPU is left out so libtpu (installed with ``jax[tpu]``
+    for compile-only runs) does not probe for chips; a GPU plugin, when installed, stays in front of
+    the CPU. Compile-only runs for a TPU topology work with ``cpu`` (libtpu's topology API needs no chip).
+    """
+    if tpu_chip_count() > 0:
+        return None
+    gpu = any(importlib.util.find_spec(name) is not None for name in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                                       "jax_rocm60_plugin"))
+    return "cuda,cpu" if gpu else "cpu"
+
+
+def configure_logging(verbose: bool) -> None:
+    """This package at INFO (one line per stage); libraries at WARNING unless ``verbose``."""
+    logging.basicConfig(level=logging.INFO, format=_FORMAT, force=True)
+    library_level = logging.INFO if verbose else logging.WARNING
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(library_level)
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def prologue(verbose: bool | None = None) -> None:
+    """Logging and JAX platform set-up; call before the first JAX computation (``run`` does)."""
+    if "JAX_PLATFORMS" not in os.environ:
+        platforms = default_jax_platforms()
+        if platforms is not None:
+            os.environ["JAX_PLATFORMS"] = platforms
+            if "jax" in sys.modules:  # imported already (by a flag module): set the config it reads too
+                sys.modules["jax"].config.update("jax_platforms", platforms)
+    configure_logging(VERBOSE.value if verbose is None else verbose)
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+    """``app.run(main)`` with the shared prologue, and user errors as ``error: ...`` with exit code 2."""
+
+    def wrapped(argv: list[str]) -> int:
+        prologue()
+        try:
+            return main(argv) or 0
+        except (UserError, app.UsageError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    sys.exit(app.run(wrapped))

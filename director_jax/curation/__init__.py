@@ -1,0 +1,1 @@
+"""Offline curation: movies -> shots -> samples -> captions -> clips, manifest and ArrayRecord shards."""
