@@ -3,7 +3,7 @@
     python benchmarks/conv.py [--batch 4 --frames 7 --size 32 --channels 32 --repeats 5]
 
 Baseline: XLA's native 3D convolution (``lax.conv_general_dilated`` with NDHWC / DHWIO). The
-candidate is what ``director_jax.models.vae.CausalConv3d`` runs: for each of the kt time taps, a 2D
+candidate is what ``director_jax.models.vae_blocks.CausalConv3d`` runs: for each of the kt time taps, a 2D
 convolution of the shifted frames, summed. Prints forward and forward+backward times, GFLOP/s and
 the max abs difference between the two.
 """

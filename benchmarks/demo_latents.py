@@ -67,14 +67,16 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
+    from director_jax.build import load_director_gen, load_frozen_vae
     from director_jax.configs_common import load_config
     from director_jax.eval.baselines import crossfade
-    from director_jax.eval.checkpoint import load_director_gen, load_frozen_vae
-    from director_jax.eval.generate import _jitted_vae, case_key
-    from director_jax.eval.run import build_cases, sampling_settings
+    from director_jax.eval.generate import case_key
+    from director_jax.eval.run import build_cases, eval_sampling
     from director_jax.eval.trajectory import trajectory_error
-    from director_jax.models.timeline import Timeline, decode_timeline, place_given_frames
+    from director_jax.models.multichunk import decode_timeline
+    from director_jax.models.timeline import Timeline, place_given_frames
     from director_jax.models.vae import denormalize_latents
+    from director_jax.pipeline.codec import jitted_codec
     from director_jax.pipeline.gen import generate_latents, timeline_latents
 
     t0 = time.perf_counter()
@@ -86,8 +88,8 @@ def main() -> None:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     gen, _ = load_director_gen(model_cfg, workdir / "gen", sharding=sharding)
     vae = load_frozen_vae(model_cfg, sharding=sharding)
-    encode, decode = _jitted_vae(vae)
-    settings = sampling_settings(ecfg, model_cfg)
+    encode, decode = jitted_codec(vae)
+    settings = eval_sampling(ecfg, model_cfg)
     scales = sorted({float(s) for s in args.keyframe_guidance.split(",") if s} | {settings.keyframe_guidance})
     text = jnp.zeros((1, 1, int(model_cfg.model.text_dim)), jnp.float32)
     text_mask = jnp.zeros((1, 1), bool)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from director_jax.kernels import attention, flash, flash_gpu
+from director_jax.kernels import dispatch, flash, flash_gpu
 from director_jax.kernels.flash import BlockSizes
 
 FWD_TOL = 1e-2   # max |error| / max |reference|, bf16 output
@@ -65,7 +65,7 @@ def _rel_err(got: jax.Array, want: jax.Array) -> float:
 def check(attend: Callable[..., jax.Array], name: str, seq: int, heads: int, dim: int) -> bool:
     q, k, v, do = _inputs(2, seq, heads, dim)
     kv_len = jnp.array([seq, seq // 3 + 5], jnp.int32)
-    want_o, want_g = _value_and_grads(attention.xla_attention, *(x.astype(jnp.float32) for x in (q, k, v, do)),
+    want_o, want_g = _value_and_grads(dispatch.xla_attention, *(x.astype(jnp.float32) for x in (q, k, v, do)),
                                       kv_len)
     o, grads = _value_and_grads(attend, q, k, v, do, kv_len)
     errors = {"o": _rel_err(o, want_o)}
@@ -125,7 +125,7 @@ def main() -> int:
     print(f"flash_gpu block sizes: {blocks}")
     impls = {"pallas": _flash(args.smoke, blocks)}
     if not args.smoke:
-        impls["cudnn"] = attention.cudnn_attention
+        impls["cudnn"] = dispatch.cudnn_attention
 
     ok = check(impls["pallas"], "pallas", check_seq, 4 if not args.smoke else 2, dim)
     if "cudnn" in impls:

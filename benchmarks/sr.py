@@ -109,11 +109,11 @@ def fit_vae(cfg, steps: int, crop: int = 32, learning_rate: float = 5e-3, init_s
     """
     from flax import nnx
 
+    from director_jax.build import vae_config_from
     from director_jax.data.synthetic_loader import SyntheticClipsConfig, synthetic_clip
     from director_jax.demo.cpu_fit import fit_vae as fit
     from director_jax.demo.cpu_fit import inflate_temporal_kernels, scale_conv_kernels
     from director_jax.models.vae import WanVAE
-    from director_jax.train.tasks import vae_config_from
 
     vae = WanVAE(vae_config_from(cfg.vae), rngs=nnx.Rngs(int(cfg.seed)))
     scale_conv_kernels(vae, init_scale)
@@ -167,8 +167,8 @@ def train_sr(cfg, cache, steps: int, workdir: Path):
     """The trainer's step (task ``sr``) on random batches of the cache; returns the EMA model from its checkpoint."""
     import jax
 
+    from director_jax.build import load_director_sr
     from director_jax.demo.cpu_fit import train_on_cache
-    from director_jax.eval.checkpoint import load_director_sr
 
     cfg = cfg.copy_and_resolve_references()
     cfg.train.update(dict(latents="precomputed", layouts_in_batch=True, steps=steps, log_every=100))
@@ -198,9 +198,10 @@ def evaluate(sr, vae, task, num_clips: int, sampler_steps: list[int], batch: int
     import jax.numpy as jnp
 
     from director_jax.models.lpips import LPIPS
-    from director_jax.models.timeline import decode_timeline, encode_timeline
+    from director_jax.models.multichunk import decode_timeline, encode_timeline
     from director_jax.models.vae import normalize_latents
-    from director_jax.pipeline.sr import jitted_codec, super_resolve
+    from director_jax.pipeline.codec import jitted_codec
+    from director_jax.pipeline.sr import super_resolve
 
     lpips = LPIPS("alexnet")
     encode, decode = jitted_codec(vae)
@@ -310,10 +311,10 @@ def main() -> None:
 
     import jax
 
+    from director_jax.build import load_director_sr
     from director_jax.configs_common import load_config
     from director_jax.convert.vae import export_vae, load_vae
     from director_jax.demo.cpu_fit import with_latent_stats
-    from director_jax.eval.checkpoint import load_director_sr
     from director_jax.train.tasks import SRTask
 
     timings = {}

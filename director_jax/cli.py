@@ -18,6 +18,7 @@ from collections.abc import Callable
 from absl import app, flags
 from absl import logging as absl_logging
 
+from director_jax.errors import UserError
 from director_jax.parallel.distributed import tpu_chip_count
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, absl, JAX), not only one line per stage.")
@@ -28,8 +29,7 @@ _CHATTY = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class UserError(ValueError):
-    """A mistake in what the user asked for: printed as one line ``error: ...``, exit code 2, no traceback."""
+__all__ = ["VERBOSE", "UserError", "configure_logging", "default_jax_platforms", "parse_flags", "prologue", "run"]
 
 
 def default_jax_platforms() -> str | None:
@@ -46,9 +46,9 @@ def default_jax_platforms() -> str | None:
     return "cuda,cpu" if gpu else "cpu"
 
 
-def configure_logging(verbose: bool) -> None:
-    """This package at INFO (one line per stage); libraries at WARNING unless ``verbose``."""
-    logging.basicConfig(level=logging.INFO, format=_FORMAT, force=True)
+def configure_logging(verbose: bool, level: int = logging.INFO) -> None:
+    """This package at ``level`` (INFO: one line per stage); libraries at WARNING unless ``verbose``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else level, format=_FORMAT, force=True)
     library_level = logging.INFO if verbose else logging.WARNING
     for name in _CHATTY:
         logging.getLogger(name).setLevel(library_level)
@@ -57,7 +57,7 @@ def configure_logging(verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def prologue(verbose: bool | None = None) -> None:
+def prologue(verbose: bool | None = None, level: int = logging.INFO) -> None:
     """Logging and JAX platform set-up; call before the first JAX computation (``run`` does)."""
     if "JAX_PLATFORMS" not in os.environ:
         platforms = default_jax_platforms()
@@ -65,18 +65,40 @@ def prologue(verbose: bool | None = None) -> None:
             os.environ["JAX_PLATFORMS"] = platforms
             if "jax" in sys.modules:  # imported already (by a flag module): set the config it reads too
                 sys.modules["jax"].config.update("jax_platforms", platforms)
-    configure_logging(VERBOSE.value if verbose is None else verbose)
+    configure_logging(VERBOSE.value if verbose is None else verbose, level)
 
 
-def run(main: Callable[[list[str]], int | None]) -> None:
-    """``app.run(main)`` with the shared prologue, and user errors as ``error: ...`` with exit code 2."""
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag (unknown, malformed value) as one line ``error: ...`` and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = f"{e} (see --help)"
+    except (KeyError, AttributeError) as e:  # ml_collections: a --config.a.b override that names no field
+        message = f"a --config override names a field the config does not have: {e}"
+    except (ValueError, TypeError) as e:  # ml_collections: a value of the wrong type, a config file that fails
+        message = f"a --config file or override could not be read: {e}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main: Callable[[list[str]], int | None], *, level: int = logging.INFO) -> None:
+    """``app.run(main)`` with the shared prologue, and user errors as ``error: ...`` with exit code 2.
+
+    ``level``: this package's log level (commands whose progress bars say enough use WARNING).
+    """
 
     def wrapped(argv: list[str]) -> int:
-        prologue()
+        prologue(level=level)
         try:
             return main(argv) or 0
         except (UserError, app.UsageError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # ml_collections defers a config file's load error to the first use of the config
+            if "config file" not in str(e):
+                raise
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+            return 2
 
-    sys.exit(app.run(wrapped))
+    sys.exit(app.run(wrapped, flags_parser=parse_flags))

@@ -56,9 +56,13 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
                  warmup_steps: int) -> ml_collections.ConfigDict:
     """The trainer's sections: task, mesh, train loop, optimizer, checkpoints, data source."""
     c.task = task
-    # Mesh axis sizes per slice (-1 = the rest of the devices) and across slices (dcn_*).
+    # Mesh axis sizes per slice (-1 = the rest of the devices) and across slices (dcn_*). rules: the
+    # logical-axis rules, None for parallel/rules.py:DEFAULT_RULES, else [logical_name, mesh_axes] pairs
+    # that replace those names' default rules, e.g. [["embed", "tensor"]] (command line: a tuple literal,
+    # --config.mesh.rules="(('embed', None),)"); checked by parallel.rules.rules_from_config.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1,
-                                            dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_sequence=1))
+                                            dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_sequence=1,
+                                            rules=ml_collections.config_dict.placeholder(tuple)))
     c.train = ml_collections.ConfigDict(dict(
         steps=steps,
         batch_size=batch_size,  # global, over all hosts
@@ -74,7 +78,7 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
                                              grad_clip=1.0, ema_decay=0.999))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep_last=3, keep_every=0, async_save=True))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # "synthetic" (generated on the fly) or "curated" (the TFDS shards of data/tfds_builder.py)
+        source="synthetic",  # "synthetic" (generated on the fly) or "curated" (the TFDS shards of data/shards.py)
         worker_count=0,
         synthetic=ml_collections.ConfigDict(dict(num_movies=100_000, fps=8.0, shot_lengths=(20, 28),
                                                  shots_per_movie=2, hflip=True)),
@@ -99,31 +103,3 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
-
-
-def dit_config(model: ml_collections.ConfigDict) -> WanDiTConfig:
-    """The ``model`` section of a config as a WanDiTConfig."""
-    return WanDiTConfig.from_diffusers_config(model.to_dict())
-
-
-def build_director_gen(cfg: ml_collections.ConfigDict, *, seed: int | None = None):
-    """Director-Gen as the config says: random init, or ``cfg.init_from`` (any Wan2.1 T2V checkpoint)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from director_jax.convert.dit import load_transformer
-    from director_jax.models.dit import DirectorGen, WanDiT
-
-    opts = cfg.model_options
-    kw = dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
-              attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
-              sequence_parallel=opts.get("sequence_parallel"), attention_block_sizes=opts.get("attention_block_sizes"))
-    model_cfg = dit_config(cfg.model)
-    if cfg.init_from:
-        dit = load_transformer(cfg.init_from, **kw)
-        if dit.config != model_cfg:
-            raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}, but the run's config "
-                             f"says {model_cfg}: fix --config.model.* or pick the matching checkpoint.")
-    else:
-        dit = WanDiT(model_cfg, rngs=nnx.Rngs(cfg.seed if seed is None else seed), **kw)
-    return DirectorGen(dit)

@@ -8,12 +8,14 @@ repeat and may hold comma-separated paths. Rerunning with the same ``--out`` res
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from director_jax import cli
+from director_jax.curation.pipeline import build_captioner, curate, format_summary
+from director_jax.curation.source import CurationSettings
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "curate.py"
 
@@ -24,23 +26,25 @@ _INPUT = flags.DEFINE_multi_string("input", [], "Video files or directories (rep
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed when it holds a previous run).")
 
 
-def main(argv) -> int:
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; give inputs with --input.")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        raise cli.UserError(f"unexpected arguments {argv[1:]}; give inputs with --input.")
     cfg = _CONFIG.value
     if cfg is None:
-        raise app.UsageError("--config is required (configs/curate.py was not found beside the package).")
+        raise cli.UserError("--config is required (configs/curate.py was not found beside the package).")
     if not _INPUT.value:
-        raise app.UsageError("--input is required: video files or directories, e.g. --input /movies")
+        raise cli.UserError("--input is required: video files or directories, e.g. --input /movies")
     if not _OUT.value:
-        raise app.UsageError("--out is required: the curated output directory.")
-    from director_jax.curation.pipeline import curate, format_summary
-
-    summary = curate(_INPUT.value, _OUT.value, cfg)
+        raise cli.UserError("--out is required: the curated output directory.")
+    try:  # the config and the output directory are checked before any video is read
+        CurationSettings.from_config(cfg)
+        captioner = build_captioner(cfg.caption)
+        Path(_OUT.value).mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise cli.UserError(str(e)) from e
+    summary = curate(_INPUT.value, _OUT.value, cfg, captioner=captioner)
     print(format_summary(summary, _OUT.value))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli.run(main)

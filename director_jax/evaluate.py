@@ -15,11 +15,14 @@ SLURM; ``parallel/distributed.py``). Process 0 writes the files.
 from __future__ import annotations
 
 import logging
-import sys
 
-from absl import app, flags
+import jax
+from absl import flags
 from ml_collections import config_flags
 
+from director_jax import cli
+from director_jax.errors import UserError
+from director_jax.eval.run import run_evaluation
 from director_jax.parallel.distributed import DistributedFlags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_synthetic.py", "An eval suite config file.")
@@ -33,18 +36,14 @@ _DISTRIBUTED = DistributedFlags()
 
 
 def main(argv) -> int:
-    del argv
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
     if (_CKPT.value is None) == (_BASELINE.value is None):
-        raise app.UsageError("give --ckpt DIR (a Director-Gen checkpoint) or --baseline crossfade|reference.")
-    import jax
-
+        raise UserError("give --ckpt DIR (a Director-Gen checkpoint) or --baseline crossfade|reference.")
     try:
         _DISTRIBUTED.initialize()
     except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    from director_jax.eval.run import run_evaluation
-
+        raise UserError(str(e)) from e
     results = run_evaluation(_CONFIG.value, _WORKDIR.value, ckpt=_CKPT.value, baseline=_BASELINE.value,
                              step=_STEP.value, progress=_PROGRESS.value and jax.process_index() == 0)
     if jax.process_index() == 0:
@@ -57,4 +56,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli.run(main, level=logging.WARNING)

@@ -43,13 +43,42 @@ def test_bad_input():
         attention(x, jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 3, 8)))
 
 
+def test_kernels_import_each_other_at_module_level_and_without_a_cycle():
+    """Every import of a project module in kernels/ is at module level, and they form a DAG with the
+    entry point on top: flash <- pallas kernels / blockwise / splash <- dispatch <- sequence_parallel <- attention."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    import director_jax.kernels
+
+    root = Path(director_jax.kernels.__file__).parent
+    graph = {}
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("director_jax"):
+                assert id(node) in top, f"{path.name}:{node.lineno} imports {node.module} inside a function"
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                deps |= {n.split(".")[2] for n in names if n.startswith("director_jax.kernels.")}
+            elif isinstance(node, ast.Import) and any(a.name.startswith("director_jax") for a in node.names):
+                assert id(node) in top, f"{path.name}:{node.lineno} imports director_jax inside a function"
+        graph[path.stem] = deps - {path.stem}
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    assert order.index("flash") < order.index("dispatch") < order.index("sequence_parallel") < order.index("attention")
+    assert graph["dispatch"] >= {"flash_tpu", "flash_gpu", "splash", "blockwise"}
+    assert not graph["dispatch"] & {"attention", "sequence_parallel"} and "attention" not in graph["sequence_parallel"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The flash contract, the jnp blockwise pair, splash, and ``auto``
 
 import jax  # noqa: E402
 
 from director_jax.kernels import blockwise, flash  # noqa: E402
-from director_jax.kernels.attention import choose_implementation, xla_attention  # noqa: E402
+from director_jax.kernels.dispatch import choose_implementation, xla_attention  # noqa: E402
 from director_jax.kernels.flash import BlockSizes  # noqa: E402
 
 
@@ -180,7 +209,8 @@ def test_kernels_run_per_shard_under_a_mesh():
 def test_block_sizes_from_the_config_reach_every_attention():
     from pathlib import Path
 
-    from director_jax.configs_common import build_director_gen, load_config
+    from director_jax.build import build_director_gen
+    from director_jax.configs_common import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gen_tiny.py")
     cfg.model_options.attention_block_sizes = dict(block_q=64, block_kv=128, block_q_bwd=64, block_kv_bwd=64)

@@ -1,9 +1,12 @@
-"""VAE weight conversion against diffusers: export, import from every source, the official layout.
+"""VAE weight conversion against diffusers: export, import from every source, the official layout; and the
+``python -m director_jax.convert`` command (its function, its input checks, its one-line errors).
 
 Real files in tmp_path; the official names are checked against diffusers' own Wan converter.
 """
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +22,12 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from director_jax.convert import WeightMismatchError, export_vae, load_vae
-from director_jax.convert.__main__ import main
+from director_jax.convert.command import convert_weights
+from director_jax.convert.sr import export_sr, load_sr
 from director_jax.convert.vae_weights import official_key_map
+from director_jax.errors import UserError
+from director_jax.models.dit import WanDiT, WanDiTConfig
+from director_jax.models.sr import DirectorSR
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from tests.torch_reference import reference_decode, reference_encode, reference_vae, state_dict_numpy
 
@@ -146,24 +153,73 @@ def test_official_names_are_diffusers_converters_and_load(official):
     _assert_same_outputs(vae, _reference_outputs(model))
 
 
-def test_cli_import_official_then_export(official, tmp_path, capsys):
+def test_convert_import_official_then_export(official, tmp_path):
     _, diffusers_sd, _, path = official
-    assert main(["import", "--model", "vae", "--src", str(path), "--out", str(tmp_path / "imported")]) == 0
-    line = capsys.readouterr().out.strip()
+    line = convert_weights("import", "vae", path, tmp_path / "imported")
     n_params = sum(v.numel() for v in diffusers_sd.values())
     assert f"{n_params:,} parameters" in line and "official Wan2.1 layout" in line
 
-    assert main(["export", "--model", "vae", "--src", str(tmp_path / "imported"), "--out", str(tmp_path / "out")]) == 0
-    assert "diffusers layout" in capsys.readouterr().out
+    assert "diffusers layout" in convert_weights("export", "vae", tmp_path / "imported", tmp_path / "out")
     model, info = AutoencoderKLWan.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
     for key, value in model.state_dict().items():
         assert torch.equal(value, diffusers_sd[key]), key
 
 
-def test_cli_rejects_other_models(tmp_path, capsys):
-    assert main(["import", "--model", "sr", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "'sr' cannot be converted yet; supported: dit, vae" in capsys.readouterr().err
+def test_convert_checks_inputs_before_reading(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not read")
+    (tmp_path / "file").write_text("")
+    cases = [(("import", "unet", weights, tmp_path / "o"), "--model 'unet' cannot be converted; supported: dit, sr, "
+                                                            "vae"),
+             (("import", "vae", tmp_path / "missing.pth", tmp_path / "o"), "missing.pth does not exist"),
+             (("export", "vae", weights, tmp_path / "o"), "is not a directory (use `import` for weight files)"),
+             (("import", "vae", weights, tmp_path / "file"), "is a file; give a directory"),
+             (("import", "vae", weights, tmp_path / "o", "{not json"), "--config is not valid JSON"),
+             (("import", "vae", weights, tmp_path / "o", "[1]"), "no such file"),
+             (("import", "vae", weights, tmp_path / "o", "{}"), "is not a readable safetensors file")]
+    for args, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            convert_weights(*args)
+        assert not (tmp_path / "o").exists()
+
+
+def test_convert_sr_transformer(tmp_path):
+    """``--model sr``: an SR transformer (in = 2 * out channels) round-trips; a Gen transformer is refused."""
+    cfg = WanDiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=8, out_channels=4, text_dim=8,
+                       freq_dim=16, ffn_dim=16, num_layers=1)
+    sr = DirectorSR(WanDiT(cfg, rngs=nnx.Rngs(0)))
+    export_sr(sr, tmp_path / "sr")
+    line = convert_weights("import", "sr", tmp_path / "sr", tmp_path / "ours")
+    assert line.startswith("imported sr: ") and "diffusers layout" in line
+    again = load_sr(tmp_path / "ours")
+    for a, b in zip(jax.tree.leaves(nnx.state(sr, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    gen = WanDiT(dataclasses.replace(cfg, in_channels=4), rngs=nnx.Rngs(0))
+    from director_jax.convert import export_transformer
+
+    export_transformer(gen, tmp_path / "gen")
+    with pytest.raises(UserError, match=r"in_channels 4 and out_channels 4: not an SR model"):
+        convert_weights("export", "sr", tmp_path / "gen", tmp_path / "sr_out")
+    assert not (tmp_path / "sr_out").exists()
+
+
+def _convert_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "director_jax.convert", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_missing_flag_or_direction_is_one_line_error(tmp_path):
+    for args, message in [(("import", "--model", "vae", "--out", str(tmp_path / "o")), "error: --src is required: "),
+                          (("--model", "vae", "--src", str(tmp_path), "--out", str(tmp_path / "o")),
+                           "error: give the direction first, import or export (got nothing): ")]:
+        proc = _convert_cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stdout == "" and not (tmp_path / "o").exists()
 
 
 def test_mismatched_diffusers_file_lists_every_bad_key(tiny_ref, tmp_path):
@@ -196,12 +252,9 @@ def test_mismatched_official_file_reports_official_names_in_api_and_cli(official
     assert [m[0] for m in err.value.mismatched] == [bad[2]]
     assert "up_blocks" not in str(err.value)  # not the diffusers names
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "director_jax.convert", "import", "--model", "vae",
-                           "--src", str(path), "--out", str(tmp_path / "out")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    proc = _convert_cli("import", "--model", "vae", "--src", str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: weights from .pth file ")
     for name in bad:
         assert name in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

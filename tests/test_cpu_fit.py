@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from director_jax.build import load_director_gen
 from director_jax.configs_common import load_config
 from director_jax.demo.cpu_fit import (
     LayoutCache,
@@ -25,8 +26,8 @@ from director_jax.demo.cpu_fit import (
     train_on_cache,
     with_latent_stats,
 )
-from director_jax.eval.checkpoint import load_director_gen
-from director_jax.models.timeline import Timeline, encode_timeline
+from director_jax.models.multichunk import encode_timeline
+from director_jax.models.timeline import Timeline
 from director_jax.models.vae import WanVAE, WanVAEConfig, normalize_latents
 from director_jax.train.tasks import make_task
 from tests.test_generate import GEN_CONFIG
@@ -181,8 +182,8 @@ def test_a_fitted_vae_reads_back_with_its_own_latent_statistics(tmp_path):
     """The latents Gen trains on (the fitted VAE's cache) and the keyframe latents generate / evaluate encode (the
     VAE loaded from the model config's vae.init_from) must be normalised alike: the statistics come from the
     directory. (They once came from Wan2.1's defaults: keyframes off by ~2x.)"""
+    from director_jax.build import load_frozen_vae
     from director_jax.convert.vae import export_vae
-    from director_jax.eval.checkpoint import load_frozen_vae
     from director_jax.pipeline.gen import timeline_latents
     from director_jax.train.tasks import make_task
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,11 @@ def test_black_static_and_fading_shots_are_dropped_with_their_reason(tmp_path):
     kept = line["kept_shots"]
     for m in _lines(tmp_path / "out" / "manifest.jsonl"):
         assert any(s <= m["start_frame"] and m["end_frame"] <= e for s, e in kept), (m, kept)
+
+
+def test_command_missing_required_flag(movies, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "director_jax.curate", "--input", str(movies[0])], cwd=repo,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith("error: --out is required") and len(result.stderr.strip().splitlines()) == 1

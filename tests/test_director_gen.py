@@ -9,7 +9,8 @@ from flax import nnx
 
 from director_jax.data.synthetic import make_movie
 from director_jax.models.dit import DirectorGen, WanDiT, WanDiTConfig
-from director_jax.models.timeline import Timeline, decode_timeline, encode_timeline
+from director_jax.models.multichunk import decode_timeline, encode_timeline
+from director_jax.models.timeline import Timeline
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.pipeline.gen import generate_latents, generate_video, timeline_latents
 from director_jax.train.losses import gen_loss

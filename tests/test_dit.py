@@ -196,7 +196,7 @@ def test_text_mask_zeroes_padding_like_the_wan_pipeline(reference):
 
 
 def test_cli_imports_official_checkpoint_and_exports_for_diffusers(tmp_path, reference):
-    from director_jax.convert.__main__ import main
+    from director_jax.convert.command import convert_weights
 
     model, state = reference
     names = official_key_map(load_transformer(state, TINY))
@@ -204,8 +204,8 @@ def test_cli_imports_official_checkpoint_and_exports_for_diffusers(tmp_path, ref
     src.mkdir()
     save_file({names[k]: v for k, v in state.items()}, str(src / "diffusion_pytorch_model.safetensors"))
     (src / "config.json").write_text('{"_class_name": "WanModel", "model_type": "t2v", "num_heads": 2, "dim": 24}')
-    assert main(["import", "--model", "dit", "--src", str(src), "--out", str(tmp_path / "ours")]) == 0
-    assert main(["export", "--model", "dit", "--src", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 0
+    assert convert_weights("import", "dit", src, tmp_path / "ours").startswith("imported dit: ")
+    assert convert_weights("export", "dit", tmp_path / "ours", tmp_path / "hf").startswith("exported dit: ")
     loaded = WanTransformer3DModel.from_pretrained(tmp_path / "hf").eval()
     np.testing.assert_allclose(reference_transformer_forward(loaded, LATENTS, TIMESTEP, TEXT),
                                reference_transformer_forward(model, LATENTS, TIMESTEP, TEXT), atol=1e-5)
@@ -218,7 +218,8 @@ RELEASED = {"gen_1_3b": (1536, 12, 30, 8960), "gen_14b": (5120, 40, 40, 13824)}
 
 def test_config_files_build_the_released_sizes():
     """gen_1_3b / gen_14b have the released architectures, and our model has diffusers' parameter count there."""
-    from director_jax.configs_common import dit_config, load_config
+    from director_jax.build import dit_config
+    from director_jax.configs_common import load_config
     from director_jax.convert.dit import empty_transformer, parameter_count
 
     for name in ("gen_tiny", "gen_1_3b", "gen_14b"):
@@ -232,7 +233,8 @@ def test_config_files_build_the_released_sizes():
 
 
 def test_build_from_config_random_and_from_checkpoint(tmp_path, reference):
-    from director_jax.configs_common import build_director_gen, load_config
+    from director_jax.build import build_director_gen
+    from director_jax.configs_common import load_config
 
     cfg = load_config(CONFIGS / "gen_tiny.py")
     gen = build_director_gen(cfg)

@@ -18,11 +18,12 @@ import jax
 import numpy as np
 import pytest
 
+from director_jax.build import load_director_gen
 from director_jax.configs_common import load_config
-from director_jax.eval.checkpoint import load_director_gen
-from director_jax.eval.run import run_evaluation, text_inputs
+from director_jax.eval.run import run_evaluation
 from director_jax.eval.scoring import PER_CASE
 from director_jax.eval.suite import synthetic_cases
+from director_jax.pipeline.settings import text_inputs
 from director_jax.train.checkpoint import Checkpointer
 from director_jax.train.trainer import build_run
 
@@ -188,7 +189,8 @@ def test_bad_invocations_are_named(checkpoint, config_file, tmp_path):
     conditional = load_config(GEN_CONFIG)
     conditional.text.conditioning = True
     with pytest.raises(ValueError, match="text_cache"):
-        text_inputs(cfg, conditional, synthetic_cases(cfg, height=32, width=32, fps=8.0, num_frames=17), 1.0)
+        cases = synthetic_cases(cfg, height=32, width=32, fps=8.0, num_frames=17)
+        text_inputs(conditional, [c.caption for c in cases], text_cache=cfg.text_cache, guidance_scale=1.0)
     cfg.cases = (dict(name="too late", keyframes=("#0", "5s")),)
     with pytest.raises(ValueError, match="outside the video"):
         run_evaluation(cfg, tmp_path, baseline="crossfade")

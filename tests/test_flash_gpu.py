@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from director_jax.kernels import attention, flash, flash_gpu
+from director_jax.kernels import dispatch, flash, flash_gpu
 from director_jax.kernels.flash import BlockSizes
 
 F32_TOL = {"o": 1e-5, "lse": 1e-5, "grad": 2e-5}
@@ -125,7 +125,7 @@ def test_flash_attention_grad_matches_xla():
         return jnp.sum(o * w)
 
     def xla_loss(q, k, v):
-        return jnp.sum(attention.xla_attention(q, k, v, kv_len=kv_len) * w)
+        return jnp.sum(dispatch.xla_attention(q, k, v, kv_len=kv_len) * w)
 
     value, grads = jax.jit(jax.value_and_grad(kernel_loss, argnums=(0, 1, 2)))(q, k, v)
     want_value, want = jax.jit(jax.value_and_grad(xla_loss, argnums=(0, 1, 2)))(q, k, v)

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from director_jax.kernels import attention, flash, flash_tpu
+from director_jax.kernels import dispatch, flash, flash_tpu
 from director_jax.kernels.flash import BlockSizes
 
 BLOCKS = BlockSizes(128, 128, 128, 128)
@@ -136,8 +136,8 @@ def test_flash_attention_under_grad_matches_xla():
     def both(q, k, v):
         helper = flash_tpu.flash_attention(q, k, v, kv_len=kv_len, block_sizes=BLOCKS, interpret=True)
         return (jax.value_and_grad(loss(kernel), argnums=(0, 1, 2))(q, k, v),
-                jax.value_and_grad(loss(attention.xla_attention), argnums=(0, 1, 2))(q, k, v),
-                helper, attention.xla_attention(q, k, v, kv_len=kv_len))
+                jax.value_and_grad(loss(dispatch.xla_attention), argnums=(0, 1, 2))(q, k, v),
+                helper, dispatch.xla_attention(q, k, v, kv_len=kv_len))
 
     (value, grads), (ref_value, ref_grads), helper, ref_o = both(q, k, v)
     assert abs(float(value - ref_value)) <= 1e-5 * max(1.0, abs(float(ref_value)))

@@ -19,9 +19,15 @@ from absl import flags
 from PIL import Image
 
 from director_jax import generate as cli
+from director_jax.build import load_frozen_vae
 from director_jax.configs_common import load_config
-from director_jax.eval.checkpoint import load_frozen_vae
-from director_jax.models.timeline import Timeline, decode_timeline, encode_timeline, place_given_frames
+from director_jax.errors import GenerateError
+from director_jax.models.multichunk import decode_timeline, encode_timeline
+from director_jax.models.timeline import Timeline, place_given_frames
+from director_jax.pipeline.codec import jitted_codec
+from director_jax.pipeline.generate import generate
+from director_jax.pipeline.media import read_video, to_float
+from director_jax.pipeline.request import Request, plan
 from director_jax.train.checkpoint import Checkpointer
 from director_jax.train.trainer import build_run
 
@@ -69,7 +75,7 @@ def _run(*args: str) -> dict:
     cli.define_flags()
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", "--noprogress", *args])
-    return cli.generate(cli.request_from_flags())
+    return generate(cli.request_from_flags())
 
 
 def _keyframe_args(images, times=("0", "1s", "#16")) -> list[str]:
@@ -117,7 +123,7 @@ def test_keyframes_are_the_vae_round_trip_on_the_asked_frames(two_runs):
     vae = load_frozen_vae(cfg, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     layout = Timeline.from_keyframes(17, list(KEYFRAMES)).layout
     given = place_given_frames(17, {f: _image(c).astype(np.float32) / 127.5 - 1 for f, c in KEYFRAMES.items()})
-    encode, decode = cli._vae_codec(vae)  # the CLI's jitted VAE calls (compiled already), not eager ones
+    encode, decode = jitted_codec(vae)  # the CLI's jitted VAE calls (compiled already), not eager ones
     mean, _ = encode_timeline(vae, jnp.asarray(given[None]), layout, encode=encode)
     round_trip = np.asarray(decode_timeline(vae, mean, layout, decode=decode))[0]
     out = result["frames"]
@@ -149,7 +155,7 @@ def test_keyframe_guidance_flag_changes_the_generated_frames_only(two_runs, chec
     assert np.abs(g["frames"][generated] - a["frames"][generated]).max() > 1e-2
     np.testing.assert_allclose(g["frames"][list(KEYFRAMES)], a["frames"][list(KEYFRAMES)], atol=1e-5)
     bad = tmp_path / "bad.mp4"
-    with pytest.raises(cli.GenerateError, match="keyframe_guidance"):
+    with pytest.raises(GenerateError, match="keyframe_guidance"):
         _run(f"--ckpt={checkpoint}", *_keyframe_args(images), "--frames=17", "--keyframe_guidance=nan",
              f"--out={bad}")
     assert not list(tmp_path.glob("bad*"))
@@ -184,10 +190,10 @@ def test_bad_inputs_are_refused_and_write_nothing(checkpoint, images, tmp_path):
             cli.define_flags()
             flags.FLAGS.unparse_flags()
             flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", *args])
-            with pytest.raises(cli.GenerateError, match=match):
-                cli.generate(cli.request_from_flags())
+            with pytest.raises(GenerateError, match=match):
+                generate(cli.request_from_flags())
         else:
-            with pytest.raises(cli.GenerateError, match=match):
+            with pytest.raises(GenerateError, match=match):
                 _run(*args, f"--out={out / 'bad.mp4'}")
         assert list(out.iterdir()) == [], (match, list(out.iterdir()))
     # --resize accepts the wrong-size image (checked without generating: the plan only)
@@ -195,7 +201,7 @@ def test_bad_inputs_are_refused_and_write_nothing(checkpoint, images, tmp_path):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", ck, f"--keyframe={bad_dir / 'big.png'}@0",
                  "--resize", f"--out={out / 'ok.mp4'}"])
-    p = cli.plan(cli.request_from_flags())
+    p = plan(cli.request_from_flags())
     assert p.given[0].shape == (SIZE, SIZE, 3) and p.num_frames == 17
 
 
@@ -216,7 +222,7 @@ def test_durations_pacing_and_captions(images):
     flags.FLAGS(["director_jax.generate", f"--config={GEN_CONFIG}", "--ckpt=unused", "--duration=4", "--fps=8",
                  f"--keyframe={images[0]}@0", f"--keyframe={images[8]}@3.5s", "--shot_caption=a cat sleeps.",
                  "--shot_caption=a dog barks.", "--out=x.mp4"])
-    p = cli.plan(cli.request_from_flags())
+    p = plan(cli.request_from_flags())
     assert p.num_frames == 32 and [k["frame"] for k in p.keyframes] == [0, 28]
     assert p.caption == "The video features 2 shots. Shot 1: a cat sleeps. Shot 2: a hard cut to a dog barks."
 
@@ -234,15 +240,15 @@ def test_video_extension_keeps_the_given_video(checkpoint, tmp_path, where):
     clip = np.stack([_image((40 + 30 * i, 200 - 20 * i, 90)) for i in range(5)])
     clip = np.clip(clip.astype(np.int32) + rng.integers(-8, 9, clip.shape), 0, 255).astype(np.uint8)
     path = _video_file(tmp_path / "context.mp4", clip)
-    given = cli.read_video(str(path), SIZE, SIZE, resize=False)  # the frames the CLI reads (lossless H.264)
+    given = read_video(str(path), SIZE, SIZE, resize=False)  # the frames the CLI reads (lossless H.264)
     starts = {"forward": ["0"], "backward": ["end"], "in between": ["0", "end"]}[where]
     result = _run(f"--ckpt={checkpoint}", *[f"--video={path}@{s}" for s in starts], "--frames=17", "--steps=2",
                   f"--out={tmp_path / 'ext.mp4'}")
     spans = [(0 if s == "0" else 12, 5) for s in starts]
     assert [(v["frame"], v["length"]) for v in result["videos"]] == spans
     vae = load_frozen_vae(load_config(GEN_CONFIG), sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    encode, decode = cli._vae_codec(vae)
-    alone = np.asarray(decode(encode(jnp.asarray(cli._to_float(given)[None]))[0]))[0]  # the 5 frames on their own
+    encode, decode = jitted_codec(vae)
+    alone = np.asarray(decode(encode(jnp.asarray(to_float(given)[None]))[0]))[0]  # the 5 frames on their own
     for start, length in spans:
         out = result["frames"][start:start + length]
         # causal decoding: a chunk's first frames depend only on its first latents, all of them given here
@@ -274,21 +280,21 @@ def test_sr_anchors_full_resolution_keyframes(checkpoint, sr_checkpoint, tmp_pat
     for frame, img in big.items():
         Image.fromarray(img).save(tmp_path / f"big_{frame}.png")
         keyframes.append(f"{tmp_path / f'big_{frame}.png'}@#{frame}")
-    req = cli.Request(config=load_config(GEN_CONFIG), ckpt=str(checkpoint), out=str(tmp_path / "sr.mp4"),
+    req = Request(config=load_config(GEN_CONFIG), ckpt=str(checkpoint), out=str(tmp_path / "sr.mp4"),
                       keyframes=keyframes, frames=17, steps=2, sr=True,
                       sr_ckpt=str(sr_dir), sr_config=sr_cfg, sr_steps=1, progress=False)
-    result = cli.generate(req)
+    result = generate(req)
     assert result["frames"].shape == (17, 2 * SIZE, 2 * SIZE, 3) and result["lowres"].shape == (17, SIZE, SIZE, 3)
     assert result["sr"]["scale"] == 2
     assert _decode_mp4(tmp_path / "sr.mp4").shape == (17, 2 * SIZE, 2 * SIZE, 3)
     vae = load_frozen_vae(sr_cfg, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    encode, decode = cli._vae_codec(vae)
+    encode, decode = jitted_codec(vae)
     for frame, img in big.items():
-        alone = np.asarray(decode(encode(jnp.asarray(cli._to_float(img)[None, None]))[0]))[0, 0]
+        alone = np.asarray(decode(encode(jnp.asarray(to_float(img)[None, None]))[0]))[0, 0]
         np.testing.assert_allclose(result["frames"][frame], np.clip(alone, -1, 1), rtol=0, atol=2e-3)
     # a wrong-size full-res keyframe is refused before anything is written
     Image.fromarray(_image((1, 2, 3), (SIZE, SIZE))).save(tmp_path / "small.png")
-    with pytest.raises(cli.GenerateError, match="64x64|--resize"):
-        cli.generate(cli.Request(**{**req.__dict__, "keyframes": [f"{tmp_path / 'small.png'}@0"],
+    with pytest.raises(GenerateError, match="64x64|--resize"):
+        generate(Request(**{**req.__dict__, "keyframes": [f"{tmp_path / 'small.png'}@0"],
                                     "out": str(tmp_path / "bad.mp4")}))
     assert not (tmp_path / "bad.mp4").exists()

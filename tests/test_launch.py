@@ -1,11 +1,10 @@
-"""launch/tpu.py: the commands every subcommand prints with --dry-run (argument lists, quoting, workers,
+"""launch/tpu.py: the commands every subcommand prints with --dry_run (argument lists, quoting, workers,
 queued-resource vs TPU VM forms, xpk), its input errors, the bash scripts it sends to the workers (run
 here with bash against a stand-in interpreter), the execution path with a stand-in `gcloud` first on the
 PATH, and every `python launch/tpu.py` line of launch/README.md. No network, no Google Cloud."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -33,15 +32,15 @@ def run_tool(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subproces
 
 
 def dry(*args: str, env: dict | None = None) -> list[list[str]]:
-    """The commands printed by ``--dry-run``, each split back into its argument list."""
-    done = run_tool("--dry-run", *args, env=env)
+    """The commands printed by ``--dry_run``, each split back into its argument list."""
+    done = run_tool("--dry_run", *args, env=env)
     assert done.returncode == 0, done.stderr
     return [shlex.split(line) for line in done.stdout.splitlines()]
 
 
 def fails(*args: str) -> str:
     """Input errors: status 2, nothing printed on stdout, the message on stderr."""
-    done = run_tool("--dry-run", *args)
+    done = run_tool("--dry_run", *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert done.stdout == ""
     return done.stderr
@@ -52,22 +51,15 @@ def remote_script(argv: list[str]) -> str:
     return command[len("--command="):]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("launch_tpu", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["launch_tpu"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # ------------------------------------------------------------------------------------------------
 # Accelerator table
 
 
 def test_accelerator_table_agrees_with_aot_topology_names():
     from director_jax.train import aot
+    from launch.checks import ACCELERATORS
 
-    table = load_tool().ACCELERATORS
+    table = ACCELERATORS
     for acc in table.values():
         match = aot._NAME_RE.match(acc.topology)
         assert match is not None and match.group(1) == acc.generation in aot._GENERATIONS, acc
@@ -111,12 +103,12 @@ def test_create_tpu_vm_and_queued_resource_forms():
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "dj", "--zone=us-central2-b", "--project=proj",
          "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base", "--preemptible"]]
     assert dry("create", "dj", "--zone", ZONE, "--accelerator", "v6e-8", "--queued", "--reserved",
-               "--valid-until", "6h") == [
+               "--valid_until", "6h") == [
         ["gcloud", "compute", "tpus", "queued-resources", "create", "dj", f"--zone={ZONE}",
          "--accelerator-type=v6e-8", "--runtime-version=v2-alpha-tpuv6e", "--node-id=dj", "--reserved",
          "--valid-until-duration=6h"]]
     # several slices: always a queued resource, nodes dj-0 and dj-1
-    assert dry("create", "dj", "--zone", ZONE, "--accelerator", "v5p-16", "--num-slices", "2", "--spot",
+    assert dry("create", "dj", "--zone", ZONE, "--accelerator", "v5p-16", "--num_slices", "2", "--spot",
                "--version", "custom-runtime") == [
         ["gcloud", "compute", "tpus", "queued-resources", "create", "dj", f"--zone={ZONE}",
          "--accelerator-type=v5p-16", "--runtime-version=custom-runtime", "--node-count=2", "--node-prefix=dj",
@@ -134,8 +126,28 @@ def test_create_errors():
                                                              "v5p-8", "--queued", "--preemptible")
     assert "one of --spot" in fails("create", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--spot", "--reserved")
     assert "TPU name 'My_TPU'" in fails("create", "My_TPU", "--zone", ZONE, "--accelerator", "v5p-8")
-    done = run_tool("--dry-run", "create", "dj", "--accelerator", "v5p-8")
-    assert done.returncode == 2 and "--zone" in done.stderr  # argparse: required
+    assert "create needs --zone" in fails("create", "dj", "--accelerator", "v5p-8")
+
+
+def test_flags_are_absl_flags_with_underscores():
+    """Flags anywhere on the line; the earlier hyphenated spellings, another subcommand's flag, a missing name or a
+    bad value are input errors (status 2, one line), like the others."""
+    assert "flags are spelled with underscores, --num_slices" in fails("create", "dj", "--zone", ZONE, "--accelerator",
+                                                                        "v5p-8", "--num-slices", "2")
+    assert "--nopreflight" in fails("train", "dj", "--zone", ZONE, "--no-preflight")
+    done = run_tool("create", "dj", "--dry-run")
+    assert done.returncode == 2 and done.stderr == "error: unknown option --dry-run: flags are spelled with " \
+        "underscores, --dry_run.\n"
+    assert "--spot is not an option of delete" in fails("delete", "dj", "--zone", ZONE, "--spot")
+    assert "create needs NAME" in fails("create", "--zone", ZONE, "--accelerator", "v5p-8")
+    assert "unexpected arguments for delete: x" in fails("delete", "dj", "x", "--zone", ZONE)
+    assert "flag --num_slices=0" in fails("create", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--num_slices", "0")
+    assert "xpk needs an action" in fails("xpk", "--zone", ZONE)
+    assert "unknown subcommand 'launch'" in fails("launch")
+    # booleans turn off with --no..., and a subcommand's own defaults apply to shared flags
+    assert dry("create", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--spot", "--nospot")[0][-1] == \
+        "--version=v2-alpha-tpuv5"
+    assert "tail -n 3 logs/r.log" in remote_script(dry("status", "dj", "--zone", ZONE, "--run", "r")[1])
 
 
 def test_delete_and_status_forms():
@@ -144,7 +156,7 @@ def test_delete_and_status_forms():
     assert dry("delete", "dj", "--zone", ZONE, "--queued", "--project", "p") == [
         ["gcloud", "compute", "tpus", "queued-resources", "delete", "dj", f"--zone={ZONE}", "--project=p", "--force",
          "--quiet"]]
-    assert dry("delete", "dj", "--zone", ZONE, "--num-slices", "2")[0][3] == "queued-resources"
+    assert dry("delete", "dj", "--zone", ZONE, "--num_slices", "2")[0][3] == "queued-resources"
     assert dry("status", "dj", "--zone", ZONE) == [
         ["gcloud", "compute", "tpus", "tpu-vm", "describe", "dj", f"--zone={ZONE}",
          "--format=yaml(name,state,health,acceleratorType,runtimeVersion)"]]
@@ -180,7 +192,7 @@ def test_setup_ships_git_archive_to_every_worker(tmp_path):
     assert subprocess.run(["bash", "-n", "-c", remote_script(ssh)]).returncode == 0
 
     # several slices: one scp per node, ssh through the queued resource
-    steps = dry("setup", "dj", "--zone", ZONE, "--num-slices", "2", "--rev", "HEAD~0", "--iap", env=env)
+    steps = dry("setup", "dj", "--zone", ZONE, "--num_slices", "2", "--rev", "HEAD~0", "--iap", env=env)
     assert [s[5:7] for s in steps[1:3]] == [[tarball, "dj-0:director_jax-src.tar.gz"],
                                             [tarball, "dj-1:director_jax-src.tar.gz"]]
     assert steps[0][-1] == "HEAD~0" and steps[1][-1] == "--tunnel-through-iap"
@@ -222,7 +234,7 @@ def test_setup_script_replaces_the_code_and_keeps_the_rest(tmp_path):
 
 def test_setup_from_git_url_and_options():
     (ssh,) = dry("setup", "dj", "--zone", ZONE, "--git", "https://example.com/me/director_jax.git", "--rev", "v1.0",
-                 "--python", "/opt/py311/bin/python3", "--pip-extra", "gcsfs==2026.10.1", "--remote-dir", "/opt/dj")
+                 "--python", "/opt/py311/bin/python3", "--pip_extra", "gcsfs==2026.10.1", "--remote_dir", "/opt/dj")
     script = remote_script(ssh)
     assert ("if [ -d /opt/dj/.git ]; then git -C /opt/dj fetch --quiet origin; else git clone --quiet "
             "https://example.com/me/director_jax.git /opt/dj; fi; git -C /opt/dj checkout --quiet --detach "
@@ -231,7 +243,7 @@ def test_setup_from_git_url_and_options():
     assert "-c requirements.lock gcsfs==2026.10.1" in script
     assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
     for bad in (".", "/", "../x", "a b"):
-        assert "--remote-dir" in fails("setup", "dj", "--zone", ZONE, "--remote-dir", bad)
+        assert "--remote_dir" in fails("setup", "dj", "--zone", ZONE, "--remote_dir", bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,12 +269,12 @@ EXPECTED_TRAIN_SCRIPT = (
 def test_train_command_on_every_worker_exactly():
     env = {**os.environ, "LIBTPU_INIT_ARGS": "--xla_tpu_flag=true --other"}
     args = ["train", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--config", "configs/gen_1_3b.py",
-            "--workdir", "gs://my-bkt/runs/gen", "--env", "TPU_STDERR_LOG_LEVEL=0", "--pass-env", "LIBTPU_INIT_ARGS",
+            "--workdir", "gs://my-bkt/runs/gen", "--env", "TPU_STDERR_LOG_LEVEL=0", "--pass_env", "LIBTPU_INIT_ARGS",
             "--", "--config.train.steps", "100", "--config.model_options.remat_policy=full"]
     (ssh,) = dry(*args, env=env)
     assert ssh == [*SSH, "dj", f"--zone={ZONE}", "--worker=all", "--command=" + EXPECTED_TRAIN_SCRIPT]
-    # --dry-run after the subcommand, and a config path given from another directory, print the same
-    done = run_tool(args[0], "--dry-run", *args[1:7], str(ROOT / "configs" / "gen_1_3b.py"), *args[8:], env=env,
+    # --dry_run after the subcommand, and a config path given from another directory, print the same
+    done = run_tool(args[0], "--dry_run", *args[1:7], str(ROOT / "configs" / "gen_1_3b.py"), *args[8:], env=env,
                     cwd=ROOT / "launch")
     assert done.returncode == 0 and [shlex.split(line) for line in done.stdout.splitlines()] == [ssh]
     # overrides without "--" are accepted too
@@ -271,7 +283,7 @@ def test_train_command_on_every_worker_exactly():
 
 def test_train_compile_first_and_compile():
     compile_cmd, ssh = dry("train", "dj", "--zone", ZONE, "--accelerator", "v6e-8", "--config", "configs/gen_tiny.py",
-                           "--workdir", "gs://my-bkt/runs/t", "--compile-first", "--", "--config.mesh.fsdp=8")
+                           "--workdir", "gs://my-bkt/runs/t", "--compile_first", "--", "--config.mesh.fsdp=8")
     assert compile_cmd == ["env", "JAX_PLATFORMS=cpu", sys.executable, "-m", "director_jax.train", "--config",
                            "configs/gen_tiny.py", "--compile_topology", "v6e:2x4", "--config.mesh.fsdp=8"]
     assert ssh[:5] == SSH
@@ -290,14 +302,14 @@ def test_train_multi_host_and_multi_slice():
     assert ssh[:8] == [*SSH, "dj", f"--zone={ZONE}", "--worker=all"]
     assert ("setsid nohup .venv/bin/python -m director_jax.train --config configs/gen_1_3b.py --workdir "
             "gs://my-bkt/runs/big --distributed on >> logs/big.log") in remote_script(ssh)
-    (ssh,) = dry("train", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--num-slices", "2", *base)
+    (ssh,) = dry("train", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--num_slices", "2", *base)
     assert ssh[:9] == [*QR_SSH, "dj", f"--zone={ZONE}", "--node=all", "--worker=all"]
     assert "--distributed on --config.mesh.dcn_data=2 >>" in remote_script(ssh)
-    (ssh,) = dry("train", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--num-slices", "2", *base, "--",
+    (ssh,) = dry("train", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--num_slices", "2", *base, "--",
                  "--config.mesh.dcn_fsdp=2")
     assert "--distributed on --config.mesh.dcn_fsdp=2 >>" in remote_script(ssh)
     (ssh,) = dry("train", "dj", "--zone", ZONE, "--accelerator", "v5p-8", *base, "--foreground", "--run", "r1",
-                 "--no-preflight")
+                 "--nopreflight")
     script = remote_script(ssh)
     assert script.endswith("--workdir gs://my-bkt/runs/big 2>&1 | tee -a logs/r1.log")
     assert "setsid" not in script and "gcloud storage ls" not in script
@@ -307,7 +319,7 @@ def test_train_input_errors():
     base = ["train", "dj", "--zone", ZONE, "--accelerator", "v5p-8", "--config", "configs/gen_1_3b.py"]
     err = fails(*base[:5], "v5p-16", "--config", "configs/gen_1_3b.py", "--workdir", "runs/local")
     assert "every host must see the same checkpoint directory" in err
-    assert "not on gs://" in fails(*base[:5], "v5p-8", "--num-slices", "2", "--config", "configs/gen_1_3b.py",
+    assert "not on gs://" in fails(*base[:5], "v5p-8", "--num_slices", "2", "--config", "configs/gen_1_3b.py",
                                    "--workdir", "/tmp/x")
     err = fails(*base[:5], "v5p-8", "--config", "configs/missing.py", "--workdir", "gs://my-bkt/r")
     assert "config file configs/missing.py does not exist" in err and "gen_1_3b.py" in err
@@ -326,11 +338,11 @@ def test_train_input_errors():
     assert "unexpected argument 'extra'" in fails(*base, "--workdir", "gs://my-bkt/r", "extra")
     assert "--env '1A=b'" in fails(*base, "--workdir", "gs://my-bkt/r", "--env", "1A=b")
     env = {k: v for k, v in os.environ.items() if k != "DJ_UNSET_VAR"}
-    done = run_tool("--dry-run", *base, "--workdir", "gs://my-bkt/r", "--pass-env", "DJ_UNSET_VAR", env=env)
-    assert done.returncode == 2 and "--pass-env DJ_UNSET_VAR: it is not set here" in done.stderr
+    done = run_tool("--dry_run", *base, "--workdir", "gs://my-bkt/r", "--pass_env", "DJ_UNSET_VAR", env=env)
+    assert done.returncode == 2 and "--pass_env DJ_UNSET_VAR: it is not set here" in done.stderr
     assert "run name 'bad name'" in fails(*base, "--workdir", "gs://my-bkt/r", "--run", "bad name")
     # one host, local workdir: allowed, with a warning
-    done = run_tool("--dry-run", *base, "--workdir", "runs/local")
+    done = run_tool("--dry_run", *base, "--workdir", "runs/local")
     assert done.returncode == 0 and "lost when the VM is deleted or preempted" in done.stderr
     assert "--workdir runs/local" in remote_script(shlex.split(done.stdout))
 
@@ -368,7 +380,7 @@ def test_logs_stop_exec_forms():
     (ssh,) = dry("logs", "dj", "--zone", ZONE, "--run", "gen", "--follow")
     assert ssh == [*SSH, "dj", f"--zone={ZONE}", "--worker=0",
                    '--command=set -euo pipefail; cd "$HOME"/director_jax; tail -n 100 -F logs/gen.log']
-    (ssh,) = dry("logs", "dj", "--zone", ZONE, "--run", "gen", "--worker", "all", "--lines", "5", "--num-slices", "2")
+    (ssh,) = dry("logs", "dj", "--zone", ZONE, "--run", "gen", "--worker", "all", "--lines", "5", "--num_slices", "2")
     assert ssh[:9] == [*QR_SSH, "dj", f"--zone={ZONE}", "--node=0", "--worker=all"]
     assert remote_script(ssh).endswith('tail -n 5 logs/gen.log | sed "s/^/$(hostname): /"')
     assert "--follow reads one worker's log" in fails("logs", "dj", "--zone", ZONE, "--run", "g", "-f", "--worker",
@@ -556,7 +568,7 @@ def test_bucket_sync_image():
     assert dry("image", "--image", "us-docker.pkg.dev/p/r/dj:v1") == [
         ["docker", "build", "-f", str(ROOT / "launch" / "Dockerfile"), "-t", "us-docker.pkg.dev/p/r/dj:v1", str(ROOT)],
         ["docker", "push", "us-docker.pkg.dev/p/r/dj:v1"]]
-    assert len(dry("image", "--image", "x:1", "--no-push")) == 1
+    assert len(dry("image", "--image", "x:1", "--nopush")) == 1
 
 
 def test_dockerfile_copies_files_that_exist():
@@ -572,7 +584,7 @@ def test_dockerfile_copies_files_that_exist():
 
 def test_xpk_commands():
     common = ["--cluster", "director", "--zone", ZONE]
-    assert dry("xpk", "cluster", *common, "--accelerator", "v5p-8", "--num-slices", "2", "--spot") == [
+    assert dry("xpk", "cluster", *common, "--accelerator", "v5p-8", "--num_slices", "2", "--spot") == [
         ["xpk", "cluster", "create", "--cluster=director", "--tpu-type=v5p-8", "--num-slices=2", f"--zone={ZONE}",
          "--spot"]]
     assert dry("xpk", "cluster", *common, "--accelerator", "v6e-16", "--reservation", "res1", "--project", "p") == [
@@ -580,12 +592,12 @@ def test_xpk_commands():
          "--project=p", "--reservation=res1"]]
     run = ["--workload", "gen-1-3b", "--image", "img:v1", "--config", "configs/gen_1_3b.py"]
     assert dry("xpk", "train", *common, "--accelerator", "v5p-8", *run, "--workdir", "gs://my-bkt/runs/gen",
-               "--env", "TPU_STDERR_LOG_LEVEL=0", "--max-restarts", "20", "--", "--config.train.steps=9") == [
+               "--env", "TPU_STDERR_LOG_LEVEL=0", "--max_restarts", "20", "--", "--config.train.steps=9") == [
         ["xpk", "workload", "create", "--cluster=director", "--workload=gen-1-3b", "--tpu-type=v5p-8",
          "--num-slices=1", "--docker-image=img:v1",
          "--command=cd /app && TPU_STDERR_LOG_LEVEL=0 python -m director_jax.train --config configs/gen_1_3b.py "
          "--workdir gs://my-bkt/runs/gen --config.train.steps=9", f"--zone={ZONE}", "--max-restarts=20"]]
-    (create,) = dry("xpk", "train", *common, "--accelerator", "v5p-16", "--num-slices", "2", *run, "--workdir",
+    (create,) = dry("xpk", "train", *common, "--accelerator", "v5p-16", "--num_slices", "2", *run, "--workdir",
                     "gs://my-bkt/runs/gen")
     assert "--num-slices=2" in create
     assert create[8].endswith("--workdir gs://my-bkt/runs/gen --distributed on --config.mesh.dcn_data=2")
@@ -627,7 +639,7 @@ def test_every_readme_command_runs_in_dry_run_mode():
     others = [c for c in commands if not c.startswith("python launch/tpu.py ")]
     argvs = [shlex.split(command)[2:] for command in launcher]
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda argv: run_tool("--dry-run", *argv), argvs))
+        results = list(pool.map(lambda argv: run_tool("--dry_run", *argv), argvs))
     for command, done in zip(launcher, results, strict=True):
         assert done.returncode == 0, (command, done.stderr)
         assert done.stdout.strip(), command

@@ -29,7 +29,7 @@ from director_jax.data.task_sampling import (
     spans_from_masks,
 )
 from director_jax.models.timeline import Timeline
-from tests.test_tfds_builder import make_curated_dir, make_text_cache, psnr
+from tests.test_shards import make_curated_dir, make_text_cache, psnr
 
 # ------------------------------------------------------------------------------------------------
 # Task sampling
@@ -355,7 +355,7 @@ def test_dropped_caption_without_empty_embedding_is_masked_out(tmp_path):
 
 def test_clear_errors(mixed, tmp_path):
     root = mixed[0]
-    with pytest.raises(FileNotFoundError, match="tfds_builder --curated"):
+    with pytest.raises(FileNotFoundError, match="director_jax.shards --curated"):
         make_curated_dataset(_cfg(tmp_path), global_batch_size=2, shuffle_seed=0)
     with pytest.raises(ValueError, match="no split 'validation'"):
         make_curated_dataset(_cfg(root, split="validation"), global_batch_size=2, shuffle_seed=0)

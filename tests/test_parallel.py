@@ -1,7 +1,11 @@
-"""Mesh creation, logical axis rules and sharded init on 8 virtual CPU devices."""
+"""Mesh creation, logical axis rules (from the config) and sharded init on 8 virtual CPU devices."""
+
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,11 +16,14 @@ from director_jax.parallel import (
     DEFAULT_RULES,
     MESH_AXES,
     MeshConfig,
+    axis_rules,
     constrain,
     create_mesh,
+    current_rules,
     logical_to_mesh_spec,
     param_shardings,
     resolve_sizes,
+    rules_from_config,
     sharded_init,
 )
 
@@ -180,3 +187,105 @@ def test_constrain():
         y = f(x)
     assert y.sharding.spec == P(("data", "fsdp"), "tensor")
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+
+    # the active table (read when tracing: a fresh jit per table) and its restoration on exit
+    with jax.set_mesh(mesh), axis_rules([("batch", "tensor"), ("act_mlp", ("data", "fsdp"))]):
+        assert current_rules() == (("batch", "tensor"), ("act_mlp", ("data", "fsdp")))
+        y = jax.jit(lambda x: constrain(x * 2, ("batch", "act_mlp")))(x)
+    assert y.sharding.spec == P("tensor", "data")  # act_mlp: data divides the 6 columns, data x fsdp does not
+    assert current_rules() == DEFAULT_RULES
+
+
+# -- rules from the config ---------------------------------------------------------------------
+
+
+def _cfg(rules) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(mesh=dict(data=2, fsdp=2, tensor=2, sequence=1, rules=rules)))
+
+
+def test_config_rules_replace_the_default_rules_they_name():
+    assert rules_from_config(_cfg(None)) == DEFAULT_RULES
+    assert rules_from_config(ml_collections.ConfigDict(dict(seed=0))) == DEFAULT_RULES  # no mesh section
+    table = rules_from_config(_cfg([["embed", "tensor"], ("batch", ["data"]), ["act_mlp", []]]))
+    assert [name for name, _ in table] == [name for name, _ in DEFAULT_RULES]
+    changed = {name: axes for (name, axes), (_, default) in zip(table, DEFAULT_RULES, strict=True) if axes != default}
+    assert changed == {"embed": "tensor", "batch": ("data",), "act_mlp": None}
+
+
+@pytest.mark.parametrize("rules, message", [
+    ([["embed", "model"]], r"entry \['embed', 'model'\]: unknown mesh axis 'model'.*mesh axes are \('data', 'fsdp', "
+                           r"'tensor', 'sequence'\)"),
+    ([["embed", ["fsdp", "tensr"]]], r"entry \['embed', \['fsdp', 'tensr'\]\]: unknown mesh axis 'tensr'"),
+    ([["embed"]], r"entry \['embed'\]: not a \[logical_name, mesh_axes\] pair.*mesh axes are"),
+    (["embed"], r"entry 'embed': not a \[logical_name, mesh_axes\] pair"),
+    ([["embed", 4]], r"entry \['embed', 4\]: mesh_axes must be None, a mesh axis name or a list of them"),
+    ([[None, "fsdp"]], r"the logical name must be a non-empty string"),
+    ([["embed", ["fsdp", "fsdp"]]], r"a mesh axis appears twice"),
+    ([["embed", "fsdp"], ["embed", "tensor"]], r"entry \['embed', 'tensor'\]: a second rule for 'embed'"),
+    ([["embd", "fsdp"]], r"entry \['embd', 'fsdp'\]: no model uses the logical axis 'embd'; the logical axes are "
+                         r"\('embed', "),
+    ("embed=tensor", r"mesh.rules must be a list of \[logical_name, mesh_axes\] pairs"),
+])
+def test_bad_config_rules_name_the_entry_and_the_valid_axes(rules, message):
+    with pytest.raises(ValueError, match=message):
+        rules_from_config(_cfg(rules))
+
+
+def _constraints(lowered_text: str, shape: str) -> set[str]:
+    """The shardings of the sharding constraints on ``shape`` tensors ("2x18x24") in a lowered program."""
+    found = re.findall(r"sdy\.sharding_constraint [^<]*<@\w+, (\[.*?\])> : tensor<(\S+?)x?f32>", lowered_text)
+    return {spec for spec, ty in found if ty == shape}
+
+
+# Model width (params "embed", activations "act_embed") moved from fsdp to tensor; then replicated, with the
+# batch on fsdp only. ``to_q`` is a (layers, embed, heads) kernel: a mesh axis is used once per spec, so
+# with "embed" on tensor the heads fall back to replicated.
+@pytest.mark.parametrize("rules, to_q, activations", [
+    (None, P(None, "fsdp", "tensor"), '[{"data"}, {}, {}]'),
+    ([["embed", "tensor"], ["act_embed", "tensor"]], P(None, "tensor", None), '[{"data"}, {}, {"tensor"}]'),
+    ([["embed", None], ["batch", "fsdp"]], P(None, None, "tensor"), '[{"fsdp"}, {}, {}]'),
+])
+def test_config_rules_place_parameters_and_activations(rules, to_q, activations, reference):
+    _, ref_out = reference
+    table = rules_from_config(_cfg(rules))
+    mesh = create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = sharded_init(_build, mesh, table)
+    params = nnx.state(model, nnx.Param)
+    assert params["blocks"]["attn1"]["to_q"]["kernel"].get_value().sharding.spec == to_q
+    for path, var in nnx.to_flat_state(params):
+        value = var.get_value()
+        assert value.sharding.spec == logical_to_mesh_spec(var.get_metadata()["out_sharding"], table, mesh=mesh,
+                                                           shape=value.shape), path
+
+    graphdef, state = nnx.split(model)
+    inputs = (jnp.asarray(LATENTS), jnp.asarray(TIMESTEP), jnp.asarray(TEXT))
+    forward = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a))  # traced under this table only
+    with jax.set_mesh(mesh), axis_rules(table):
+        lowered = forward.lower(state, *inputs)
+        out = np.asarray(forward(state, *inputs))
+    # the DiT's (B, S, D) activations between blocks: batch 2, 3 x (4 x 6) / (2 x 2) patches = 18 tokens, width 24
+    assert _constraints(lowered.as_text(), "2x18x24") == {activations}
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
+
+
+def test_trainer_uses_the_config_rules_for_state_batch_and_activations():
+    """build_run places parameters, optimizer state and batch by ``mesh.rules`` and traces its step under them."""
+    from director_jax.configs_common import load_config
+    from director_jax.train.state import with_shardings
+    from director_jax.train.trainer import abstract_batch, build_run
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gen_tiny.py")
+    assert cfg.mesh.rules is None
+    cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    cfg.mesh.rules = [["embed", "tensor"], ["act_embed", "tensor"], ["batch", "data"]]
+    run = build_run(cfg, materialize_frozen=False)
+    assert run.rules == rules_from_config(cfg)
+    kernel = run.shardings.params["dit"]["blocks"]["attn1"]["to_q"]["kernel"]
+    assert kernel.spec == P(None, "tensor", None)
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(run.shardings.opt_state)
+          if "to_q" in str(path) and "kernel" in str(path) and "attn1" in str(path)]
+    assert mu and all(s.spec == kernel.spec for s in mu)  # Adam's moments mirror the kernel
+    assert {k: s.spec for k, s in run.batch_sharding.items()} == {"video": P("data", None, None, None, None)}
+    lowered = run.step_fn.lower(with_shardings(run.abstract, run.shardings), run.frozen_state, abstract_batch(run))
+    # gen_tiny's DiT activations inside the step: batch 8 on data only, width 64 on tensor
+    assert _constraints(lowered.as_text(), "8x24x64") == {'[{"data"}, {}, {"tensor"}]'}

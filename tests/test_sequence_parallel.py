@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from director_jax.kernels import sequence_parallel as sp
-from director_jax.kernels.attention import attention, xla_attention
+from director_jax.kernels.attention import attention
+from director_jax.kernels.dispatch import xla_attention
 from director_jax.models.dit import WanDiT, WanDiTConfig
 from director_jax.parallel.mesh import create_mesh
 from director_jax.parallel.rules import param_shardings

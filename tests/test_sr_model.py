@@ -11,8 +11,9 @@ from director_jax.convert import load_transformer
 from director_jax.convert.sr import export_sr, load_sr
 from director_jax.models.dit import DirectorGen, WanDiTConfig
 from director_jax.models.layers import rope_angles
-from director_jax.models.sr import DirectorSR, SpatialTiling, sample_sr, sample_sr_tiled, sr_config
+from director_jax.models.sr import DirectorSR, sr_config
 from director_jax.models.timeline import Timeline
+from director_jax.pipeline.sr_sampling import SpatialTiling, sample_sr, sample_sr_tiled
 from director_jax.pytorch.modules import DirectorWanTransformer3DModel, mc_rope
 from tests.torch_reference import reference_transformer, state_dict_numpy
 

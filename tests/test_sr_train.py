@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from director_jax.build import build_director_sr
 from director_jax.configs_common import load_config
 from director_jax.convert.dit import export_transformer
 from director_jax.convert.vae import export_vae
@@ -18,8 +19,9 @@ from director_jax.models.dit import WanDiT, WanDiTConfig
 from director_jax.models.sr import DirectorSR
 from director_jax.models.timeline import Timeline
 from director_jax.models.vae import WanVAE, WanVAEConfig
-from director_jax.pipeline.sr import jitted_codec, super_resolve
-from director_jax.train.tasks import SRTask, build_director_sr, keyframes_kept, make_task
+from director_jax.pipeline.codec import jitted_codec
+from director_jax.pipeline.sr import super_resolve
+from director_jax.train.tasks import SRTask, keyframes_kept, make_task
 from director_jax.train.trainer import build_run, make_data, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from director_jax.models.timeline import (
-    Span,
-    Timeline,
-    decode_timeline,
-    encode_timeline,
-    padded_length,
-    place_given_frames,
-)
+from director_jax.models.multichunk import decode_timeline, encode_timeline
+from director_jax.models.timeline import Span, Timeline, padded_length, place_given_frames
 from director_jax.models.vae import WanVAE, WanVAEConfig
 
 CFG = WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,

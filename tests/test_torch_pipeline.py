@@ -1,6 +1,11 @@
-"""The PyTorch pipeline from exported weights reproduces the JAX ``generate_video`` (MC-RoPE, chunk padding, CFG)."""
+"""The PyTorch pipeline from exported weights reproduces the JAX ``generate_video`` (MC-RoPE, chunk padding, CFG);
+its command, ``python -m director_jax.pytorch``, gives the library's video and refuses bad input in one line."""
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from PIL import Image
 
 from director_jax.convert import export_transformer, export_vae, load_transformer
 from director_jax.data.synthetic import make_movie
@@ -16,8 +22,12 @@ from director_jax.models.dit import DirectorGen, WanDiTConfig
 from director_jax.models.timeline import Timeline, place_given_frames
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.pipeline.gen import generate_video
+from director_jax.pipeline.media import to_float
 from director_jax.pytorch.pipeline import TorchDirectorPipeline, jax_noise, noise_shape, psnr
+from director_jax.video_io import to_uint8
 from tests.torch_reference import reference_transformer, state_dict_numpy
+
+REPO = Path(__file__).resolve().parents[1]
 
 Z = 4
 H, W = 32, 48  # latents 4 x 6, tokens 2 x 3 per frame: a non-square grid catches h / w swaps
@@ -49,7 +59,7 @@ def models(tmp_path_factory):
     export_vae(vae, root / "vae")
     export_transformer(gen.dit, root / "transformer")
     pipe = TorchDirectorPipeline.from_pretrained(root / "vae", root / "transformer")
-    return gen, vae, pipe
+    return gen, vae, pipe, root
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +85,7 @@ def _run_both(models, inputs, **sampling):
 
 
 def _run_both_uncached(models, inputs, **sampling):
-    gen, vae, pipe = models
+    gen, vae, pipe, _ = models
     video, text, negative, mask, noise = inputs
     extra = {}
     if sampling.get("guidance_scale", 1.0) != 1.0:
@@ -98,7 +108,7 @@ def _run_both_uncached(models, inputs, **sampling):
     dict(sampler="euler", steps=6, shift=1.0, keyframe_guidance=3.0),
 ], ids=["euler", "unipc-cfg", "euler-keyframe-guidance"])
 def test_torch_pipeline_reproduces_jax_video(models, inputs, sampling):
-    gen, vae, pipe = models
+    gen, vae, pipe, _ = models
     scheduler = pipe.scheduler(sampling["sampler"], sampling["shift"])
     scheduler.set_timesteps(sampling["steps"])
     np.testing.assert_array_equal(scheduler.sigmas.numpy().astype(np.float32),
@@ -125,7 +135,7 @@ def test_torch_pipeline_reproduces_jax_video(models, inputs, sampling):
 
 def test_integer_rope_does_not_reproduce(models, inputs):
     """diffusers' integer positions 0..L-1 instead of MC-RoPE: the same pipeline no longer matches JAX."""
-    gen, vae, pipe = models
+    gen, vae, pipe, _ = models
     sampling = dict(sampler="euler", steps=8, shift=3.0)
     jax_video, jax_latents, _, _ = _run_both(models, inputs, **sampling)
     video, text, _, mask, noise = inputs
@@ -139,3 +149,50 @@ def test_integer_rope_does_not_reproduce(models, inputs):
     # margin under 40 dB is the smaller signal; the latent check is the sharp one.
     assert latent_err > 100 * LATENT_ATOL
     assert value < PSNR_MIN
+
+
+def _pytorch_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "director_jax.pytorch", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_makes_the_librarys_video(models, inputs, tmp_path):
+    """Keyframe PNGs at #frames and at seconds, embedding .npy files, --seed: the library's frames for the same
+    inputs (the PNG-quantized keyframes, jax_noise(seed)); a keyframe past the end is refused before loading."""
+    _, _, pipe, root = models
+    video, text, negative, _, _ = inputs
+    paths = {}
+    for k in KEYFRAMES:
+        paths[k] = tmp_path / f"key{k}.png"
+        Image.fromarray(to_uint8(video[0, k])).save(paths[k])
+    np.save(tmp_path / "text.npy", text[0])
+    np.save(tmp_path / "negative.npy", negative)
+    fps = 16.0
+    common = ["--vae", str(root / "vae"), "--transformer", str(root / "transformer"), "--frames", "19",
+              "--text_embeddings", str(tmp_path / "text.npy"), "--fps", str(fps)]
+    proc = _pytorch_cli(*common, "--keyframe", f"{paths[0]}@#0", "--keyframe", f"{paths[7]}@#7",
+                        "--keyframe", f"{paths[18]}@{18 / fps}s", "--guidance_scale", "2",
+                        "--negative_embeddings", str(tmp_path / "negative.npy"), "--sampler", "euler", "--steps", "2",
+                        "--shift", "3",
+                        "--seed", "7", "--out", str(tmp_path / "out" / "video.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'out' / 'video.npy'}: 19 frames, keyframes at [0, 7, 18]")
+    got = np.load(tmp_path / "out" / "video.npy")
+    given = place_given_frames(19, {k: to_float(np.asarray(Image.open(paths[k]))) for k in KEYFRAMES})[None]
+    expected, _ = pipe(LAYOUT, given, text, jax_noise(7, noise_shape(LAYOUT, 1, H, W, Z)), negative_text=negative,
+                       guidance_scale=2.0, sampler="euler", steps=2, shift=3.0)
+    assert got.shape == (19, H, W, 3) and expected[0].std() > 0.05
+    np.testing.assert_allclose(got, expected[0], atol=1e-5, rtol=0)
+
+    late = _pytorch_cli(*common, "--keyframe", f"{paths[0]}@#19", "--out", str(tmp_path / "late.npy"))
+    assert late.returncode == 2 and late.stdout == "", late.stderr
+    assert late.stderr.startswith("error: --keyframe: keyframe time frame 19 is outside the video: 19 frames")
+    assert late.stderr.count("\n") == 1 and not (tmp_path / "late.npy").exists()
+
+
+def test_command_missing_flag_is_one_line_error(tmp_path):
+    proc = _pytorch_cli("--vae", str(tmp_path), "--frames", "5")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: --transformer, --keyframe, --text_embeddings, --out are required (see --help).\n"

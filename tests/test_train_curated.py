@@ -16,7 +16,7 @@ from director_jax.configs_common import load_config
 from director_jax.curation.shards import build_curated_dataset
 from director_jax.data.loader import make_curated_dataset, make_iterator
 from director_jax.train.trainer import build_run, global_batch, make_data, train
-from tests.test_tfds_builder import make_curated_dir, make_text_cache
+from tests.test_shards import make_curated_dir, make_text_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 

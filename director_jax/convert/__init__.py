@@ -1,6 +1,7 @@
 """Weight conversion: official Wan2.1 / diffusers checkpoints <-> this project's Flax modules.
 
-``python -m director_jax.convert import|export --model vae ...`` is the command line.
+``python -m director_jax.convert import|export --model vae|dit|sr ...`` is the command line
+(``convert.command.convert_weights`` as a function).
 """
 
 from director_jax.convert.dit import export_transformer, load_transformer

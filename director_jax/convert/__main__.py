@@ -1,111 +1,43 @@
-"""Command line for weight conversion.
+"""``python -m director_jax.convert``: weights into this project's format, or out of it for diffusers / PyTorch.
 
-    python -m director_jax.convert import --model vae|dit --src PATH [--config JSON] --out DIR
-    python -m director_jax.convert export --model vae|dit --src DIR --out DIR
+    python -m director_jax.convert import --model vae --src Wan2.1_VAE.pth --out weights/vae
+    python -m director_jax.convert import --model dit --src Wan2.1-T2V-1.3B --out weights/dit
+    python -m director_jax.convert export --model sr --src weights/sr --out export/sr [--config JSON]
 
-``import`` reads any supported checkpoint (a diffusers directory, a .safetensors or .pth file in the
-diffusers or official Wan2.1 layout), checks it against the model and writes this project's format:
-a diffusers-layout directory. ``export`` re-writes such a directory for diffusers / PyTorch users.
-``--config`` is a config.json path or an inline JSON object with diffusers' keys (AutoencoderKLWan
-for the VAE, WanTransformer3DModel for the DiT). ``dit`` is the Wan2.1 T2V transformer (Director-Gen).
+The first argument is the direction: ``import`` reads any supported checkpoint (a diffusers
+directory, a .safetensors or .pth file in the diffusers or official Wan2.1 layout), checks every key
+against the model and writes this project's format, a diffusers-layout directory; ``export``
+re-writes such a directory for diffusers / PyTorch users. ``--model``: ``vae`` (Wan2.1 VAE), ``dit``
+(the Wan2.1 T2V transformer, Director-Gen) or ``sr`` (Director-SR). ``--config``: a config.json path
+or an inline JSON object with diffusers' keys, for files that carry no config. Bad input (a missing
+file, weights that do not fit the model) is one line ``error: ...`` and exit code 2, before anything
+is written.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from absl import flags
 
-from director_jax.convert import dit as dit_convert
-from director_jax.convert import vae as vae_convert
-from director_jax.convert.state_dict import WeightMismatchError
+from director_jax import cli
+from director_jax.convert.command import DIRECTIONS, MODELS, convert_weights
 
+_MODEL = flags.DEFINE_enum("model", None, sorted(MODELS), "Which model's weights.")
+_SRC = flags.DEFINE_string("src", None, "The checkpoint to read (export: a directory written by import).")
+_OUT = flags.DEFINE_string("out", None, "The directory to write.")
+_CONFIG = flags.DEFINE_string("config", None, "config.json path or inline JSON object (for bare weight files).")
 
-def _config_arg(text: str | None):
-    if text is None:
-        return None
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config is not valid JSON: {e}") from e
-    return Path(text)
+USAGE = "python -m director_jax.convert import|export --model vae|dit|sr --src PATH --out DIR [--config JSON]"
 
 
-def _import(convert, name: str):
-    def run(args: argparse.Namespace) -> str:
-        ckpt = convert.read(args.src, _config_arg(args.config))
-        model = convert.build(ckpt)
-        out = convert.export(model, args.out)
-        return f"imported {name}: {convert.parameter_count(model):,} parameters, {ckpt.describe()} -> {out}"
-    return run
-
-
-def _export(convert, name: str):
-    def run(args: argparse.Namespace) -> str:
-        if not Path(args.src).is_dir():
-            raise ValueError(f"export reads a model directory written by `import`; {args.src} is not a directory "
-                             "(use `import` for weight files).")
-        ckpt = convert.read(args.src, _config_arg(args.config))
-        model = convert.build(ckpt)
-        out = convert.export(model, args.out)
-        return (f"exported {name}: {convert.parameter_count(model):,} parameters, {ckpt.describe()} -> {out} "
-                "(diffusers)")
-    return run
-
-
-@dataclasses.dataclass(frozen=True)
-class _Converter:
-    read: Callable
-    build: Callable
-    export: Callable
-    parameter_count: Callable
-
-
-_CONVERTERS = {
-    "vae": _Converter(vae_convert.read_vae_checkpoint, vae_convert.vae_from_checkpoint, vae_convert.export_vae,
-                      vae_convert.parameter_count),
-    "dit": _Converter(dit_convert.read_transformer_checkpoint, dit_convert.transformer_from_checkpoint,
-                      dit_convert.export_transformer, dit_convert.parameter_count),
-}
-
-# model name -> command -> handler; add "sr" here.
-MODELS: dict[str, dict[str, Callable[[argparse.Namespace], str]]] = {
-    name: {"import": _import(conv, name), "export": _export(conv, name)} for name, conv in _CONVERTERS.items()
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m director_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("import", "any supported checkpoint -> this project's format"),
-                       ("export", "this project's format -> a diffusers directory")):
-        sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--model", required=True, help=f"which model's weights: {', '.join(sorted(MODELS))}")
-        sub.add_argument("--src", required=True, help="the checkpoint to read")
-        sub.add_argument("--config", help="config.json path or inline JSON (needed for bare diffusers files)")
-        sub.add_argument("--out", required=True, help="the directory to write")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = MODELS.get(args.model)
-    if handlers is None:
-        print(f"error: --model {args.model!r} cannot be converted yet; supported: {', '.join(sorted(MODELS))}.",
-              file=sys.stderr)
-        return 2
-    try:
-        print(handlers[args.command](args))
-    except (WeightMismatchError, OSError, ValueError) as e:  # user errors: a message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in DIRECTIONS:
+        given = " ".join(argv[1:]) or "nothing"
+        raise cli.UserError(f"give the direction first, import or export (got {given}): {USAGE}")
+    for flag, value in (("--model", _MODEL.value), ("--src", _SRC.value), ("--out", _OUT.value)):
+        if not value:
+            raise cli.UserError(f"{flag} is required: {USAGE}")
+    print(convert_weights(argv[1], _MODEL.value, _SRC.value, _OUT.value, _CONFIG.value))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

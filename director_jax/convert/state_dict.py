@@ -76,14 +76,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             state.update(read_state_dict(path.parent / shard))
         return state
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
-            return dict(load_file(str(path)))
-        except TypeError:  # bfloat16 has no NumPy dtype: go through torch
-            from safetensors.torch import load_file as load_torch
+            try:
+                return dict(load_file(str(path)))
+            except TypeError:  # bfloat16 has no NumPy dtype: go through torch
+                from safetensors.torch import load_file as load_torch
 
-            return {k: to_numpy(v) for k, v in load_torch(str(path)).items()}
+                return {k: to_numpy(v) for k, v in load_torch(str(path)).items()}
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}).") from e
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         import torch
 

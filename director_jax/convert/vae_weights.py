@@ -14,14 +14,8 @@ import numpy as np
 from flax import nnx
 
 from director_jax.convert.param_table import ParamEntry, export_state_dict, load_state_dict
-from director_jax.models.vae import (
-    CausalConv3d,
-    Conv2d,
-    RMSNorm,
-    UpBlock,
-    WanVAE,
-    WanVAEConfig,
-)
+from director_jax.models.vae import WanVAE, WanVAEConfig
+from director_jax.models.vae_blocks import CausalConv3d, Conv2d, RMSNorm, UpBlock
 
 
 def _module_key(path: tuple) -> str:

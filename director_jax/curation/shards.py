@@ -1,33 +1,14 @@
-"""The TFDS ArrayRecord dataset of a curated directory: what the training loader reads.
+"""Building the curated-clip shards (``python -m director_jax.shards``) from a curated directory.
 
-Build it (after ``python -m director_jax.curate --out OUT``; rebuilt only when the manifest changed)::
-
-    python -m director_jax.curation.shards --curated OUT [--text_cache CACHE] [--validation_fraction 0.01]
-
-It reads ``OUT/manifest.jsonl`` and ``OUT/clips/*.mp4`` and writes ``OUT/tfds/`` (``--data_dir``
-elsewhere), a TFDS dataset ``curated_clips`` in ArrayRecord files (random access; no TensorFlow
-needed). Read it with ``tfds.builder_from_directory(OUT/tfds/curated_clips/1.0.0).as_data_source(split)``
-or through ``director_jax.data.loader``. Each example holds:
-
-- ``clip``: the sample's mp4 file (bytes, H.264 as curation wrote it; decoded by the loader);
-- ``id``, ``source``, ``caption``, ``kind`` (text); ``start_frame``, ``end_frame``, ``num_frames``,
-  ``width``, ``height`` (int64); ``fps`` (float64, exact);
-- ``cuts``: shot starts inside the sample, **sample-relative** (the manifest's source frames minus
-  ``start_frame``), int32, variable length;
-- ``keyframes_shot_starts``, ``keyframes_even``, ``keyframes_motion_peaks``: the manifest's keyframe
-  candidates (sample-relative), int32, variable length;
-- with a text-embedding cache: ``text_embedding`` ``(L, D)`` in the cache's dtype (float32 or
-  bfloat16, stored bit-exact) and ``text_length`` (= L). Every caption must be cached. The empty
-  caption's embedding (for caption dropout) is stored beside the shards as
-  ``empty_caption_embedding.npy`` (float32) when the cache holds it.
+``build_curated_dataset(OUT)`` reads ``OUT/manifest.jsonl`` and ``OUT/clips/*.mp4`` (what
+``python -m director_jax.curate --out OUT`` writes) and writes the TFDS ArrayRecord dataset that
+``director_jax.data.shards`` describes (features, splits, index files; the loader reads it) into
+``OUT/tfds/`` or ``data_dir``. With a text-embedding cache every caption must be cached; its
+embeddings are stored in the examples, the empty caption's beside them.
 
 Splits: ``validation`` holds the samples whose id hashes below ``validation_fraction``
 (``sha256("validation:" + id)``), ``train`` the rest. A sample's split depends on its id only, so it
-never moves when samples are added. A split with no samples is not written.
-
-Records keep manifest order within a split (``disable_shuffling``; the loader shuffles). Beside the
-shards, ``index-<split>.npz`` lists per record its id, width, height, num_frames and fps, so a loader
-can plan batches (aspect buckets, clip lengths) without reading the clips.
+never moves when samples are added.
 
 VAE latents are not stored: a training example's multi-chunk latents depend on its clip window, crop
 and task (where the keyframes are), which the loader draws per example, so they cannot be fixed at
@@ -35,14 +16,13 @@ build time. A latent cache would fix those choices per sample; that is a later i
 
 Builds are atomic: the dataset is written to a temporary sibling of ``data_dir`` and swapped in only
 when complete, so a failed or interrupted build leaves the last good one in place.
-``OUT/tfds/build.json`` records a digest of the inputs (manifest bytes, clip file sizes, the
+``DATA_DIR/build.json`` records a digest of the inputs (manifest bytes, clip file sizes, the
 validation fraction, the text encoder); a build with the same digest is skipped. One build at a time
 per ``data_dir`` (a lock file beside it).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import functools
@@ -51,39 +31,35 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from director_jax.data.shards import (
+    BUILD_FILE,
+    DESCRIPTION,
+    EMPTY_CAPTION_FILE,
+    FORMAT,
+    KEYFRAME_KINDS,
+    SPLITS,
+    VERSION,
+    features,
+    index_file,
+    read_build_info,
+    version_dir,
+)
+from director_jax.data.text_embeddings import TextEmbeddingCache, np_dtype
 from director_jax.io_utils import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-NAME = "curated_clips"
-VERSION = "1.0.0"
-FORMAT = 1  # bump when the features or the digest change
-BUILD_FILE = "build.json"
-EMPTY_CAPTION_FILE = "empty_caption_embedding.npy"
-SPLITS = ("train", "validation")
-CLI = "python -m director_jax.curation.shards"
-KEYFRAME_KINDS = ("shot_starts", "even", "motion_peaks")
 _RELEASE_NOTE = "clips (mp4 bytes), caption, cuts, keyframe candidates, optional text embeddings"
 _REQUIRED = {"id": str, "source": str, "start_frame": int, "end_frame": int, "fps": (int, float), "cuts": list,
              "kind": str, "caption": str, "clip": str, "width": int, "height": int, "num_frames": int,
              "keyframe_candidates": dict}
-
-
-def index_file(split: str) -> str:
-    return f"index-{split}.npz"
-
-
-def version_dir(data_dir: str | os.PathLike) -> Path:
-    """Where the shards of a build into ``data_dir`` live (what ``tfds.builder_from_directory`` takes)."""
-    return Path(data_dir) / NAME / VERSION
 
 
 def split_of(sample_id: str, validation_fraction: float) -> str:
@@ -133,8 +109,6 @@ def read_manifest(curated_dir: str | os.PathLike) -> tuple[list[dict], bytes]:
 
 
 def _open_text_cache(text_cache, max_length: int):
-    from director_jax.data.text_embeddings import TextEmbeddingCache
-
     if text_cache is None or isinstance(text_cache, TextEmbeddingCache):
         return text_cache
     return TextEmbeddingCache(text_cache, max_length=max_length)
@@ -172,25 +146,19 @@ def _make_builder_class():
             super().__init__(**kwargs)
 
         def _info(self):
-            f = tfds.features
-            ints = {k: f.Tensor(shape=(), dtype=np.int64)
-                    for k in ("start_frame", "end_frame", "num_frames", "width", "height")}
-            seqs = {k: f.Tensor(shape=(None,), dtype=np.int32)
-                    for k in ("cuts", *(f"keyframes_{k}" for k in KEYFRAME_KINDS))}
-            features = {
-                "clip": f.Tensor(shape=(), dtype=np.object_),
-                **{k: f.Text() for k in ("id", "source", "caption", "kind")},
-                **ints,
-                "fps": f.Tensor(shape=(), dtype=np.float64, encoding=f.Encoding.BYTES),  # tf.Example floats are f32
-                **seqs,
-            }
-            if self._cache is not None:
-                features["text_embedding"] = f.Tensor(shape=(None, self._cache.dim),
-                                                      dtype=_cache_dtype(self._cache), encoding=f.Encoding.BYTES)
-                features["text_length"] = f.Tensor(shape=(), dtype=np.int32)
-            return tfds.core.DatasetInfo(builder=self, description=__doc__.split("\n\n")[0],
-                                         features=f.FeaturesDict(features), disable_shuffling=True,
+            text_dim, text_dtype = (None, "float32") if self._cache is None else (self._cache.dim,
+                                                                                  self._cache.info["dtype"])
+            return tfds.core.DatasetInfo(builder=self, description=DESCRIPTION,
+                                         features=features(text_dim, text_dtype), disable_shuffling=True,
                                          metadata=tfds.core.MetadataDict(self._extra_metadata))
+
+        # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared to <the
+        # temporary build dir>" on stdout; nothing is downloaded and the build is swapped in elsewhere.
+        def _log_download_bytes(self) -> None:
+            log.debug("building %s", self.data_dir)
+
+        def _log_download_done(self) -> None:
+            log.debug("built %s", self.data_dir)
 
         def _split_generators(self, dl_manager):
             return {name: self._generate_examples(samples) for name, samples in self._splits.items() if samples}
@@ -200,14 +168,6 @@ def _make_builder_class():
                 yield f"{i:010d}", _example(s, self._curated_dir, self._cache)
 
     return CuratedClips
-
-
-def _cache_dtype(cache) -> np.dtype:
-    if cache.info["dtype"] == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(np.float32)
 
 
 def _example(s: dict, curated_dir: Path, cache) -> dict[str, Any]:
@@ -224,7 +184,7 @@ def _example(s: dict, curated_dir: Path, cache) -> dict[str, Any]:
         ex[f"keyframes_{kind}"] = np.asarray(candidates.get(kind, []), np.int32)
     if cache is not None:
         emb = cache.read(s["caption"])
-        ex["text_embedding"] = np.ascontiguousarray(emb.astype(_cache_dtype(cache)))
+        ex["text_embedding"] = np.ascontiguousarray(emb.astype(np_dtype(cache.info["dtype"])))
         ex["text_length"] = np.int32(emb.shape[0])
     return ex
 
@@ -262,11 +222,6 @@ def _recover(data_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def read_build_info(data_dir: str | os.PathLike) -> dict | None:
-    path = Path(data_dir) / BUILD_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def build_curated_dataset(curated_dir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
                           text_cache=None, text_max_length: int = 512, validation_fraction: float = 0.01,
                           force: bool = False, progress: bool = True):
@@ -290,8 +245,8 @@ def build_curated_dataset(curated_dir: str | os.PathLike, *, data_dir: str | os.
             raise cache._missing_error(missing)
         if "" not in cache:
             log.warning("the text cache %s has no embedding of the empty caption: dropped captions will get a "
-                        "masked-out zero embedding (compute it with `python -m director_jax.data.text_embeddings`, "
-                        "which adds it unless --no_empty_caption).", cache.root)
+                        "masked-out zero embedding (compute it with `python -m director_jax.embed_text`, "
+                        "which adds it unless --noempty_caption).", cache.root)
     with _locked(data_dir):
         _recover(data_dir)
         digest = _digest(samples, manifest, curated_dir, validation_fraction, cache)
@@ -355,28 +310,3 @@ def _progress_bars(enabled: bool):
         yield
     finally:
         tfds.enable_progress_bar()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=CLI, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--curated", required=True, help="the curated directory (manifest.jsonl, clips/)")
-    parser.add_argument("--data_dir", help="where to build (default: CURATED/tfds)")
-    parser.add_argument("--text_cache", help="a text-embedding cache holding every caption")
-    parser.add_argument("--text_max_length", type=int, default=512)
-    parser.add_argument("--validation_fraction", type=float, default=0.01)
-    parser.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        builder = build_curated_dataset(args.curated, data_dir=args.data_dir, text_cache=args.text_cache,
-                                        text_max_length=args.text_max_length,
-                                        validation_fraction=args.validation_fraction, force=args.force)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{builder.data_dir}: " + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

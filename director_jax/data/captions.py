@@ -6,7 +6,7 @@ The paper captions every training sequence in one structured form::
 
 ``format_multishot_caption`` builds that string from one caption per shot and
 ``parse_multishot_caption`` takes it apart again. The whole string is *one* caption: it is embedded
-by the text encoder once (``director_jax.data.text_embeddings``), not shot by shot.
+by the text encoder once (``python -m director_jax.embed_text``), not shot by shot.
 
 Choices made here (the paper shows the form but not every detail):
 

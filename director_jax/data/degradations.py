@@ -1,6 +1,6 @@
 """Degradations that turn a high-res clip into Director-SR's low-res input: seeded, configurable, reproducible.
 
-Director-SR restores a video from its upsampled low-res version (DESIGN.md). At inference that low-res
+Director-SR restores a video from its upsampled low-res version (docs/design.md). At inference that low-res
 video comes from Director-Gen, so training pairs need low-res clips at least as damaged as real ones,
 not clean downscales. ``degrade`` makes them on the loader side (uint8 numpy, ``(T, H, W, 3)``) as a pure
 function of the clip, the config and a seed, so a resumed run or another host sees the same pair.

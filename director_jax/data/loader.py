@@ -1,10 +1,10 @@
 """The Grain pipeline of curated clips: decode, resample, crop, choose a task, batch by aspect ratio.
 
-It reads the TFDS ArrayRecord dataset that ``director_jax.curation.shards`` builds from a curated
-directory and gives the trainer the same contract as the synthetic loader
-(``director_jax.data.synthetic_loader``): each host gets its own contiguous rows of every global
-batch, the iterator state is plain JSON (``make_iterator``), and everything is deterministic in the
-seeds, whatever the worker count.
+It reads the TFDS ArrayRecord shards (``director_jax.data.shards``) that ``python -m director_jax.shards``
+builds from a curated directory and gives the trainer the same contract as the synthetic loader
+(``director_jax.data.synthetic_loader``; the shared part is ``director_jax.data.iterators``): each host
+gets its own contiguous rows of every global batch, the iterator state is plain JSON
+(``make_iterator``), and everything is deterministic in the seeds, whatever the worker count.
 
 **Batch plan** (no decoding needed): each record goes to the aspect-ratio bucket ``(H, W)`` nearest
 its clip's ``height / width`` (in log ratio, ties to the earlier bucket), read from the dataset's
@@ -50,25 +50,25 @@ import io
 import logging
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
-from director_jax.curation import shards as tfds_builder
-from director_jax.data.synthetic_loader import (
-    SyntheticClipsConfig,
-    _HostRowsMapDataset,
-    _mixed_shuffle_seed,
+from director_jax.data.iterators import (
+    HostRowsMapDataset,
+    check_host_batch,
+    config_from,
     make_iterator,
+    mixed_shuffle_seed,
 )
+from director_jax.data.shards import Shards
 from director_jax.data.task_sampling import DEFAULT_TASK_WEIGHTS, TaskSamplingConfig, sample_task, task_config_from
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CuratedLoaderConfig", "make_curated_dataset", "make_iterator", "batch_plan", "nearest_bucket",
-           "resampled_length", "source_frame_indices", "dataset_dir", "text_metadata"]
+           "resampled_length", "source_frame_indices", "text_metadata"]
 
 VIDEO_DTYPES = ("float32", "uint8")
 _EPS = 1e-9  # keeps j * ratio + 1/2 that is a whole number in exact arithmetic from rounding down
@@ -112,7 +112,10 @@ class CuratedLoaderConfig:
             raise ValueError(f"video_dtype={self.video_dtype!r}; choose one of {VIDEO_DTYPES}.")
         object.__setattr__(self, "task_weights", self.task_config().task_weights)  # validated, all tasks named
 
-    from_config = classmethod(SyntheticClipsConfig.from_config.__func__)
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Any, **overrides: Any) -> CuratedLoaderConfig:
+        """Reads the fields present in an ml_collections ConfigDict (or a dict); others keep defaults."""
+        return config_from(cls, config, **overrides)
 
     def task_config(self) -> TaskSamplingConfig:
         return task_config_from(dataclasses.asdict(self))
@@ -120,17 +123,6 @@ class CuratedLoaderConfig:
 
 # ------------------------------------------------------------------------------------------------
 # Pure helpers (the batch plan and the frame mapping)
-
-
-def dataset_dir(path: str | Path) -> Path:
-    """The TFDS dataset version directory for a curated dir, its ``tfds/`` data dir, or that directory itself."""
-    p = Path(path)
-    for candidate in (p, tfds_builder.version_dir(p), tfds_builder.version_dir(p / "tfds")):
-        if (candidate / "dataset_info.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"no curated TFDS dataset at {p} (looked for dataset_info.json in it, in "
-                            f"{tfds_builder.version_dir(p)} and in {tfds_builder.version_dir(p / 'tfds')}); build it "
-                            f"with `{tfds_builder.CLI} --curated CURATED_DIR`.")
 
 
 def nearest_bucket(height: np.ndarray | int, width: np.ndarray | int, buckets) -> np.ndarray:
@@ -163,7 +155,7 @@ class _Plan:
 
     def __init__(self, bucket: np.ndarray, global_batch: int, shuffle_seed: int):
         self.global_batch = global_batch
-        self.seed = _mixed_shuffle_seed(shuffle_seed)
+        self.seed = mixed_shuffle_seed(shuffle_seed)
         self.members = [np.flatnonzero(bucket == g) for g in range(int(bucket.max(initial=-1)) + 1)]
         self.bucket_batches = [len(m) // global_batch for m in self.members]
         self.batches_per_epoch = sum(self.bucket_batches)
@@ -220,52 +212,10 @@ class _PlanMapDataset(grain.MapDataset):
 # Reading and decoding
 
 
-@dataclasses.dataclass
-class _Dataset:
-    """The built dataset's index and metadata; the TFDS data source is opened lazily (once per process)."""
-
-    path: Path
-    split: str
-    index: dict[str, np.ndarray]
-    text: dict | None  # the build's text metadata (fingerprint, dtype, max_length, dim, empty_caption)
-    empty_caption: np.ndarray | None  # (L, D) float32
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_source"}
-
-    def record(self, i: int) -> dict[str, Any]:
-        source = self.__dict__.get("_source")
-        if source is None:
-            import tensorflow_datasets as tfds
-
-            source = tfds.builder_from_directory(str(self.path)).as_data_source(self.split)
-            self.__dict__["_source"] = source
-        return source[i]
-
-
-def _open(cfg: CuratedLoaderConfig) -> _Dataset:
-    import tensorflow_datasets as tfds
-
+def _open(cfg: CuratedLoaderConfig) -> Shards:
     if not cfg.data_dir:
         raise ValueError("CuratedLoaderConfig.data_dir is empty: set it to the curated directory (or its tfds/).")
-    path = dataset_dir(cfg.data_dir)
-    info = tfds.builder_from_directory(str(path)).info
-    if cfg.split not in info.splits:
-        raise ValueError(f"{path} has no split {cfg.split!r}; it has {sorted(info.splits)} (an empty split is not "
-                         "written: raise --validation_fraction or add samples).")
-    index_path = path / tfds_builder.index_file(cfg.split)
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path} is missing: {path} was not built by {tfds_builder.CLI}; rebuild it.")
-    with np.load(index_path) as z:
-        index = {k: z[k] for k in z.files}
-    if len(index["id"]) != info.splits[cfg.split].num_examples:
-        raise ValueError(f"{index_path} lists {len(index['id'])} records but the split has "
-                         f"{info.splits[cfg.split].num_examples}; rebuild with `{tfds_builder.CLI} --force`.")
-    text = dict(info.metadata.get("text") or {}) or None
-    empty = None
-    if text is not None and (path / tfds_builder.EMPTY_CAPTION_FILE).is_file():
-        empty = np.load(path / tfds_builder.EMPTY_CAPTION_FILE).astype(np.float32)
-    return _Dataset(path, cfg.split, index, text, empty)
+    return Shards(cfg.data_dir, cfg.split)
 
 
 def decode_frames(data: bytes, indices: np.ndarray, height: int, width: int, threads: int = 1) -> np.ndarray:
@@ -322,7 +272,7 @@ def _to_float(pixels: np.ndarray) -> np.ndarray:
 class _MakeExample:
     """(epoch, record) -> one example dict (see the module doc)."""
 
-    def __init__(self, cfg: CuratedLoaderConfig, data: _Dataset):
+    def __init__(self, cfg: CuratedLoaderConfig, data: Shards):
         self.cfg, self.data = cfg, data
         self.task_cfg = cfg.task_config()
         idx = data.index
@@ -379,7 +329,7 @@ class _MakeExample:
 # The dataset
 
 
-def _eligible_buckets(cfg: CuratedLoaderConfig, data: _Dataset) -> np.ndarray:
+def _eligible_buckets(cfg: CuratedLoaderConfig, data: Shards) -> np.ndarray:
     idx = data.index
     bucket = nearest_bucket(idx["height"], idx["width"], cfg.buckets).astype(np.int64)
     short = resampled_length(idx["num_frames"], idx["fps"], cfg.fps) < cfg.clip_frames
@@ -407,17 +357,8 @@ def make_curated_dataset(cfg: CuratedLoaderConfig, *, global_batch_size: int, pr
     process order, are the single-process global batch. ``num_epochs=None`` repeats forever. Iterate
     with ``make_iterator`` (workers, JSON state).
     """
-    if global_batch_size < 1 or process_count < 1:
-        raise ValueError(f"global_batch_size ({global_batch_size}) and process_count ({process_count}) must be >= 1.")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                         f"process_count={process_count}; each host needs an equal whole share.")
-    if shuffle_seed < 0:
-        raise ValueError(f"shuffle_seed must be >= 0, got {shuffle_seed}.")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}.")
+    local_batch = check_host_batch(global_batch_size=global_batch_size, process_index=process_index,
+                                   process_count=process_count, shuffle_seed=shuffle_seed, num_epochs=num_epochs)
     data = _open(cfg)
     bucket = _eligible_buckets(cfg, data)
     plan = _Plan(bucket, global_batch_size, shuffle_seed)
@@ -426,8 +367,7 @@ def make_curated_dataset(cfg: CuratedLoaderConfig, *, global_batch_size: int, pr
         raise ValueError(f"{data.path} split {cfg.split!r} fills no global batch of {global_batch_size}: usable "
                          f"records per bucket {counts} ({int((bucket < 0).sum())} too short for "
                          f"{cfg.clip_frames} frames); lower the batch size or clip_frames, or use fewer buckets.")
-    local_batch = global_batch_size // process_count
     ds = _PlanMapDataset(plan, num_epochs)
-    ds = _HostRowsMapDataset(ds, local_batch, process_index, process_count)
+    ds = HostRowsMapDataset(ds, local_batch, process_index, process_count)
     ds = ds.map(_MakeExample(cfg, data))
     return ds.batch(local_batch, drop_remainder=True)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from director_jax.data.captions import format_multishot_caption
+from director_jax.io_utils import atomic_write_text
+from director_jax.video_io import write_mp4
+
 
 @dataclasses.dataclass(frozen=True)
 class ShotSpec:
@@ -243,10 +247,6 @@ def write_synthetic_movie(path: str | os.PathLike, seed: int, shot_lengths: list
     test of shot detection, captioning or generation has something exact to compare with. Odd
     sizes are padded to even by the encoder (see ``write_mp4``); use even sizes for exact truth.
     """
-    from director_jax.data.captions import format_multishot_caption
-    from director_jax.io_utils import atomic_write_text
-    from director_jax.video_io import write_mp4
-
     if not shot_lengths or min(shot_lengths) < 1:
         raise ValueError(f"shot_lengths must be positive frame counts, got {shot_lengths}.")
     shots = distinct_shots(np.random.default_rng(seed), list(shot_lengths), height, width, max_shapes)

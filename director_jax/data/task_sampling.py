@@ -1,6 +1,6 @@
 """Which SmartDirector mode a training example teaches, and which of its frames are given.
 
-Every mode is a timeline with given spans (DESIGN.md), so a training example needs one choice: the
+Every mode is a timeline with given spans (docs/design.md), so a training example needs one choice: the
 task and its given spans over the clip's ``T`` frames. ``sample_task`` makes it as a pure function of
 ``(seed, index)`` and the clip's cuts, so an example's task never depends on read order, host count or
 worker count, and a resumed run sees the same tasks again.

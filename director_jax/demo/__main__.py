@@ -30,8 +30,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from director_jax import cli
+from director_jax.build import load_director_gen, load_frozen_vae
+from director_jax.configs_common import load_config
+from director_jax.convert import export_transformer, export_vae
+from director_jax.curation.pipeline import curate
 from director_jax.demo import data, report, showcase, stages
+from director_jax.eval.run import run_evaluation
 from director_jax.io_utils import atomic_write_text
+from director_jax.models.timeline import Timeline, place_given_frames
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config (a get_config() file).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where movies, models, videos and the report are written.")
@@ -73,9 +80,6 @@ class Stages:
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool) -> dict:
     """``evaluate``'s synthetic suite (configs/eval_synthetic.py) on the demo's Gen, and the cross-fade baseline."""
-    from director_jax.configs_common import load_config
-    from director_jax.eval.run import run_evaluation
-
     ecfg = load_config(stages.CONFIGS / "eval_synthetic.py")
     ecfg.model_config = str(workdir / "gen" / "config.py")
     ecfg.movies.count = int(cfg.eval.movies)
@@ -88,10 +92,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool) -> d
 
 def export_check(workdir: Path, gen_cfg: ml_collections.ConfigDict, row: dict) -> dict:
     """Exports Gen's DiT and the VAE as diffusers directories; PyTorch re-makes showcase ``row`` from them."""
-    from director_jax.convert import export_transformer, export_vae
-    from director_jax.eval.checkpoint import load_director_gen, load_frozen_vae
-    from director_jax.models.timeline import Timeline, place_given_frames
-    from director_jax.pytorch.pipeline import TorchDirectorPipeline, jax_noise, noise_shape, psnr
+    from director_jax.pytorch.pipeline import TorchDirectorPipeline, jax_noise, noise_shape, psnr  # optional: torch
+
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     gen, _ = load_director_gen(gen_cfg, workdir / "gen", sharding=sharding)
@@ -129,8 +131,6 @@ def main(_) -> None:
           max_shapes=int(cfg.data.train_max_shapes), progress=progress)
     shows = t.run("showcase movies", data.write_movies, workdir / "movies" / "showcase", SHOWCASE_SEED, 1, cfg.data,
                   max_shapes=1, progress=False)
-    from director_jax.curation.pipeline import curate
-
     shutil.rmtree(workdir / "curated", ignore_errors=True)
     movies = sorted(str(p) for p in (workdir / "movies" / "train").glob("*.mp4"))  # not the truth JSONs beside
     summary = t.run("curate", curate, movies, workdir / "curated",
@@ -182,4 +182,4 @@ def main(_) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, level=logging.WARNING)

@@ -25,8 +25,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from director_jax.models.timeline import TimelineLayout, pad_to_length, padded_length
+from director_jax.models.multichunk import pad_to_length
+from director_jax.models.timeline import TimelineLayout, padded_length
 from director_jax.models.vae import WanVAE, kl_divergence, normalize_latents
+from director_jax.models.vae_blocks import CausalConv3d, Resample
+from director_jax.pipeline.codec import jitted_codec
+from director_jax.train.checkpoint import Checkpointer
+from director_jax.train.trainer import build_run
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +63,6 @@ def inflate_temporal_kernels(vae: WanVAE) -> None:
     through and the temporal upsampling repeats each frame, so a static clip has equal latents.
     Call after ``scale_conv_kernels`` (the identity taps stay at 1).
     """
-    from director_jax.models.vae import CausalConv3d, Resample
-
     time_convs = {id(m.time_conv) for _, m in nnx.iter_graph(vae) if isinstance(m, Resample) and m.time_conv}
     for _, module in nnx.iter_graph(vae):
         if not isinstance(module, CausalConv3d) or module.kernel.shape[0] == 1:
@@ -151,8 +154,8 @@ def with_latent_stats(vae: WanVAE, videos: Sequence[np.ndarray], encode: Callabl
     Director-Gen and SR train on normalized latents; Wan2.1 ships its statistics, a freshly fitted
     VAE measures its own (stored in its exported config, so every later reader normalizes alike).
     """
-    encode = encode or jax.jit(lambda x: vae.encode(x)[0])
-    means = np.concatenate([np.asarray(encode(jnp.asarray(v[None]))).reshape(-1, vae.config.z_dim) for v in videos])
+    encode = encode or jitted_codec(vae)[0]
+    means = np.concatenate([np.asarray(encode(jnp.asarray(v[None]))[0]).reshape(-1, vae.config.z_dim) for v in videos])
     flat = means.astype(np.float64)
     vae.config = dataclasses.replace(vae.config, latents_mean=tuple(float(x) for x in flat.mean(0)),
                                      latents_std=tuple(float(x) for x in flat.std(0) + 1e-6))
@@ -180,7 +183,7 @@ def encode_layouts(vae: WanVAE, clips: np.ndarray, layouts: Sequence[TimelineLay
     layout with a keyframe at frame 0, say) share its latents: each distinct span is encoded once
     per clip (the demo's 11 layouts: 23 chunks of 187 frames, 11 distinct spans of 96).
     """
-    encode = encode or jax.jit(lambda x: vae.encode(x))
+    encode = encode or jitted_codec(vae)[0]
     for layout in layouts:
         if layout.timeline.num_frames != clips.shape[1]:
             raise ValueError(f"a layout of {layout.timeline.num_frames} frames for clips of {clips.shape[1]}.")
@@ -218,11 +221,8 @@ def train_on_cache(cfg: ml_collections.ConfigDict, caches: Sequence[LayoutCache]
     ``train.batch_size`` rows; for SR, a row's keyframes are dropped with ``keyframe_dropout`` (every
     frame generated: SR's dropout otherwise lives in its data path, which a cache skips; Gen drops
     keyframes in its loss, ``train.keyframe_dropout``). Writes a trainer checkpoint of the last step
-    to ``workdir/checkpoints`` (read back by ``eval.checkpoint`` / ``generate``) and returns the loss log.
+    to ``workdir/checkpoints`` (read back by ``build`` / ``generate``) and returns the loss log.
     """
-    from director_jax.train.checkpoint import Checkpointer
-    from director_jax.train.trainer import build_run
-
     cfg = cfg.copy_and_resolve_references()
     if cfg.train.latents != "precomputed" or not cfg.train.get("layouts_in_batch", False):
         raise ValueError("train_on_cache needs train.latents='precomputed' and train.layouts_in_batch=True.")

@@ -1,6 +1,6 @@
 """The demo's footage: synthetic movies written as real mp4 files, curated by the real pipeline, read back as clips.
 
-Training movies go through ``data/curation.py`` exactly as a user's films would (shot detection,
+Training movies go through ``curation/pipeline.py`` exactly as a user's films would (shot detection,
 filters, single- and multi-shot samples, H.264 clips, manifest); the models then train on windows
 of the curated clips. Held-out movies (other seeds) keep their ground truth (cuts, object centres)
 for the showcase and the evaluation.

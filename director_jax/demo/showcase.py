@@ -1,4 +1,4 @@
-"""The showcase: every generation mode of DESIGN.md run through ``python -m director_jax.generate``'s own code.
+"""The showcase: every generation mode of docs/design.md run through ``python -m director_jax.generate``'s own code.
 
 On a held-out synthetic movie (64x64, ground truth known): one keyframe at the first / middle /
 last frame; the same three keyframes at two pacings; a two-shot clip with a keyframe per shot; and
@@ -15,10 +15,12 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from director_jax.data.degradations import bicubic_upsample
 from director_jax.data.synthetic import SyntheticMovieInfo
 from director_jax.demo.data import downscale
 from director_jax.eval.metrics import psnr
-from director_jax.generate import Request, generate, plan
+from director_jax.pipeline.generate import generate
+from director_jax.pipeline.request import Request, plan
 from director_jax.video_io import to_uint8, write_mp4
 
 FRAMES = 17
@@ -85,8 +87,6 @@ def run_case(case: dict, info: SyntheticMovieInfo, out_dir: Path, gen_cfg: ml_co
            "chunks": result["chunks"], "gen_given_psnr": float(psnr(lowres[given], small_truth[given])),
            "gen_generated_psnr": float(psnr(lowres[generated], small_truth[generated]))}
     if use_sr:
-        from director_jax.data.degradations import bicubic_upsample
-
         bicubic = bicubic_upsample(to_uint8(lowres), scale).astype(np.float32) / 127.5 - 1.0  # what SR starts from
         row.update(sr_psnr=float(psnr(result["frames"], truth)), bicubic_psnr=float(psnr(bicubic, truth)),
                    sr_keyframe_psnr=float(psnr(result["frames"][given], truth[given])) if given else None)

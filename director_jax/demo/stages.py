@@ -19,6 +19,7 @@ from flax import nnx
 
 from director_jax.configs_common import load_config
 from director_jax.convert.state_dict import write_diffusers_dir
+from director_jax.convert.vae import load_vae
 from director_jax.convert.vae_weights import export_diffusers_state_dict
 from director_jax.demo.cpu_fit import (
     LayoutCache,
@@ -33,6 +34,7 @@ from director_jax.demo.data import downscale, training_windows
 from director_jax.io_utils import atomic_write_text
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import WanVAE, WanVAEConfig
+from director_jax.train.tasks import SRTask
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VAE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
@@ -179,8 +181,6 @@ def train_gen(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], 
 def train_sr(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], workdir: Path, *,
              progress: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
     """Director-SR on 64x64 windows, degraded and upsampled by the SR task's own seeded data path."""
-    from director_jax.train.tasks import SRTask
-
     scfg = sr_config(cfg, workdir)
     task = SRTask(scfg)
     rng = np.random.default_rng(int(cfg.seed) + 12)
@@ -198,8 +198,6 @@ def train_sr(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], w
 
 def reused_vae(workdir: Path) -> WanVAE:
     """The VAE a previous run wrote to ``workdir/vae`` (``--reuse vae``)."""
-    from director_jax.convert.vae import load_vae
-
     return load_vae(workdir / "vae")
 
 

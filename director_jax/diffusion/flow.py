@@ -4,7 +4,7 @@ The path is the straight line ``x_t = (1 - t) x0 + t eps`` from the clean latent
 Gaussian noise (t = 1), as in SD3 / Wan; the model predicts its velocity ``dx_t/dt = eps - x0``.
 In Director-Gen a sequence mixes *given* latent frames (clean keyframe / conditioning latents, held
 at t = 0) with *generated* ones, so ``t`` may be per latent frame, and the loss counts generated
-frames only: the given frames are inputs, not predictions (DESIGN.md, "The method").
+frames only: the given frames are inputs, not predictions (docs/design.md, "The method").
 
 Shapes: latents ``(B, T', h, w, C)``; a time ``t`` is ``(B,)`` (one per sample) or ``(B, T')``
 (one per latent frame) and is broadcast over the trailing axes.

@@ -19,14 +19,12 @@ its shards on its devices and gets all videos back with ``process_allgather``.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
@@ -35,26 +33,9 @@ from director_jax.eval.suite import EvalCase
 from director_jax.models.dit import DirectorGen
 from director_jax.models.timeline import Timeline, place_given_frames
 from director_jax.models.vae import WanVAE
+from director_jax.pipeline.codec import jitted_codec
 from director_jax.pipeline.gen import generate_video
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-    sampler: str
-    steps: int
-    shift: float
-    guidance_scale: float
-    keyframe_guidance: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class TextInputs:
-    """Caption embeddings per case (B, Lt, D) + masks, and the negative caption's (1, Lt, D) for guidance."""
-
-    text: np.ndarray
-    mask: np.ndarray
-    negative: np.ndarray | None = None
-    negative_mask: np.ndarray | None = None
+from director_jax.pipeline.settings import SamplingSettings, TextInputs
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -73,20 +54,13 @@ def _global(mesh: Mesh, value: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def _jitted_vae(vae: WanVAE) -> tuple[Callable, Callable]:
-    graphdef, state = nnx.split(vae)
-    enc = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
-    dec = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
-    return (lambda x: enc(state, x)), (lambda z: dec(state, z))
-
-
 def generate_cases(gen: DirectorGen, vae: WanVAE, cases: Sequence[EvalCase], text: TextInputs, *, seed: int,
                    sampling: SamplingSettings, mesh: Mesh, cases_per_device: int = 1,
                    progress: bool = True) -> dict[int, np.ndarray]:
     """Generated (T, H, W, 3) videos in [-1, 1] by case index; ``text`` rows follow ``cases``."""
     if cases_per_device < 1:
         raise ValueError(f"cases_per_device must be >= 1, got {cases_per_device}.")
-    encode, decode = _jitted_vae(vae)
+    encode, decode = jitted_codec(vae)
     batch = cases_per_device * mesh.size
     row_of = {c.index: r for r, c in enumerate(cases)}
     groups: dict[Any, list[EvalCase]] = {}

@@ -15,54 +15,25 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from director_jax.build import load_director_gen, load_frozen_vae
 from director_jax.configs_common import load_config
 from director_jax.eval.baselines import crossfade
-from director_jax.eval.checkpoint import load_director_gen, load_frozen_vae
-from director_jax.eval.generate import SamplingSettings, TextInputs, data_mesh, generate_cases
+from director_jax.eval.generate import data_mesh, generate_cases
 from director_jax.eval.report import write_metrics, write_report
 from director_jax.eval.scoring import MetricSettings, score
 from director_jax.eval.suite import EvalCase, synthetic_cases
 from director_jax.io_utils import dir_path
+from director_jax.pipeline.settings import SamplingSettings, sampling_settings, text_inputs
 
 BASELINES = ("crossfade", "reference")
 SUITES = ("synthetic",)
 
 
-def sampling_settings(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> SamplingSettings:
+def eval_sampling(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> SamplingSettings:
     """The eval config's sampler fields where set, else the model config's ``sampler`` section."""
-    s, m = cfg.sampler, model_cfg.sampler
-
-    def pick(name: str, fallback):
-        value = s.get(name)
-        return fallback if value is None else value
-
-    return SamplingSettings(sampler=str(pick("name", m.name)), steps=int(pick("steps", m.steps)),
-                            shift=float(pick("shift", m.shift)),
-                            guidance_scale=float(pick("guidance_scale", m.guidance_scale)),
-                            keyframe_guidance=float(pick("keyframe_guidance", m.get("keyframe_guidance", 1.0))))
-
-
-def text_inputs(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, cases: Sequence[EvalCase],
-                guidance_scale: float) -> TextInputs:
-    """Caption embeddings of the cases (from ``cfg.text_cache``), or the trainer's empty caption for
-    unconditional models (``text.conditioning = False``)."""
-    n, dim = len(cases), int(model_cfg.model.text_dim)
-    if not model_cfg.text.conditioning:
-        empty, empty_mask = np.zeros((1, 1, dim), np.float32), np.zeros((1, 1), bool)
-        return TextInputs(np.repeat(empty, n, 0), np.repeat(empty_mask, n, 0),
-                          *((empty, empty_mask) if guidance_scale != 1.0 else (None, None)))
-    if not cfg.text_cache:
-        raise ValueError("the model is text-conditioned: set --config.text_cache to a text-embedding cache holding "
-                         "the suite's captions (python -m director_jax.data.text_embeddings --captions ...).")
-    from director_jax.data.text_embeddings import load_text_embeddings
-
-    length = int(model_cfg.text.max_length)
-    text, mask = load_text_embeddings(cfg.text_cache, [c.caption for c in cases], max_length=length)
-    negative = negative_mask = None
-    if guidance_scale != 1.0:
-        negative, negative_mask = load_text_embeddings(cfg.text_cache, [str(model_cfg.sampler.negative_prompt)],
-                                                       max_length=length)
-    return TextInputs(text, mask, negative, negative_mask)
+    s = cfg.sampler
+    return sampling_settings(model_cfg, sampler=s.get("name"), steps=s.get("steps"), shift=s.get("shift"),
+                             guidance_scale=s.get("guidance_scale"), keyframe_guidance=s.get("keyframe_guidance"))
 
 
 def build_cases(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> list[EvalCase]:
@@ -109,8 +80,9 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
         replicated = NamedSharding(mesh, PartitionSpec())
         gen, loaded = load_director_gen(model_cfg, ckpt, sharding=replicated, step=step, weights=cfg.weights)
         vae = load_frozen_vae(model_cfg, sharding=replicated)
-        sampling = sampling_settings(cfg, model_cfg)
-        text = text_inputs(cfg, model_cfg, cases, sampling.guidance_scale)
+        sampling = eval_sampling(cfg, model_cfg)
+        text = text_inputs(model_cfg, [c.caption for c in cases], text_cache=cfg.text_cache,
+                           guidance_scale=sampling.guidance_scale)
         videos = generate_cases(gen, vae, cases, text, seed=int(cfg.seed), sampling=sampling, mesh=mesh,
                                 cases_per_device=int(cfg.cases_per_device), progress=progress)
         info["evaluated"] = {"checkpoint": loaded.directory, "step": loaded.step,  # absolute, or gs://...

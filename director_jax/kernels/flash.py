@@ -73,6 +73,15 @@ def mesh_device() -> Any | None:
     return None if mesh.empty else getattr(mesh, "abstract_device", None)
 
 
+def target_backend() -> str:
+    """The platform the program is built for: the active mesh's devices (a TPU topology compiled from
+    a CPU host, say), else JAX's default backend ("cpu", "gpu" or "tpu")."""
+    device = mesh_device()
+    if device is not None:
+        return "gpu" if device.platform in ("cuda", "rocm") else device.platform
+    return jax.default_backend()
+
+
 def default_block_sizes(device_kind: str | None = None) -> BlockSizes:
     """The table entry whose key is the longest substring of ``device_kind`` (default: the active
     mesh's first device, e.g. a compile-only TPU, else device 0)."""

@@ -1,9 +1,10 @@
 """Sequence-parallel attention over the ``sequence`` mesh axis: Ulysses (all-to-all) and ring.
 
 Both run inside ``jax.shard_map`` over the active mesh (``jax.set_mesh``), with q, k, v (B, S, H, D)
-sharded as the DiT's activations are: batch by the logical "batch" rule (``("data", "fsdp")`` with
-the divisibility fallbacks of ``parallel/rules.py``), tokens over "sequence", heads over "tensor"
-where they divide. ``check_vma=False`` because Mosaic kernels do not carry varying-axis types.
+sharded as the DiT's activations are: batch and heads by the active rules table's "batch" and
+"act_heads" rules (by default ``("data", "fsdp")`` and "tensor", with the divisibility fallbacks of
+``parallel/rules.py``), tokens over "sequence". The per-device attention is ``dispatch.py``'s.
+``check_vma=False`` because Mosaic kernels do not carry varying-axis types.
 
 * **Ulysses** swaps sequence shards for head shards with one ``all_to_all`` per tensor, runs any
   local implementation on the full sequence with H / n heads, and swaps back. Cheap (4 all-to-alls of
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from director_jax.kernels import flash
+from director_jax.kernels import dispatch, flash
 from director_jax.kernels.flash import BlockSizes
 from director_jax.parallel.rules import logical_to_mesh_spec
 
@@ -64,7 +65,13 @@ def _axes_size(mesh: Any, axes: Any) -> int:
 def _specs(mesh: Any, q: jax.Array) -> tuple[PartitionSpec, PartitionSpec]:
     """(B, S, H, D) spec and the (B,) kv_len spec: batch and heads by the rules, tokens on "sequence"."""
     spec = logical_to_mesh_spec(("batch", None, "act_heads", None), mesh=mesh, shape=q.shape)
-    return PartitionSpec(spec[0], SEQUENCE_AXIS, spec[2], None), PartitionSpec(spec[0])
+
+    def off_sequence(axes: Any) -> Any:  # a rules table may put "sequence" on batch or heads: tokens have it here
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != SEQUENCE_AXIS)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    batch, heads = off_sequence(spec[0]), off_sequence(spec[2])
+    return PartitionSpec(batch, SEQUENCE_AXIS, heads, None), PartitionSpec(batch)
 
 
 def resolve_mode(mode: str, num_heads: int, head_shards: int, n: int) -> str:
@@ -99,8 +106,6 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_
     ``impl`` is the per-device implementation (``auto`` is resolved on the global shapes); ``kv_len``
     (B,) the global number of valid keys. S and L must divide by the sequence axis size.
     """
-    from director_jax.kernels import attention as attention_lib  # attention.py imports this module lazily
-
     mesh = _mesh()
     n = sequence_axis_size()
     for name, length in (("query", q.shape[1]), ("key", k.shape[1])):
@@ -113,16 +118,16 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_
     mode = resolve_mode(mode, q.shape[2], _axes_size(mesh, qkv_spec[2]), n)
     kv_len = flash.full_kv_len(k, kv_len)
     if impl == "auto":
-        impl = attention_lib.choose_implementation(q, k)
+        impl = dispatch.choose_implementation(q, k)
 
     if mode == "ulysses":
         def local(q, k, v, kv_len):
-            return attention_lib.local_attention(q, k, v, kv_len=kv_len, impl=impl, scale=scale,
+            return dispatch.local_attention(q, k, v, kv_len=kv_len, impl=impl, scale=scale,
                                                  block_sizes=block_sizes, interpret=interpret)
 
         body = _ulysses(local)
     else:
-        forward, backward, default_interpret = attention_lib.local_pair(ring_implementation(impl))
+        forward, backward, default_interpret = dispatch.local_pair(ring_implementation(impl))
         interpret = default_interpret if interpret is None else bool(interpret)
         block_sizes = flash.default_block_sizes() if block_sizes is None else block_sizes
         body = _ring(forward, backward, n=n, scale=scale, block_sizes=block_sizes, interpret=interpret)

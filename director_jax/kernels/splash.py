@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
-from director_jax.kernels.flash import full_kv_len
+from director_jax.kernels.flash import full_kv_len, target_backend
 
 SPLASH_BLOCK = 512
 
@@ -41,8 +41,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Ar
     b, s, h, d = q.shape
     l = k.shape[1]
     if interpret is None:
-        from director_jax.kernels.attention import target_backend
-
         interpret = target_backend() != "tpu"
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     # Blocks of at most ``block``, at least 128 (the TPU lane width), never longer than needed.

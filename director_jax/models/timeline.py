@@ -1,6 +1,6 @@
 """The timeline: T pixel frames, some spans given (keyframes, conditioning videos), the rest generated.
 
-Every mode of SmartDirector is a timeline (DESIGN.md): one keyframe anywhere, several keyframes,
+Every mode of SmartDirector is a timeline (docs/design.md): one keyframe anywhere, several keyframes,
 multi-shot, extension forward / backward / in-between, pacing. This module turns a timeline into
 the Multi-Chunk layout the DiT sees:
 
@@ -16,20 +16,19 @@ the Multi-Chunk layout the DiT sees:
   temporal position: that frame index / 4 (a keyframe at frame s sits at s/4, the chunk's next
   latents at s/4 + 1/4, s/4 + 5/4, ...).
 
-The layout is plain Python / NumPy and static, so it fixes shapes before tracing.
+The layout is plain Python / NumPy and static, so it fixes shapes before tracing, and the data
+loaders use it without JAX; ``models/multichunk.py`` encodes and decodes a video over it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from director_jax.models.vae import TEMPORAL_FACTOR, WanVAE
+TEMPORAL_FACTOR = 4  # pixel frames per latent frame after a chunk's first (the Wan VAE's temporal compression)
 
 
 def padded_length(length: int) -> int:
@@ -226,78 +225,6 @@ class TimelineLayout:
                 f"positions {self.position[c.latent_offset:c.latent_offset + c.num_latents].tolist()}"
             )
         return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# Multi-chunk encode and decode
-
-
-def pad_to_length(frames: jax.Array, length: int) -> jax.Array:
-    """(B, n, ...) -> (B, length, ...) by repeating the last frame (the padding is never shown)."""
-    n = frames.shape[1]
-    if n == length:
-        return frames
-    tail = jnp.repeat(frames[:, -1:], length - n, axis=1)
-    return jnp.concatenate([frames, tail], axis=1)
-
-
-def _check_video(video, layout: TimelineLayout) -> None:
-    if video.ndim != 5 or video.shape[1] != layout.timeline.num_frames:
-        raise ValueError(
-            f"video must be (B, {layout.timeline.num_frames}, H, W, C) for this timeline; got {tuple(video.shape)}."
-        )
-
-
-def _scatter(per_chunk: dict[int, jax.Array], layout: TimelineLayout) -> jax.Array:
-    return jnp.concatenate([per_chunk[c.index] for c in layout.chunks], axis=1)
-
-
-def encode_timeline(
-    vae: WanVAE,
-    video: jax.Array,
-    layout: TimelineLayout,
-    encode: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(B, T, H, W, 3) -> posterior (mean, logvar), each (B, L, h, w, z) in the layout's order.
-
-    Chunks of equal padded length go through the VAE together (stacked on the batch axis).
-    ``encode`` overrides ``vae.encode`` (e.g. a jitted or streaming encoder). Generated frames may
-    hold anything at inference time: a given latent depends only on given frames (causality).
-    """
-    _check_video(video, layout)
-    encode = encode or vae.encode
-    b = video.shape[0]
-    means, logvars = {}, {}
-    for length, chunks in layout.chunks_by_padded_length().items():
-        clips = jnp.concatenate([pad_to_length(video[:, c.start:c.end], length) for c in chunks], axis=0)
-        mean, logvar = encode(clips)
-        for k, c in enumerate(chunks):
-            means[c.index] = mean[k * b:(k + 1) * b]
-            logvars[c.index] = logvar[k * b:(k + 1) * b]
-    return _scatter(means, layout), _scatter(logvars, layout)
-
-
-def decode_timeline(
-    vae: WanVAE,
-    latents: jax.Array,
-    layout: TimelineLayout,
-    decode: Callable[[jax.Array], jax.Array] | None = None,
-) -> jax.Array:
-    """(B, L, h, w, z) raw latents -> (B, T, H, W, 3): each chunk decoded, padding dropped, stitched."""
-    if latents.ndim != 5 or latents.shape[1] != layout.num_latents:
-        raise ValueError(
-            f"latents must be (B, {layout.num_latents}, h, w, z) for this timeline; got {tuple(latents.shape)}."
-        )
-    decode = decode or vae.decode
-    b = latents.shape[0]
-    frames = {}
-    for _, chunks in layout.chunks_by_padded_length().items():
-        batch = jnp.concatenate(
-            [latents[:, c.latent_offset:c.latent_offset + c.num_latents] for c in chunks], axis=0)
-        decoded = decode(batch)
-        for k, c in enumerate(chunks):
-            frames[c.index] = decoded[k * b:(k + 1) * b, :c.length]
-    return _scatter(frames, layout)
 
 
 def place_given_frames(

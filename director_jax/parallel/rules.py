@@ -1,8 +1,10 @@
-"""Logical axis names -> mesh axes: the one rules table, partition specs, sharded init, constraints.
+"""Logical axis names -> mesh axes: the rules table, partition specs, sharded init, constraints.
 
 Every parameter carries logical axis names in its ``out_sharding`` metadata (see
-``director_jax.models.layers.param``); activations are annotated with ``constrain``. ``DEFAULT_RULES``
-maps each name to mesh axes (``None`` = replicated, a name, or a tuple of names sharded jointly):
+``director_jax.models.layers.param``); activations are annotated with ``constrain``. A rules table
+maps each name to mesh axes (``None`` = replicated, a name, or a tuple of names sharded jointly).
+The table comes from the config (``mesh.rules``, read by ``rules_from_config``: entries replace the
+default rule of their logical name); ``DEFAULT_RULES`` is the default:
 
 * parameters: FSDP on the model width ("embed", over the fsdp and sequence axes: with sequence
   parallelism and batch 1 the sequence chips would otherwise each hold the whole model), tensor
@@ -18,16 +20,25 @@ Two fallbacks keep any model shardable on any mesh (MaxText-style):
 * with a mesh and a shape known, a mesh axis of size 1 is dropped, and a dim keeps its axes in order
   only while their running product divides the dim size; the rest are dropped (``("data", "fsdp")``
   on a batch of 2 with data=2, fsdp=4 gives "data"; a 42-wide dim on tensor=4 is replicated).
+
+Functions that take ``rules`` use the *active* table when it is ``None``: ``DEFAULT_RULES``, or the
+one set by ``with axis_rules(table):``. Activation constraints inside models (``constrain``) always
+read the active table, so the trainer sets it around tracing its init and step. It is read when a
+function is traced: a function jitted under one table keeps that table in its compiled program.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from director_jax.parallel.mesh import MESH_AXES
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -58,6 +69,88 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 
+_ACTIVE_RULES: contextvars.ContextVar[tuple[tuple[str, MeshAxes], ...]] = contextvars.ContextVar(
+    "director_jax_axis_rules", default=DEFAULT_RULES)
+
+
+def _bad_entry(where: str, entry: Any, why: str) -> ValueError:
+    return ValueError(f"{where} entry {entry!r}: {why}. Each entry is [logical_name, mesh_axes] with mesh_axes "
+                      f"None (replicated), one mesh axis or a list of them; the mesh axes are {MESH_AXES}.")
+
+
+def validate_rules(rules: Rules, *, where: str = "Axis rules") -> tuple[tuple[str, MeshAxes], ...]:
+    """``rules`` as a tuple of ``(logical_name, mesh_axes)`` pairs; a ValueError naming a bad entry.
+
+    An entry is a pair: a logical name (a string, once per table) and ``None``, a mesh axis of
+    ``MESH_AXES`` or a list of distinct ones (an empty list is ``None``).
+    """
+    if isinstance(rules, str | Mapping) or not isinstance(rules, Sequence):
+        raise ValueError(f"{where} must be a list of [logical_name, mesh_axes] pairs; got {rules!r}.")
+    out: list[tuple[str, MeshAxes]] = []
+    seen: set[str] = set()
+    for entry in rules:
+        if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
+            raise _bad_entry(where, entry, "not a [logical_name, mesh_axes] pair")
+        name, axes = entry
+        if not isinstance(name, str) or not name:
+            raise _bad_entry(where, entry, "the logical name must be a non-empty string")
+        if name in seen:
+            raise _bad_entry(where, entry, f"a second rule for {name!r}")
+        seen.add(name)
+        if axes is not None and not isinstance(axes, str):
+            if not isinstance(axes, Sequence) or not all(isinstance(a, str) for a in axes):
+                raise _bad_entry(where, entry, "mesh_axes must be None, a mesh axis name or a list of them")
+            axes = tuple(axes) or None
+        unknown = [a for a in _as_tuple(axes) if a not in MESH_AXES]
+        if unknown:
+            raise _bad_entry(where, entry, f"unknown mesh axis {unknown[0]!r}")
+        if len(set(_as_tuple(axes))) != len(_as_tuple(axes)):
+            raise _bad_entry(where, entry, "a mesh axis appears twice")
+        out.append((name, axes))
+    return tuple(out)
+
+
+def rules_from_config(cfg: Any) -> tuple[tuple[str, MeshAxes], ...]:
+    """The rules table of a config: ``DEFAULT_RULES`` with each ``cfg.mesh.rules`` entry replacing its name's rule.
+
+    ``cfg.mesh.rules`` is ``None`` (or absent) for the default table, else a list of
+    ``[logical_name, mesh_axes]`` pairs, e.g. ``[["embed", "tensor"]]`` to shard the model width
+    over the tensor axis, or ``[["embed", None]]`` to replicate it. Malformed entries, unknown mesh
+    axes and logical names no model uses raise a ValueError naming the entry.
+    """
+    mesh = cfg.get("mesh")
+    entries = None if mesh is None else mesh.get("rules")
+    if entries is None:
+        return DEFAULT_RULES
+    changes = dict(validate_rules(entries, where="mesh.rules"))
+    known = dict(DEFAULT_RULES)
+    for name, axes in changes.items():
+        if name not in known:
+            raise ValueError(f"mesh.rules entry {[name, axes]!r}: no model uses the logical axis {name!r}; the "
+                             f"logical axes are {tuple(known)}.")
+    return tuple((name, changes.get(name, axes)) for name, axes in DEFAULT_RULES)
+
+
+def current_rules() -> tuple[tuple[str, MeshAxes], ...]:
+    """The active rules table: the innermost ``axis_rules`` one, else ``DEFAULT_RULES``."""
+    return _ACTIVE_RULES.get()
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Rules | None) -> Iterator[tuple[tuple[str, MeshAxes], ...]]:
+    """Makes ``rules`` (validated; ``None`` keeps the active table) the active table inside the block.
+
+    Set it around tracing (``jax.jit(...).lower``, the first call of a jitted function, or inside the
+    jitted function itself): ``constrain`` and every helper here given no ``rules`` read it then.
+    """
+    table = current_rules() if rules is None else validate_rules(rules)
+    token = _ACTIVE_RULES.set(table)
+    try:
+        yield table
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
         return ()
@@ -70,15 +163,16 @@ def _axis_sizes(mesh: Any) -> Mapping[str, int] | None:
     return dict(mesh.shape)
 
 
-def logical_to_mesh_spec(logical_names: Sequence[str | None], rules: Rules = DEFAULT_RULES, *,
+def logical_to_mesh_spec(logical_names: Sequence[str | None], rules: Rules | None = None, *,
                          mesh: Mesh | Any | None = None, shape: Sequence[int] | None = None) -> PartitionSpec:
     """The ``PartitionSpec`` for a tensor whose dims carry ``logical_names`` (``None`` = replicated).
 
     Each mesh axis is used at most once. With ``mesh`` (a ``Mesh`` or ``AbstractMesh``) mesh axes of
     size 1 are dropped; with ``shape`` too, a dim keeps its mesh axes only while their product
     divides it (see the module docstring). Unknown logical names raise: add them to the table.
+    ``rules`` defaults to the active table (``current_rules``).
     """
-    table = dict(rules)
+    table = dict(current_rules() if rules is None else rules)
     if shape is not None and len(shape) != len(logical_names):
         raise ValueError(f"Logical names {tuple(logical_names)} do not match the rank of shape {tuple(shape)}.")
     sizes = _axis_sizes(mesh)
@@ -113,12 +207,13 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:
+def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
     """A state of ``NamedSharding`` (one per variable) from each ``nnx.Param``'s ``out_sharding`` names.
 
     Takes a module or a (possibly abstract) state; parameters without names and non-parameter
-    variables (RNG keys, counters, batch statistics) are replicated.
+    variables (RNG keys, counters, batch statistics) are replicated. ``rules``: default the active table.
     """
+    rules = current_rules() if rules is None else rules
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
 
     def sharding(variable: nnx.Variable) -> NamedSharding:
@@ -131,30 +226,34 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh, rules: R
     return jax.tree.map(sharding, state, is_leaf=_is_variable)
 
 
-def sharded_init(build_fn: Callable[[], M], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> M:
+def sharded_init(build_fn: Callable[[], M], mesh: Mesh, rules: Rules | None = None) -> M:
     """Builds ``build_fn()`` with every parameter created directly in its shards (never a full copy).
 
     ``nnx.eval_shape`` gives the abstract model, ``param_shardings`` its shardings, and the build runs
     under ``jax.jit(..., out_shardings=...)``. ``build_fn`` must make its own ``nnx.Rngs`` (no state
     captured from outside the trace). Random initialisers run as traced JAX ops here, so values match
     another jitted build from the same seed (whatever the mesh), not necessarily an eager build.
+    ``rules`` (default: the active table) places the parameters and is active while building.
     """
+    rules = current_rules() if rules is None else validate_rules(rules)
     abstract = nnx.eval_shape(build_fn)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = param_shardings(abstract_state, mesh, rules)
 
     @jax.jit(out_shardings=shardings)
     def init() -> nnx.State:
-        return nnx.state(build_fn())
+        with axis_rules(rules):
+            return nnx.state(build_fn())
 
     return nnx.merge(graphdef, init())
 
 
-def constrain(x: jax.Array, logical_names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> jax.Array:
+def constrain(x: jax.Array, logical_names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
     """``with_sharding_constraint`` of an activation by logical names under the current mesh.
 
-    Uses the mesh set by ``jax.set_mesh``; a no-op when none is active (single-device code and tests
-    run unchanged). The size-1 / divisibility fallbacks apply against ``x.shape``.
+    Uses the mesh set by ``jax.set_mesh`` and the active rules table (``axis_rules``) unless ``rules``
+    is given; a no-op when no mesh is active (single-device code and tests run unchanged). The
+    size-1 / divisibility fallbacks apply against ``x.shape``.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

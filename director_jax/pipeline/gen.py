@@ -17,7 +17,8 @@ from flax import nnx
 
 from director_jax.diffusion import sample
 from director_jax.models.dit import DirectorGen
-from director_jax.models.timeline import TimelineLayout, decode_timeline, encode_timeline
+from director_jax.models.multichunk import decode_timeline, encode_timeline
+from director_jax.models.timeline import TimelineLayout
 from director_jax.models.vae import WanVAE, denormalize_latents, normalize_latents
 
 

@@ -13,7 +13,6 @@ of the anchors can be measured against the same model and chunking.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,30 +20,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from director_jax.data.degradations import bicubic_upsample
-from director_jax.models.sr import DirectorSR, sample_sr
-from director_jax.models.timeline import Timeline, TimelineLayout, decode_timeline, encode_timeline
+from director_jax.models.multichunk import decode_timeline, encode_timeline
+from director_jax.models.sr import DirectorSR
+from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import WanVAE, denormalize_latents, normalize_latents
+from director_jax.pipeline.codec import jitted_codec
+from director_jax.pipeline.sr_sampling import sample_sr
 
 _RANGE_TOLERANCE = 1e-3  # float frames may overshoot [-1, 1] by rounding, not by a wrong convention
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(graphdef: nnx.GraphDef, state: nnx.State, video: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return nnx.merge(graphdef, state).encode(video)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state).decode(latents)
-
-
-def jitted_codec(vae: WanVAE) -> tuple[Any, Any]:
-    """``(encode, decode)`` of ``vae`` jitted (compiled once per VAE structure and shape, reused across calls)."""
-    graphdef, state = nnx.split(vae)
-    return functools.partial(_encode, graphdef, state), functools.partial(_decode, graphdef, state)
 
 
 def as_float_frames(x: Any, name: str) -> np.ndarray:

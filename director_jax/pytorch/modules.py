@@ -23,6 +23,8 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from director_jax.convert.dit_weights import diffusers_param_table
+from director_jax.convert.param_table import export_state_dict
 from director_jax.models.layers import rope_axis_dims, rope_inverse_frequencies
 
 NUM_TRAIN_TIMESTEPS = 1000  # the DiT's timestep = 1000 * flow time sigma, as in the JAX models
@@ -186,9 +188,6 @@ class DirectorWanTransformer3DModel(WanTransformer3DModel):
     @classmethod
     def from_jax(cls, model: Any) -> DirectorWanTransformer3DModel:
         """The PyTorch twin of a JAX ``WanDiT``, ``DirectorGen`` or ``DirectorSR`` (weights copied in float32)."""
-        from director_jax.convert.dit_weights import diffusers_param_table
-        from director_jax.convert.param_table import export_state_dict
-
         dit = getattr(model, "dit", model)
         state = export_state_dict(dit, diffusers_param_table(dit))
         return cls.from_state_dict(state, dit.config.to_diffusers_config())

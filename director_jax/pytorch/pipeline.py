@@ -19,15 +19,11 @@ The noise is taken from the caller (``noise`` channels-last (B, L, h, w, z), as 
 it); ``jax_noise`` draws exactly the tensor ``generate_latents`` draws for a key, so both frameworks
 start from the same sample. Tensors at the API are channels-last NumPy, as in the JAX pipeline.
 
-Command line (writes an mp4, or .npy frames)::
-
-    python -m director_jax.pytorch.pipeline --vae DIR --transformer DIR --text-embeddings text.npy \\
-        --keyframe a.png@#0 --keyframe b.png@#18 --frames 19 --seed 0 --steps 50 --out video.mp4
+The command line over this, ``python -m director_jax.pytorch``, is in ``pytorch/__main__.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -35,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from director_jax.models.timeline import Timeline, TimelineLayout
+from director_jax.models.timeline import TimelineLayout
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -239,81 +235,3 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 2.0) -> float:
     """PSNR in dB between two videos in [-1, 1] (``data_range`` 2); inf when equal."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(data_range ** 2 / mse)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _read_keyframe(spec: str, num_frames: int, fps: float, size: tuple[int, int] | None):
-    from PIL import Image
-
-    from director_jax.models.timeline import frame_at_time
-
-    path, sep, when = spec.rpartition("@")
-    if not sep or not path:
-        raise ValueError(f"--keyframe {spec!r}: write PATH@TIME, e.g. a.png@#0 or a.png@2.5s.")
-    frame = frame_at_time(when, fps, num_frames)
-    image = Image.open(path).convert("RGB")
-    if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return frame, np.asarray(image, np.float32) / 127.5 - 1.0
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m director_jax.pytorch.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="exported diffusers AutoencoderKLWan directory")
-    parser.add_argument("--transformer", required=True, help="exported Director-Gen transformer directory")
-    parser.add_argument("--keyframe", action="append", required=True, help="PATH@#FRAME or PATH@SECONDS")
-    parser.add_argument("--frames", type=int, required=True, help="pixel frames of the video")
-    parser.add_argument("--fps", type=float, default=16.0)
-    parser.add_argument("--height", type=int, default=None, help="resize keyframes to this (default: first's)")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--text-embeddings", required=True, help=".npy caption embeddings (Lt, D) or (1, Lt, D)")
-    parser.add_argument("--negative-embeddings", default=None, help=".npy negative caption embeddings (for CFG)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--keyframe-guidance", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", choices=("unipc", "euler"), default="unipc")
-    parser.add_argument("--shift", type=float, default=5.0)
-    parser.add_argument("--seed", type=int, default=0, help="jax.random.key(seed) noise: the JAX pipeline's")
-    parser.add_argument("--noise", default=None, help=".npy initial noise (B, L, h, w, z) instead of --seed")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="output .mp4 (or .npy for raw frames in [-1, 1])")
-    args = parser.parse_args(argv)
-
-    from director_jax.models.timeline import place_given_frames
-
-    size = (args.height, args.width) if args.height and args.width else None
-    keyframes = [_read_keyframe(s, args.frames, args.fps, size) for s in args.keyframe]
-    if size is None:
-        size = keyframes[0][1].shape[:2]
-        keyframes = [_read_keyframe(s, args.frames, args.fps, size) for s in args.keyframe]
-    layout = Timeline.from_keyframes(args.frames, [f for f, _ in keyframes]).layout
-    video = place_given_frames(args.frames, dict(keyframes))[None]
-
-    def embeddings(path):
-        e = np.load(path).astype(np.float32)
-        return e[None] if e.ndim == 2 else e
-
-    pipe = TorchDirectorPipeline.from_pretrained(args.vae, args.transformer, device=args.device)
-    z_dim = pipe.vae.config.z_dim
-    shape = noise_shape(layout, 1, size[0], size[1], z_dim, pipe.vae.config.scale_factor_spatial)
-    noise = np.load(args.noise) if args.noise else jax_noise(args.seed, shape)
-    negative = embeddings(args.negative_embeddings) if args.negative_embeddings else None
-    out, _ = pipe(layout, video, embeddings(args.text_embeddings), noise, negative_text=negative, steps=args.steps,
-                  sampler=args.sampler, shift=args.shift, guidance_scale=args.guidance_scale,
-                  keyframe_guidance=args.keyframe_guidance)
-    if args.out.endswith(".npy"):
-        np.save(args.out, out[0])
-    else:
-        from director_jax.video_io import write_mp4
-
-        write_mp4(args.out, out[0], args.fps)
-    print(f"wrote {args.out}: {args.frames} frames, keyframes at {[f for f, _ in keyframes]}")
-    print(layout.describe())
-
-
-if __name__ == "__main__":
-    main()

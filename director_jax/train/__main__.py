@@ -1,8 +1,8 @@
 """``python -m director_jax.train --config configs/X.py --workdir DIR [--config.a.b=value ...]``
 
-Trains the task the config names (VAE or Director-Gen), resuming from ``DIR/checkpoints`` when it
-holds any. ``--compile_topology v5p:2x2x1`` compiles the real train step for that TPU topology
-instead (needs libtpu; no TPU needed), prints per-device memory and FLOPs, and exits non-zero when
+Trains the task the config names (``task``: the VAE, Director-Gen or Director-SR), resuming from
+``DIR/checkpoints`` when it holds any. ``--compile_topology v5p:2x2x1`` compiles the real train step for
+that TPU topology instead (needs libtpu; no TPU needed), prints per-device memory and FLOPs, and exits non-zero when
 the step does not fit the chip's HBM.
 
 On a TPU pod run the same command on every host: ``--distributed auto`` (default) calls
@@ -15,13 +15,17 @@ global batch; process 0 writes metrics; checkpoints hold one data-iterator state
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from absl import app, flags
+import jax
+from absl import flags
 from ml_collections import config_flags
 
+from director_jax import cli
+from director_jax.errors import UserError
 from director_jax.parallel.distributed import DistributedFlags
+from director_jax.parallel.rules import rules_from_config
+from director_jax.train.aot import compile_train_step
+from director_jax.train.tasks import make_task
+from director_jax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (get_config()); see configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard files go here.")
@@ -30,28 +34,32 @@ _TOPOLOGY = flags.DEFINE_string("compile_topology", None,
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (process 0 only).")
 _DISTRIBUTED = DistributedFlags()
 
+
+def check_config(cfg) -> None:
+    """The config's task settings and sharding rules, checked before any device or data is touched."""
+    try:
+        make_task(cfg)
+        rules_from_config(cfg)
+    except (ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"--config: {e}") from e
+
+
 def main(argv) -> int:
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
     cfg = _CONFIG.value
     if cfg is None:
-        raise app.UsageError("--config is required, e.g. --config configs/gen_tiny.py")
+        raise UserError("--config is required, e.g. --config configs/gen_tiny.py")
+    check_config(cfg)
     if _TOPOLOGY.value:
-        from director_jax.train.aot import compile_train_step
-
         report = compile_train_step(cfg, _TOPOLOGY.value)
         return 0 if report.fits else 1
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required (checkpoints, metrics and TensorBoard files go there).")
-
-    import jax
-
+        raise UserError("--workdir is required (checkpoints, metrics and TensorBoard files go there).")
     try:
         _DISTRIBUTED.initialize()
     except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    from director_jax.train.trainer import train
-
+        raise UserError(str(e)) from e
     result = train(cfg, _WORKDIR.value, progress=_PROGRESS.value)
     if jax.process_index() == 0:
         state = "preempted" if result.preempted else "done"
@@ -60,4 +68,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli.run(main)

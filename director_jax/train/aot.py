@@ -28,6 +28,9 @@ from jax.sharding import Mesh
 
 from director_jax.parallel.chips import chip_spec
 from director_jax.parallel.mesh import MeshConfig, create_mesh
+from director_jax.parallel.rules import Rules, axis_rules
+from director_jax.train.state import with_shardings
+from director_jax.train.trainer import abstract_batch, build_run, step_flops
 
 MIB = 2**20
 GIB = 2**30
@@ -190,14 +193,15 @@ def _cost(compiled: jax.stages.Compiled) -> Mapping[str, float]:
 
 def compile_report(jitted_fn: Callable[..., Any], *abstract_args: Any, topology: str, mesh: Mesh | None = None,
                    hbm_bytes: float | None = None, compiler_options: Mapping[str, Any] | None = None,
-                   **abstract_kwargs: Any) -> CompileReport:
+                   rules: Rules | None = None, **abstract_kwargs: Any) -> CompileReport:
     """Lowers and compiles ``jitted_fn(*abstract_args, **abstract_kwargs)``; reads XLA's memory and cost analyses.
 
     Arguments are ``jax.ShapeDtypeStruct``s carrying ``NamedSharding``s on ``topology_mesh`` devices
     (or plain ones with ``in_shardings`` on the jit), so the program is compiled for the TPU while
-    nothing is allocated. ``mesh`` is made current (``jax.set_mesh``) while tracing, for code that
-    constrains activations by logical names. ``hbm_bytes`` overrides the chip's HBM from
-    ``director_jax.parallel.chips`` (e.g. to keep headroom for the runtime).
+    nothing is allocated. ``mesh`` is made current (``jax.set_mesh``) and ``rules`` the active
+    logical-axis table (default: the one active now; the trainer's step carries its own) while
+    tracing, for code that constrains activations by logical names. ``hbm_bytes`` overrides the
+    chip's HBM from ``director_jax.parallel.chips`` (e.g. to keep headroom for the runtime).
 
     The TPU compiler refuses programs whose temporaries exceed HBM (RESOURCE_EXHAUSTED); it is told
     not to (``xla_tpu_no_crash_on_oom``) so an oversized program still gets its report, with
@@ -205,11 +209,12 @@ def compile_report(jitted_fn: Callable[..., Any], *abstract_args: Any, topology:
     """
     fn = jitted_fn if hasattr(jitted_fn, "lower") else jax.jit(jitted_fn)
     t0 = time.perf_counter()
-    if mesh is not None:
-        with jax.set_mesh(mesh):
+    with axis_rules(rules):
+        if mesh is not None:
+            with jax.set_mesh(mesh):
+                lowered = fn.lower(*abstract_args, **abstract_kwargs)
+        else:
             lowered = fn.lower(*abstract_args, **abstract_kwargs)
-    else:
-        lowered = fn.lower(*abstract_args, **abstract_kwargs)
     t1 = time.perf_counter()
     devices = (list(mesh.devices.flat) if mesh is not None else _devices_of((abstract_args, abstract_kwargs))
                or topology_devices(topology))
@@ -289,11 +294,9 @@ def compile_train_step(cfg: Any, topology: str, *, num_slices: int = 1, echo: Ca
     """Compiles the real train step of ``cfg`` for ``topology``; prints the report; raises if it does not fit.
 
     The state (parameters, optimizer state, EMA) and the batch are abstract, sharded by the config's
-    mesh over the topology's devices, exactly as ``python -m director_jax.train`` would run them.
+    mesh and rules table (``mesh.rules``) over the topology's devices, exactly as
+    ``python -m director_jax.train`` would run them.
     """
-    from director_jax.train.state import with_shardings
-    from director_jax.train.trainer import abstract_batch, build_run, step_flops
-
     run = build_run(cfg, devices=topology_devices(topology, num_slices=num_slices), materialize_frozen=False)
     state = with_shardings(run.abstract, run.shardings)
     report = compile_report(run.step_fn, state, run.frozen_state, abstract_batch(run), topology=topology,

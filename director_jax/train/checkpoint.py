@@ -22,12 +22,12 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from director_jax.build import describe_mismatch, flatten_state, unflatten_state
 from director_jax.io_utils import storage_path
-from director_jax.train.state import TrainState, path_parts
+from director_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -74,47 +74,6 @@ class IteratorStateSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class IteratorStateRestore(ocp.args.CheckpointArgs):
     pass
-
-
-# ------------------------------------------------------------------------------------------------
-# Flat naming of the train state
-
-
-def _name(path: tuple) -> str:
-    return ".".join(path_parts(path))
-
-
-def flatten_state(state: Any) -> dict[str, Any]:
-    """``{"params.dit.blocks.attn1.to_q.kernel": array, ...}`` for every leaf of the train state."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        name = _name(path)
-        if name in flat:
-            raise ValueError(f"two leaves of the train state are both named {name!r}.")
-        flat[name] = leaf
-    return flat
-
-
-def unflatten_state(like: Any, flat: dict[str, Any]) -> Any:
-    """The inverse of ``flatten_state`` given a tree of the same structure."""
-    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    return jax.tree_util.tree_unflatten(treedef, [flat[_name(p)] for p, _ in paths])
-
-
-def describe_mismatch(expected: dict[str, Any], found: dict[str, Any], limit: int = 12) -> str:
-    """Lines naming the arrays that are missing, unexpected, or of another shape / dtype."""
-    lines = []
-    for name in sorted(set(expected) | set(found)):
-        e, f = expected.get(name), found.get(name)
-        if f is None:
-            lines.append(f"  {name}: expected {tuple(e.shape)} {e.dtype}, missing in the checkpoint")
-        elif e is None:
-            lines.append(f"  {name}: in the checkpoint {tuple(f.shape)}, not in this run's state")
-        elif tuple(e.shape) != tuple(f.shape) or np.dtype(e.dtype) != np.dtype(f.dtype):
-            lines.append(f"  {name}: checkpoint {tuple(f.shape)} {np.dtype(f.dtype)}, "
-                         f"this run {tuple(e.shape)} {np.dtype(e.dtype)}")
-    more = len(lines) - limit
-    return "\n".join(lines[:limit] + ([f"  ... and {more} more"] if more > 0 else []))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from director_jax.parallel import DEFAULT_RULES, param_shardings
+from director_jax.build import path_parts
+from director_jax.parallel import axis_rules, current_rules, param_shardings, validate_rules
+from director_jax.parallel.rules import Rules
 
 
 @flax.struct.dataclass
@@ -33,11 +35,16 @@ class TrainState:
 
 
 def init_fn(build_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
-            use_ema: bool) -> Callable[[], TrainState]:
-    """A traceable function creating the whole train state from scratch."""
+            use_ema: bool, rules: Rules | None = None) -> Callable[[], TrainState]:
+    """A traceable function creating the whole train state from scratch.
+
+    ``rules`` (default: the table active now) is the logical-axis table active while it is traced.
+    """
+    table = current_rules() if rules is None else validate_rules(rules)
 
     def init() -> TrainState:
-        params = nnx.state(build_fn(), nnx.Param)
+        with axis_rules(table):
+            params = nnx.state(build_fn(), nnx.Param)
         ema = jax.tree.map(jnp.copy, params) if use_ema else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
                           rng=jax.random.key_data(jax.random.key(seed)), nonfinite_skips=jnp.zeros((), jnp.int32))
@@ -54,27 +61,8 @@ def model_graphdef(build_fn: Callable[[], nnx.Module]) -> nnx.GraphDef:
     return graphdef
 
 
-def path_parts(path: tuple) -> tuple[str, ...]:
-    """A pytree key path as names: ``("params", "dit", "blocks", "ffn", "proj_in", "kernel")``.
-
-    The ``value`` attribute of an ``nnx.Variable`` is left out, so a parameter and the optimizer /
-    EMA leaves that mirror it end with the same names.
-    """
-    parts = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                parts.append(str(getattr(p, attr)))
-                break
-        else:
-            parts.append(str(p))
-    if len(parts) > 1 and parts[-1] == "value":
-        parts.pop()
-    return tuple(parts)
-
-
-def state_shardings(abstract: TrainState, mesh: Mesh, rules=DEFAULT_RULES) -> TrainState:
-    """NamedShardings for every leaf of the (abstract) train state on ``mesh``."""
+def state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules | None = None) -> TrainState:
+    """NamedShardings for every leaf of the (abstract) train state on ``mesh`` (``rules``: default the active table)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params_sharding = param_shardings(abstract.params, mesh, rules)
     by_path = {}

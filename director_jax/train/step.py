@@ -23,7 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from director_jax.parallel import DEFAULT_RULES, constrain, logical_to_mesh_spec
+from director_jax.parallel import axis_rules, constrain, current_rules, logical_to_mesh_spec, validate_rules
+from director_jax.parallel.rules import Rules
 from director_jax.train.optim import ema_update, global_norm
 from director_jax.train.state import TrainState
 from director_jax.train.tasks import BatchField, Task
@@ -43,7 +44,7 @@ def split_micro_batches(x: jax.Array, micro_batches: int, logical: tuple[str | N
 def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.GraphDef | None,
                     tx: optax.GradientTransformation, *, micro_batches: int, ema_decay: float,
                     schedule: optax.Schedule | None = None) -> StepFn:
-    """The pure train step for ``task`` (trace it under ``jax.set_mesh`` for activation constraints)."""
+    """The pure train step for ``task`` (trace it under a mesh and ``axis_rules`` for activation constraints)."""
     fields = task.batch_fields(1)
 
     def micro_loss(params, frozen, batch, key):
@@ -105,19 +106,27 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.Gra
     return step
 
 
-def batch_shardings(fields: dict[str, BatchField], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, NamedSharding]:
-    """Shardings of a global batch: the batch dim over ("data", "fsdp") where it divides."""
+def batch_shardings(fields: dict[str, BatchField], mesh: Mesh, rules: Rules | None = None
+                    ) -> dict[str, NamedSharding]:
+    """Shardings of a global batch by its fields' logical names (default table: the batch dim over
+    ("data", "fsdp") where it divides); ``rules`` defaults to the active table."""
     return {k: NamedSharding(mesh, logical_to_mesh_spec(f.logical, rules, mesh=mesh, shape=f.shape))
             for k, f in fields.items()}
 
 
 def jit_train_step(step: StepFn, mesh: Mesh, state_sharding: TrainState, frozen_sharding: Any,
-                   batch_sharding: dict[str, NamedSharding]):
-    """``jax.jit`` of the step with explicit shardings; the incoming state is donated."""
+                   batch_sharding: dict[str, NamedSharding], rules: Rules | None = None):
+    """``jax.jit`` of the step with explicit shardings; the incoming state is donated.
+
+    The step is traced under ``mesh`` and ``rules`` (default: the table active now), so activation
+    constraints follow the same table as the shardings, wherever the step is lowered.
+    """
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    table = current_rules() if rules is None else validate_rules(rules)
 
     def traced(state, frozen, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activation constraints see the mesh
+        # activation constraints see the mesh and the rules table
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(table):
             return step(state, frozen, batch)
 
     return jax.jit(traced, in_shardings=(state_sharding, frozen_sharding, batch_sharding),

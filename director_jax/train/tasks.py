@@ -14,7 +14,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,12 +22,20 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from director_jax.configs_common import build_director_gen, dit_config
+from director_jax.build import (
+    build_director_gen,
+    build_director_sr,
+    build_vae,
+    frozen_vae,
+    random_frozen_vae,
+    vae_config_from,
+    vae_config_with_checkpoint_stats,
+)
 from director_jax.data.degradations import DegradationConfig, degrade_float
+from director_jax.data.loader import CuratedLoaderConfig, text_metadata
+from director_jax.data.synthetic_loader import SyntheticClipsConfig
 from director_jax.models.lpips import LPIPS
-from director_jax.models.sr import DirectorSR, sr_config
-from director_jax.models.timeline import Timeline, TimelineLayout
-from director_jax.models.vae import TEMPORAL_FACTOR, WanVAE, WanVAEConfig
+from director_jax.models.timeline import TEMPORAL_FACTOR, Timeline, TimelineLayout
 from director_jax.pipeline.gen import timeline_latents
 from director_jax.train.losses import drop_keyframes, gen_loss, sr_loss, vae_loss
 
@@ -47,19 +54,7 @@ class BatchField:
     logical: tuple[str | None, ...]
 
 
-def vae_config_from(section: ml_collections.ConfigDict) -> WanVAEConfig:
-    """``config.vae`` (WanVAEConfig fields, plus ``init_from``) as a WanVAEConfig."""
-    fields = {f.name for f in dataclasses.fields(WanVAEConfig)}
-    values = {k: v for k, v in section.to_dict().items() if k != "init_from"}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"config.vae has unknown keys {unknown}; WanVAEConfig fields are {sorted(fields)}.")
-    return WanVAEConfig(**values)
-
-
 def _synthetic_clips(cfg: ml_collections.ConfigDict, clip_frames: int, height: int, width: int):
-    from director_jax.data.synthetic_loader import SyntheticClipsConfig
-
     s = cfg.data.synthetic
     return SyntheticClipsConfig(num_movies=int(s.num_movies), height=height, width=width, fps=float(s.fps),
                                 clip_frames=clip_frames, shot_lengths=tuple(s.shot_lengths),
@@ -114,8 +109,6 @@ class Task:
 
         Caption embeddings are padded to ``text.max_length`` when the task is text-conditioned.
         """
-        from director_jax.data.loader import CuratedLoaderConfig
-
         v, c = self.cfg.video, self.cfg.data.curated
         text = self.cfg.get("text")
         conditioned = text is not None and bool(text.get("conditioning", False))
@@ -145,10 +138,8 @@ class VaeTask(Task):
         self.lpips = LPIPS("alexnet") if float(cfg.train.get("lpips_weight", 0.0)) > 0 else None
 
     def build_fn(self) -> Callable[[], nnx.Module]:
-        config, seed = self.vae_config, int(self.cfg.seed)
-        dtype = jnp.dtype(self.cfg.model_options.dtype)
-        param_dtype = jnp.dtype(self.cfg.model_options.param_dtype)
-        return lambda: WanVAE(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+        cfg = self.cfg
+        return lambda: build_vae(cfg)
 
     def batch_fields(self, global_batch: int) -> dict[str, BatchField]:
         v = self.cfg.video
@@ -207,19 +198,11 @@ class GenTask(Task):
     def frozen_build_fn(self) -> Callable[[], nnx.Module] | None:
         if self.cfg.train.latents != "encode":
             return None
-        config, seed = self.vae_config, int(self.cfg.seed) + 1
-        return lambda: WanVAE(config, rngs=nnx.Rngs(seed))
+        cfg = self.cfg
+        return lambda: random_frozen_vae(cfg)
 
     def frozen_model(self) -> nnx.Module | None:
-        if self.cfg.train.latents != "encode":
-            return None
-        if self.cfg.vae.init_from:
-            from director_jax.convert.vae import load_vae
-
-            return load_vae(self.cfg.vae.init_from, self.vae_config)
-        log.warning("config.vae.init_from is empty: Director-Gen trains on latents of a randomly initialised "
-                    "VAE (fine for tests; set --config.vae.init_from to a Wan2.1 VAE for real runs).")
-        return self.frozen_build_fn()()
+        return frozen_vae(self.cfg) if self.cfg.train.latents == "encode" else None
 
     def _latent_shape(self) -> tuple[int, int, int, int]:
         v = self.cfg.video
@@ -328,8 +311,6 @@ class GenTask(Task):
         if self.layouts_in_batch:
             raise ValueError("train.layouts_in_batch reads per-row timelines from a latent cache; curated clips are "
                              "trained on train.keyframes' timeline: set --config.train.layouts_in_batch=False.")
-        from director_jax.data.loader import text_metadata
-
         loader = super().curated_config()
         if self.cfg.text.conditioning:
             meta = text_metadata(loader)
@@ -369,60 +350,6 @@ def degrade_batch(batch: dict[str, np.ndarray], *, degradation: DegradationConfi
         kept.append(keyframes_kept(seed, int(index), keyframe_dropout))
     given = np.asarray(given, bool)[None] & np.asarray(kept, bool)[:, None]
     return {**batch, "lowres": np.stack(lowres), "upsampled": np.stack(upsampled), "given": given}
-
-
-def vae_config_with_checkpoint_stats(section: ml_collections.ConfigDict) -> WanVAEConfig:
-    """``config.vae`` as a WanVAEConfig, with the latent statistics of ``init_from``'s config.json when it has one.
-
-    A VAE fitted here (the CPU demo's, ``benchmarks/sr.py``'s) has its own latent scale; its directory
-    records it, and normalising with other statistics mis-scales every latent (Director-Gen once got
-    keyframes normalised ~2x off this way: the frozen VAE of Gen runs took Wan2.1's defaults). The architecture fields
-    must agree with ``config.vae`` (they fix the shapes the step is compiled for). For the Wan2.1
-    VAE the directory's statistics are the defaults, so nothing changes.
-    """
-    config = vae_config_from(section)
-    src = section.get("init_from", "")
-    config_json = next((p for p in (Path(src) / "config.json", Path(src) / "vae" / "config.json")
-                        if src and p.is_file()), None)
-    if config_json is None:
-        return config
-    from director_jax.convert.vae import vae_config
-
-    saved = vae_config(config_json)
-    stats = ("latents_mean", "latents_std")
-    differ = [f.name for f in dataclasses.fields(WanVAEConfig)
-              if f.name not in stats and getattr(saved, f.name) != getattr(config, f.name)]
-    if differ:
-        raise ValueError(f"{config_json} describes another VAE than config.vae: " + ", ".join(
-            f"{k}={getattr(saved, k)!r} (config: {getattr(config, k)!r})" for k in differ)
-            + ". Set --config.vae.<field> to the checkpoint's values.")
-    return dataclasses.replace(config, latents_mean=saved.latents_mean, latents_std=saved.latents_std)
-
-
-def build_director_sr(cfg: ml_collections.ConfigDict) -> DirectorSR:
-    """Director-SR for the Gen architecture of ``cfg.model``: random, from a Gen checkpoint, or an SR checkpoint.
-
-    ``cfg.init_from`` may hold a Director-Gen / Wan T2V transformer (the SR model starts as it, the
-    low-res channels zero: ``DirectorSR.from_gen``) or an SR transformer (``convert.sr.export_sr``;
-    training continues from it). Empty: ``DirectorSR.init`` with ``cfg.seed``.
-    """
-    from director_jax.convert.dit import load_transformer
-
-    opts = cfg.model_options
-    kw = dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
-              attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
-              sequence_parallel=opts.get("sequence_parallel"), attention_block_sizes=opts.get("attention_block_sizes"))
-    gen_cfg = dit_config(cfg.model)
-    if not cfg.init_from:
-        return DirectorSR.init(gen_cfg, rngs=nnx.Rngs(int(cfg.seed)), **kw)
-    dit = load_transformer(cfg.init_from, **kw)
-    if dit.config == gen_cfg:
-        return DirectorSR.from_gen(dit)
-    if dit.config == sr_config(gen_cfg):
-        return DirectorSR(dit)
-    raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}; the run's config.model (the Gen "
-                     f"architecture) is {gen_cfg}, so a Gen checkpoint must match it and an SR one must match "
-                     f"sr_config() of it (in_channels {2 * gen_cfg.in_channels}). Fix --config.model.* or the path.")
 
 
 class SRTask(GenTask):

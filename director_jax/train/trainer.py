@@ -28,10 +28,14 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from director_jax.data.iterators import make_iterator
+from director_jax.data.loader import make_curated_dataset
+from director_jax.data.synthetic_loader import make_dataset
 from director_jax.io_utils import atomic_write, atomic_write_text, dir_path
-from director_jax.parallel import MeshConfig, create_mesh, param_shardings
+from director_jax.parallel import MeshConfig, create_mesh, param_shardings, rules_from_config
 from director_jax.train import state as state_lib
 from director_jax.train.checkpoint import Checkpointer
+from director_jax.train.metrics import MetricWriter, Progress, peak_flops
 from director_jax.train.optim import learning_rate_schedule, make_optimizer
 from director_jax.train.step import batch_shardings, jit_train_step, make_train_step
 from director_jax.train.tasks import Task, make_task
@@ -86,6 +90,7 @@ class Run:
     cfg: ml_collections.ConfigDict
     task: Task
     mesh: Any
+    rules: tuple  # the logical-axis rules table (config mesh.rules over parallel.rules.DEFAULT_RULES)
     tx: Any
     graphdef: Any
     init: Any
@@ -100,7 +105,12 @@ class Run:
 
 
 def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_frozen: bool = True) -> Run:
-    """Mesh, abstract sharded state and the jitted step, from the config (no state is allocated)."""
+    """Mesh, abstract sharded state and the jitted step, from the config (no state is allocated).
+
+    Parameters, optimizer state, batch and the activations inside the step and the init are all
+    placed by one logical-axis rules table, ``rules_from_config(cfg)``.
+    """
+    rules = rules_from_config(cfg)
     task = make_task(cfg)
     t = cfg.train
     if t.batch_size < 1 or t.micro_batches < 1 or t.batch_size % t.micro_batches:
@@ -108,32 +118,33 @@ def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_froze
                          f"train.micro_batches={t.micro_batches}.")
     if t.nonfinite not in ("stop", "skip"):
         raise ValueError(f"train.nonfinite={t.nonfinite!r}; choose 'stop' or 'skip'.")
-    mesh = create_mesh(MeshConfig.from_dict(cfg.mesh.to_dict()), devices=devices)
+    sizes = {k: v for k, v in cfg.mesh.to_dict().items() if k != "rules"}
+    mesh = create_mesh(MeshConfig.from_dict(sizes), devices=devices)
     tx = make_optimizer(cfg.optim, int(t.steps))
     build_fn = task.build_fn()
     graphdef = state_lib.model_graphdef(build_fn)
     ema_decay = float(cfg.optim.ema_decay)
-    init = state_lib.init_fn(build_fn, tx, seed=int(cfg.seed), use_ema=ema_decay > 0)
+    init = state_lib.init_fn(build_fn, tx, seed=int(cfg.seed), use_ema=ema_decay > 0, rules=rules)
     abstract = jax.eval_shape(init)
-    shardings = state_lib.state_shardings(abstract, mesh)
+    shardings = state_lib.state_shardings(abstract, mesh, rules)
 
     frozen_graphdef = frozen_state = frozen_sharding = None
     if task.frozen_build_fn() is not None:
         # abstract (compile-only runs) or loaded and placed on the mesh
         frozen = task.frozen_model() if materialize_frozen else nnx.eval_shape(task.frozen_build_fn())
         frozen_graphdef, frozen_state = nnx.split(frozen)
-        frozen_sharding = param_shardings(frozen_state, mesh)
+        frozen_sharding = param_shardings(frozen_state, mesh, rules)
         if materialize_frozen:
             frozen_state = jax.device_put(frozen_state, frozen_sharding)
         else:
             frozen_state = state_lib.with_shardings(frozen_state, frozen_sharding)
 
     fields = task.batch_fields(int(t.batch_size))
-    batch_sharding = batch_shardings(fields, mesh)
+    batch_sharding = batch_shardings(fields, mesh, rules)
     step = make_train_step(task, graphdef, frozen_graphdef, tx, micro_batches=int(t.micro_batches),
                            ema_decay=ema_decay, schedule=learning_rate_schedule(cfg.optim, int(t.steps)))
-    step_fn = jit_train_step(step, mesh, shardings, frozen_sharding, batch_sharding)
-    return Run(cfg, task, mesh, tx, graphdef, init, abstract, shardings, frozen_graphdef, frozen_state,
+    step_fn = jit_train_step(step, mesh, shardings, frozen_sharding, batch_sharding, rules)
+    return Run(cfg, task, mesh, rules, tx, graphdef, init, abstract, shardings, frozen_graphdef, frozen_state,
                frozen_sharding, fields, batch_sharding, step_fn)
 
 
@@ -142,16 +153,12 @@ DATA_SOURCES = ("synthetic", "curated")
 
 def make_data(run: Run):
     """This host's iterator over its rows of every global batch: synthetic clips or the curated shards."""
-    from director_jax.data.synthetic_loader import make_dataset, make_iterator
-
     cfg = run.cfg
     where = dict(global_batch_size=int(cfg.train.batch_size), process_index=jax.process_index(),
                  process_count=jax.process_count(), shuffle_seed=int(cfg.seed))
     if cfg.data.source == "synthetic":
         dataset = make_dataset(run.task.clips_config(), **where)
     elif cfg.data.source == "curated":
-        from director_jax.data.loader import make_curated_dataset
-
         dataset = make_curated_dataset(run.task.curated_config(), **where)
     else:
         raise ValueError(f"data.source={cfg.data.source!r}; choose one of {DATA_SOURCES}.")
@@ -189,8 +196,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
     ``workdir`` is a local directory or cloud storage (``gs://bucket/run``: every host must be able to
     write there, and the pinned gcsfs finds the credentials as Google's client libraries do).
     """
-    from director_jax.train.metrics import MetricWriter, Progress, peak_flops
-
     workdir = dir_path(workdir)
     is_main = jax.process_index() == 0
     run = build_run(cfg, devices=devices)

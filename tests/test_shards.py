@@ -1,4 +1,4 @@
-"""The curated-dir -> TFDS ArrayRecord build: every field read back, frames decoded, rebuilds, splits.
+"""The curated-dir -> TFDS ArrayRecord shards: every field read back, frames decoded, rebuilds, splits, the command.
 
 The curated directories here are made by hand in the format the curation writes (real H.264 clips
 written with PyAV from synthetic movies, manifest lines per the spec), so the ground truth (frames,
@@ -12,16 +12,20 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from director_jax.curation.shards import BUILD_FILE, EMPTY_CAPTION_FILE, build_curated_dataset, index_file
+from director_jax.curation.shards import build_curated_dataset
+from director_jax.curation.text_embeddings import write_entry
 from director_jax.data.captions import format_multishot_caption
+from director_jax.data.shards import BUILD_FILE, EMPTY_CAPTION_FILE, index_file
 from director_jax.data.synthetic import make_movie
-from director_jax.data.text_embeddings import ENCODER_FILE, MissingTextEmbeddingsError, _write_entry, entry_hash
+from director_jax.data.text_embeddings import ENCODER_FILE, MissingTextEmbeddingsError, TextEmbeddingCache, entry_hash
 from director_jax.video_io import write_mp4
 
 # (seed, shot lengths, height, width, fps, source start frame): 12 samples of 20..40 frames, 48x64
@@ -79,7 +83,7 @@ def make_text_cache(root: Path, captions, *, dtype: str = "bfloat16", dim: int =
 
             emb = emb.astype(ml_dtypes.bfloat16)
         h = entry_hash(fingerprint, caption)
-        _write_entry(folder / h[:2] / f"{h}.safetensors", caption, emb, len(emb), fingerprint)
+        write_entry(folder / h[:2] / f"{h}.safetensors", caption, emb, len(emb), fingerprint)
         truth[caption] = emb
     return truth
 
@@ -191,8 +195,6 @@ def test_failed_build_keeps_the_last_good_one(curated, tmp_path):
     version = out / "tfds" / "curated_clips" / "1.0.0"
     inode = os.stat(version).st_ino
     # A damaged cache entry fails the build half way (inside TFDS's example generation).
-    from director_jax.data.text_embeddings import TextEmbeddingCache
-
     cache = TextEmbeddingCache(tmp_path / "cache", max_length=16)
     cache.path(samples[5][0]["caption"]).write_bytes(b"not a safetensors file")
     write_manifest(out, [line for line, _ in samples[1:]])  # so that a rebuild is due
@@ -231,3 +233,31 @@ def test_clear_errors_for_missing_inputs(curated, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a curated directory"):
         build_curated_dataset(tmp_path / "nothing", progress=False)
     assert not (out / "tfds").exists()
+
+
+def _shards_cli(*args: str) -> subprocess.CompletedProcess:
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "director_jax.shards", *args], cwd=repo, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+
+
+def test_command_builds_and_reports_user_errors_in_one_line(curated, tmp_path):
+    out, samples = _copy(curated, tmp_path)
+    make_text_cache(tmp_path / "cache", [s["caption"] for s, _ in samples], dtype="float32")
+    done = _shards_cli("--curated", str(out), "--text_cache", str(tmp_path / "cache"), "--text_max_length", "16",
+                       "--validation_fraction", "0.25", "--noprogress")
+    assert done.returncode == 0, done.stderr
+    n_val = sum(_in_validation(s["id"], 0.25) for s, _ in samples)
+    version = out / "tfds" / "curated_clips" / "1.0.0"
+    assert done.stdout.strip() == f"{version}: train {len(samples) - n_val}, validation {n_val}"
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(version))
+    assert builder.info.metadata["text"]["dim"] == 8 and builder.info.metadata["validation_fraction"] == 0.25
+
+    for args, message in [((), "error: --curated is required"),
+                          (("--curated", str(tmp_path / "nothing")), "error: ")]:
+        failed = _shards_cli(*args)
+        assert failed.returncode == 2, (failed.stdout, failed.stderr)
+        assert failed.stderr.startswith(message) and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert "not a curated directory" in failed.stderr

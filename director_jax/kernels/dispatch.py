@@ -1,0 +1,131 @@
+"""One device's attention: the implementations behind a name, ``auto``'s choice, the per-shard wrapper.
+
+The leaf of the attention stack: ``sequence_parallel.py`` runs these per device inside its
+``shard_map``, and ``attention.py`` (the public entry point) sits on top of both. Implementations of
+(B, S, H, D) queries and (B, L, H, D) keys and values, keys past ``kv_len[b]`` masked:
+
+* ``xla``: the plain ``jnp`` reference (``xla_attention``; materialises the (B, H, S, L) scores);
+* ``blockwise``: flash attention in plain jnp (``blockwise.py``);
+* ``pallas``: this project's Pallas flash kernels (``flash_tpu.py`` on TPU, ``flash_gpu.py`` on GPU;
+  on the CPU the TPU kernel in interpret mode, for tests);
+* ``splash``: JAX's TPU splash-attention kernel (``splash.py``);
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (NVIDIA GPUs).
+
+The Pallas modules import on any machine (their lowering needs the backend, their import does not),
+so they are imported here at module level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from director_jax.kernels import blockwise, flash, flash_gpu, flash_tpu, splash
+from director_jax.kernels.flash import BlockSizes
+from director_jax.parallel.rules import logical_to_mesh_spec
+
+LOCAL_IMPLEMENTATIONS = ("xla", "blockwise", "pallas", "splash", "cudnn")
+# Above this many score elements per (batch, head), ``auto`` does not materialise the matrix:
+# 8192^2 float32 scores are 256 MiB per head, already more than a kernel's whole working set.
+MAX_MATERIALIZED = 8192 * 8192
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None = None,
+                  scale: float | None = None) -> jax.Array:
+    """Reference attention in plain jnp: scores and softmax in float32, output in q's dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = jnp.einsum("bshd,blhd->bhsl", q, k, preferred_element_type=jnp.float32) * scale
+    valid = None
+    if kv_len is not None:
+        kv_len = jnp.broadcast_to(jnp.asarray(kv_len), (k.shape[0],))
+        valid = (jnp.arange(k.shape[1])[None, :] < kv_len[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        scores = jnp.where(valid, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if valid is not None:  # a row with no valid key attends to nothing: 0, as the flash contract says
+        probs = jnp.where(valid.any(-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bhsl,blhd->bshd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None = None,
+                    scale: float | None = None) -> jax.Array:
+    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16/f16 inputs)."""
+    key_lengths = None
+    if kv_len is not None:
+        key_lengths = jnp.broadcast_to(jnp.asarray(kv_len, jnp.int32), (q.shape[0],))
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=key_lengths,
+                                        implementation="cudnn")
+
+
+def kernel_pair(backend: str | None = None) -> tuple[flash.ForwardFn, flash.BackwardFn, bool]:
+    """This project's Pallas (forward, backward) for a backend, and whether it runs interpreted."""
+    backend = flash.target_backend() if backend is None else backend
+    if backend == "gpu":
+        return flash_gpu.forward, flash_gpu.backward, False
+    return flash_tpu.forward, flash_tpu.backward, backend != "tpu"
+
+
+def local_pair(impl: str) -> tuple[flash.ForwardFn, flash.BackwardFn, bool]:
+    """The (forward, backward, interpret) contract pair behind a flash-type implementation name."""
+    if impl == "pallas":
+        return kernel_pair()
+    if impl == "blockwise":
+        return blockwise.forward, blockwise.backward, False
+    if impl == "xla":
+        return flash.reference_forward, flash.reference_backward, False
+    raise ValueError(f"Implementation {impl!r} has no forward/backward pair; use pallas, blockwise or xla.")
+
+
+def choose_implementation(q: jax.Array, k: jax.Array, *, backend: str | None = None,
+                          max_materialized: int = MAX_MATERIALIZED) -> str:
+    """``auto``: cuDNN on GPU where it applies, our kernel on TPU, else xla while the scores are small."""
+    backend = flash.target_backend() if backend is None else backend
+    if backend == "tpu":
+        return "pallas"
+    if backend == "gpu":
+        if q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
+            return "cudnn"
+        return "pallas"
+    return "xla" if q.shape[1] * k.shape[1] <= max_materialized else "blockwise"
+
+
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None, impl: str,
+                    scale: float | None = None, block_sizes: BlockSizes | None = None,
+                    interpret: bool | None = None) -> jax.Array:
+    """One device's attention with a concrete ``impl`` (no ``auto``, no sequence parallelism)."""
+    if impl == "xla":
+        return xla_attention(q, k, v, kv_len=kv_len, scale=scale)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, kv_len=kv_len, scale=scale)
+    if impl == "splash":
+        return per_shard(lambda q, k, v, n: splash.splash_attention(q, k, v, kv_len=n, scale=scale,
+                                                                    interpret=interpret), q, k, v, kv_len)
+    forward, backward, default_interpret = local_pair(impl)
+    interpret = default_interpret if interpret is None else interpret
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, n: jax.Array) -> jax.Array:
+        return flash.flash_attention(forward, backward, q, k, v, kv_len=n, scale=scale, block_sizes=block_sizes,
+                                     interpret=interpret)
+
+    return per_shard(attend, q, k, v, kv_len) if impl == "pallas" else attend(q, k, v, kv_len)
+
+
+def per_shard(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
+              kv_len: jax.Array | None) -> jax.Array:
+    """Runs a Pallas kernel ``fn(q, k, v, kv_len)`` on each device's (batch, heads) shard under the active mesh.
+
+    Mosaic and Triton kernels are opaque to XLA's SPMD partitioner, so on a mesh they go inside
+    ``jax.shard_map``: batch and heads sharded as the active logical-axis rules place "batch" and
+    "act_heads", the sequence whole on every device (sequence sharding is ``sequence_parallel``'s
+    job). Without a mesh this is a plain call.
+    """
+    kv_len = flash.full_kv_len(k, kv_len)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:  # manual axes: already inside a shard_map (Ulysses)
+        return fn(q, k, v, kv_len)
+    spec = logical_to_mesh_spec(("batch", None, "act_heads", None), mesh=mesh, shape=q.shape)
+    kv_spec = jax.sharding.PartitionSpec(spec[0])
+    return jax.shard_map(fn, in_specs=(spec, spec, spec, kv_spec), out_specs=spec, check_vma=False)(q, k, v, kv_len)

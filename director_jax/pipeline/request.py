@@ -1,0 +1,232 @@
+"""A generation request and its plan: every input checked and read before any model is loaded.
+
+``Request`` holds what the user asked for (the ``generate`` command's flags map one to one onto its
+fields); ``plan`` turns it into a ``Plan``: the video's size, length and frame rate, the given
+frames read and placed on their frames, and the ``Timeline`` they make. Any problem raises
+``errors.GenerateError`` (one line that names the input and the fix) before anything is loaded or written.
+
+Times are ``PATH@TIME``: seconds (``1.5`` or ``1.5s``) or a frame (``#12``); the last ``@`` splits,
+so paths may contain ``@``. Conditioning videos start at a TIME or at ``end``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from director_jax.build import step_directory, vae_config_from
+from director_jax.data.captions import format_multishot_caption
+from director_jax.errors import GenerateError, UserError
+from director_jax.models.timeline import Timeline, frame_at_time
+from director_jax.pipeline.media import read_image, read_video, resized, sha256, to_float
+from director_jax.pipeline.settings import SamplingSettings, sampling_settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Everything ``generate`` needs; the CLI flags map one to one onto these fields."""
+
+    config: Any  # ml_collections.ConfigDict the checkpoint was trained with
+    ckpt: str
+    out: str
+    keyframes: Sequence[str] = ()  # PATH@TIME
+    videos: Sequence[str] = ()  # PATH@START
+    duration: float | None = None
+    frames: int | None = None
+    fps: float | None = None
+    height: int | None = None
+    width: int | None = None
+    caption: str | None = None
+    shot_captions: Sequence[str] = ()
+    text_cache: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    keyframe_guidance: float | None = None
+    shift: float | None = None
+    sampler: str | None = None
+    resize: bool = False
+    step: int | None = None
+    weights: str = "auto"
+    sr: bool = False
+    sr_ckpt: str | None = None
+    sr_config: Any = None
+    sr_steps: int | None = None
+    progress: bool = True
+    config_path: str | None = None  # for the sidecar only
+    sr_config_path: str | None = None
+    argv: Sequence[str] | None = None  # the command line, for the sidecar only
+
+
+@dataclasses.dataclass
+class Plan:
+    """Checked inputs: the timeline, the given frames and the sampling settings, before any model is loaded."""
+
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    keyframes: list[dict]  # path, time, frame, seconds, sha256
+    videos: list[dict]  # path, start, frame, length, sha256
+    given: dict[int, np.ndarray]  # start frame -> (H, W, 3) or (n, H, W, 3) in [-1, 1] at the gen resolution
+    full_res_keyframes: dict[int, np.ndarray]  # for --sr: keyframes at the SR output resolution
+    caption: str | None
+    timeline: Timeline
+    sampling: SamplingSettings
+    sr_scale: int = 1
+
+
+def split_at(arg: str, what: str) -> tuple[str, str]:
+    """``PATH@TIME`` -> (PATH, TIME); the last ``@`` splits, so paths may contain ``@``."""
+    path, sep, when = str(arg).rpartition("@")
+    if not sep or not path or not when.strip():
+        example = "first.png@0, mid.png@1.5s or last.png@#16" if what == "--keyframe" else "clip.mp4@0 or clip.mp4@end"
+        raise GenerateError(f"{what} {arg!r} is not PATH@TIME: write e.g. {example}.")
+    return path, when.strip()
+
+
+def _frame(when: str, fps: float, num_frames: int, what: str) -> int:
+    text = when[1:] if when.startswith("#") else (when[:-1] if when.endswith("s") else when)
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and value < 0:
+        raise GenerateError(f"{what} time {when!r} is negative: times count from the first frame, 0.")
+    try:
+        return frame_at_time(when, fps, num_frames)
+    except ValueError as e:
+        raise GenerateError(f"{what}: {e}") from None
+
+
+def _num_frames(req: Request, fps: float) -> int:
+    if req.frames is not None and req.duration is not None:
+        raise GenerateError("give --duration (seconds) or --frames, not both.")
+    if req.frames is not None:
+        if req.frames < 1:
+            raise GenerateError(f"--frames={req.frames}: a video needs at least one frame.")
+        return int(req.frames)
+    if req.duration is not None:
+        if not req.duration > 0:
+            raise GenerateError(f"--duration={req.duration}: give a positive number of seconds.")
+        return max(1, int(round(req.duration * fps)))
+    return int(req.config.video.num_frames)
+
+
+def _sr_scale(req: Request, height: int, width: int) -> int:
+    if not req.sr_ckpt or req.sr_config is None:
+        raise GenerateError("--sr needs --sr_ckpt (a Director-SR trainer workdir) and --sr_config (its config file).")
+    v = req.sr_config.video
+    sh, sw = int(v.height), int(v.width)
+    if sh % height or sw % width or sh // height != sw // width:
+        raise GenerateError(f"the SR config's video is {sw}x{sh}, not a whole multiple of the generated "
+                            f"{width}x{height}.")
+    return sh // height
+
+
+def check_checkpoint(path: str | None, step: int | None, what: str = "--ckpt") -> None:
+    """A clear error unless ``path`` holds a complete trainer checkpoint step (``step``, or any)."""
+    if not path:
+        raise GenerateError(f"{what} is required: the trainer's workdir (or its checkpoints/ directory).")
+    try:
+        step_directory(path, step)
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerateError(f"{what}: {e}") from None
+
+
+def _sampling(req: Request) -> SamplingSettings:
+    try:
+        return sampling_settings(req.config, sampler=req.sampler, steps=req.steps, shift=req.shift,
+                                 guidance_scale=req.guidance, keyframe_guidance=req.keyframe_guidance)
+    except UserError as e:  # named by the settings' fields: say the flags
+        raise GenerateError("--" + str(e).replace("guidance_scale=", "guidance=")) from None
+
+
+def _read_keyframes(req: Request, fps: float, num_frames: int, height: int, width: int, scale: int):
+    keyframes, given, full_res = [], {}, {}
+    last = None
+    for arg in req.keyframes:
+        path, when = split_at(arg, "--keyframe")
+        frame = _frame(when, fps, num_frames, "--keyframe")
+        if last is not None and frame <= last[1]:
+            kind = "the same frame as" if frame == last[1] else "before"
+            raise GenerateError(f"--keyframe {arg} lands on frame {frame}, {kind} the previous keyframe {last[0]} "
+                                f"(frame {last[1]}): give keyframes once each, in increasing time order.")
+        last = (arg, frame)
+        if req.sr:
+            big = read_image(path, height * scale, width * scale, resize=req.resize)
+            full_res[frame] = to_float(big)
+            small = resized(big, height, width)
+        else:
+            small = read_image(path, height, width, resize=req.resize)
+        given[frame] = to_float(small)
+        keyframes.append(dict(path=str(Path(path).resolve()), time=when, frame=frame, seconds=frame / fps,
+                              sha256=sha256(path)))
+    return keyframes, given, full_res
+
+
+def _read_videos(req: Request, fps: float, num_frames: int, height: int, width: int, given: dict) -> list[dict]:
+    videos = []
+    for arg in req.videos:
+        path, when = split_at(arg, "--video")
+        clip = read_video(path, height, width, resize=req.resize)
+        if when == "end":
+            start = num_frames - len(clip)
+            if start < 0:
+                raise GenerateError(f"--video {arg} has {len(clip)} frames, more than the {num_frames} of the video.")
+        else:
+            start = _frame(when, fps, num_frames, "--video")
+        if start + len(clip) > num_frames:
+            raise GenerateError(f"--video {arg}: its {len(clip)} frames from frame {start} run past the end of the "
+                                f"video ({num_frames} frames = {num_frames / fps:g} s): lengthen the video "
+                                "(--duration/--frames) or start it earlier.")
+        if start in given:
+            raise GenerateError(f"--video {arg} starts on frame {start}, which a keyframe already gives.")
+        given[start] = to_float(clip)
+        videos.append(dict(path=str(Path(path).resolve()), start=when, frame=start, length=len(clip),
+                           sha256=sha256(path)))
+    return videos
+
+
+def plan(req: Request) -> Plan:
+    """Checks every input and reads the given frames; raises GenerateError before anything is loaded or written."""
+    cfg = req.config
+    if not str(req.out).endswith(".mp4"):
+        raise GenerateError(f"--out {req.out!r} must name an .mp4 file (the contact sheet and settings go beside it).")
+    fps = float(cfg.video.fps if req.fps is None else req.fps)
+    if not fps > 0 or not np.isfinite(fps):
+        raise GenerateError(f"--fps={fps}: give a positive frame rate.")
+    height = int(cfg.video.height if req.height is None else req.height)
+    width = int(cfg.video.width if req.width is None else req.width)
+    _, ph, pw = cfg.model.patch_size
+    f = vae_config_from(cfg.vae).spatial_factor
+    if height < 1 or width < 1 or height % (f * ph) or width % (f * pw):
+        raise GenerateError(f"the video size {width}x{height} must be a positive multiple of {f * pw}x{f * ph} "
+                            f"(the VAE's {f}x times the DiT patch).")
+    num_frames = _num_frames(req, fps)
+    if not req.keyframes and not req.videos:
+        raise GenerateError("no given frames: pass at least one --keyframe PATH@TIME (or a --video PATH@START).")
+    if req.caption is not None and req.shot_captions:
+        raise GenerateError("give --caption or --shot_caption (repeated, one per shot), not both.")
+    sampling = _sampling(req)
+    scale = _sr_scale(req, height, width) if req.sr else 1
+
+    keyframes, given, full_res = _read_keyframes(req, fps, num_frames, height, width, scale)
+    videos = _read_videos(req, fps, num_frames, height, width, given)
+    try:
+        timeline = Timeline.from_keyframes(num_frames, [k["frame"] for k in keyframes],
+                                           [(v["frame"], v["length"]) for v in videos])
+        timeline.layout.describe()  # checks the spans
+    except ValueError as e:
+        raise GenerateError(f"the given frames do not fit the video: {e}") from None
+    caption = req.caption
+    if req.shot_captions:
+        try:
+            caption = format_multishot_caption(list(req.shot_captions))
+        except ValueError as e:
+            raise GenerateError(f"--shot_caption: {e}") from None
+    return Plan(num_frames, fps, height, width, keyframes, videos, given, full_res, caption, timeline, sampling, scale)

@@ -1,0 +1,92 @@
+"""What a sampling run needs besides the models, resolved once for ``generate`` and ``evaluate`` alike.
+
+``SamplingSettings`` are the sampler, steps, shift and guidance scales: the model config's
+``sampler`` section, with any value the user gave instead. ``TextInputs`` are the caption
+embeddings of each row, read from a text-embedding cache, or the trainer's empty caption for a
+model trained without captions (``text.conditioning = False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from director_jax.data.text_embeddings import load_text_embeddings
+from director_jax.errors import UserError
+
+EMBED_COMMAND = "python -m director_jax.embed_text --captions FILE --cache DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    sampler: str
+    steps: int
+    shift: float
+    guidance_scale: float
+    keyframe_guidance: float = 1.0
+
+
+def sampling_settings(model_cfg: ml_collections.ConfigDict, *, sampler: str | None = None, steps: int | None = None,
+                      shift: float | None = None, guidance_scale: float | None = None,
+                      keyframe_guidance: float | None = None) -> SamplingSettings:
+    """The model config's ``sampler`` section, each field replaced by the value given (``None``: the config's)."""
+    m = model_cfg.sampler
+
+    def pick(value, fallback):
+        return fallback if value is None else value
+
+    settings = SamplingSettings(sampler=str(pick(sampler, m.name)), steps=int(pick(steps, m.steps)),
+                                shift=float(pick(shift, m.shift)),
+                                guidance_scale=float(pick(guidance_scale, m.guidance_scale)),
+                                keyframe_guidance=float(pick(keyframe_guidance, m.get("keyframe_guidance", 1.0))))
+    if settings.steps < 1:
+        raise UserError(f"steps={settings.steps}: sample with at least one step.")
+    for name in ("shift", "guidance_scale", "keyframe_guidance"):
+        value = getattr(settings, name)
+        if not np.isfinite(value):
+            raise UserError(f"{name}={value}: give a finite number (guidance scales: 1 = off).")
+    return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class TextInputs:
+    """Caption embeddings per row (B, Lt, D) + masks, and the negative caption's (1, Lt, D) for guidance."""
+
+    text: np.ndarray
+    mask: np.ndarray
+    negative: np.ndarray | None = None
+    negative_mask: np.ndarray | None = None
+
+
+def text_inputs(model_cfg: ml_collections.ConfigDict, captions: Sequence[str | None], *, text_cache: str | None,
+                guidance_scale: float, cache_setting: str = "--config.text_cache") -> TextInputs:
+    """Embeddings of ``captions`` (one row each) from ``text_cache``, or the empty caption for unconditional models.
+
+    The negative caption (``sampler.negative_prompt``) is read only when classifier-free guidance is on;
+    ``cache_setting`` is how the caller's user sets the cache (named in the error when it is missing).
+    """
+    n, dim = len(captions), int(model_cfg.model.text_dim)
+    if not model_cfg.text.conditioning:
+        empty, empty_mask = np.zeros((1, 1, dim), np.float32), np.zeros((1, 1), bool)
+        return TextInputs(np.repeat(empty, n, 0), np.repeat(empty_mask, n, 0),
+                          *((empty, empty_mask) if guidance_scale != 1.0 else (None, None)))
+    missing = [i for i, c in enumerate(captions) if not c]
+    if missing:
+        raise UserError(f"the model is text-conditioned but {len(missing)} of {n} rows have no caption (first: row "
+                        f"{missing[0]}): give a caption for each.")
+    if not text_cache:
+        raise UserError(f"the model is text-conditioned: set {cache_setting} to a text-embedding cache holding the "
+                        f"captions ({EMBED_COMMAND}).")
+    length = int(model_cfg.text.max_length)
+    try:
+        text, mask = load_text_embeddings(text_cache, list(captions), max_length=length)
+        negative = negative_mask = None
+        if guidance_scale != 1.0:
+            negative, negative_mask = load_text_embeddings(text_cache, [str(model_cfg.sampler.negative_prompt)],
+                                                           max_length=length)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    return TextInputs(text, mask, negative, negative_mask)
