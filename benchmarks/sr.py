@@ -97,7 +97,7 @@ def frame_lpips(lpips, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def fit_vae(cfg, steps: int, crop: int = 32, learning_rate: float = 5e-3, init_scale: float = 8.0,
             clip_every: int = 2, clip_frames: int = 17, frame_batch: int = 8, clip_batch: int = 4, clip_crop: int = 16,
             mse_weight: float = 1.0, inflate: bool = True, anchor_weight: float = 0.0):
-    """The tiny VAE fitted on ``crop`` x ``crop`` crops of the synthetic footage (``train/cpu_fit.py``'s fit).
+    """The tiny VAE fitted on ``crop`` x ``crop`` crops of the synthetic footage (``demo/cpu_fit.py``'s fit).
 
     Half the steps see ``frame_batch`` single frames (the causal VAE encodes a clip's first frame
     alone), every ``clip_every``-th step ``clip_batch`` ``clip_frames``-frame clips as small crops,

@@ -1,4 +1,4 @@
-"""Training on latent caches (train/cpu_fit.py) and per-example timelines in the Gen / SR tasks.
+"""Training on latent caches (demo/cpu_fit.py) and per-example timelines in the Gen / SR tasks.
 
 The demo trains Director-Gen on every keyframe layout at once: each batch carries its rows' given
 masks and MC-RoPE positions (``train.layouts_in_batch``). With the fixed layout's own mask and

@@ -263,6 +263,6 @@ def train_on_cache(cfg: ml_collections.ConfigDict, caches: Sequence[LayoutCache]
     ckpt = Checkpointer(Path(workdir) / "checkpoints", cfg.checkpoint)
     meta = {"config": cfg.to_json_best_effort(), "task": run.task.name, "mesh": dict(run.mesh.shape),
             "process_count": 1, "data_worker_count": 0, "step": steps, "source": "latent cache"}
-    ckpt.save(steps, state, {"note": "trained on a latent cache (train/cpu_fit.py)"}, meta, wait=True)
+    ckpt.save(steps, state, {"note": "trained on a latent cache (demo/cpu_fit.py)"}, meta, wait=True)
     ckpt.close()
     return {"history": history, "nonfinite_skips": skips, "seconds": round(time.perf_counter() - start, 1)}
