@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.suite = "synthetic"
     c.model_config = "configs/gen_tiny.py"
+    c.allow_config_mismatch = False  # True: evaluate with model_config even where it differs from the checkpoint's
     c.weights = "auto"  # "auto": EMA when the checkpoint has it, else the raw parameters; or "ema" / "params"
     c.movies = ml_collections.ConfigDict(dict(count=4, first_seed=7_000_000, shot_lengths=(24, 24), max_shapes=1))
     c.cases = (
@@ -39,4 +40,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.metrics = ml_collections.ConfigDict(dict(lpips_net="alexnet", fvd=True, fvd_frames=16, fvd_size=224,
                                                fvd_layer="logits"))
     c.report = ml_collections.ConfigDict(dict(media_cases=6))
+    c.max_suite_gib = 4.0  # host memory for the suite's clips (references + generated, float32); checked up front
     return c

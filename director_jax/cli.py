@@ -29,7 +29,8 @@ _CHATTY = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-__all__ = ["VERBOSE", "UserError", "configure_logging", "default_jax_platforms", "parse_flags", "prologue", "run"]
+__all__ = ["VERBOSE", "UserError", "configure_logging", "default_jax_platforms", "parse_flags", "prologue", "run",
+           "user_error_message"]
 
 
 def default_jax_platforms() -> str | None:
@@ -82,6 +83,33 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one line for an exception that a user's input caused (a missing or unreadable file, a damaged weight
+    file, an image too large to decode), or ``None`` for anything else, which is a bug and keeps its traceback.
+
+    The one place that maps the known exception types of the libraries the commands use to ``error:`` lines.
+    """
+    if isinstance(e, UserError | app.UsageError):
+        return str(e)
+    if isinstance(e, OSError) and "config file" in str(e):  # ml_collections defers a config file's load error
+        return _one_line(e)
+    if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+        return f"{_one_line(e)} (check the path and its permissions)"
+    kind = type(e).__name__
+    module = type(e).__module__ or ""
+    if kind in ("DecompressionBombError", "UnidentifiedImageError") and module.startswith("PIL"):
+        return f"an image could not be read safely: {_one_line(e)}"
+    if kind == "SafetensorError" or (kind in ("HeaderTooLarge", "InvalidHeader") and "safetensors" in module):
+        return f"a .safetensors file is damaged or not a safetensors file: {_one_line(e)}"
+    if kind == "UnpicklingError":
+        return f"a .pth file is damaged or holds objects that are not weights (only tensors are read): {_one_line(e)}"
+    return None
+
+
 def run(main: Callable[[list[str]], int | None], *, level: int = logging.INFO) -> None:
     """``app.run(main)`` with the shared prologue, and user errors as ``error: ...`` with exit code 2.
 
@@ -92,13 +120,11 @@ def run(main: Callable[[list[str]], int | None], *, level: int = logging.INFO) -
         prologue(level=level)
         try:
             return main(argv) or 0
-        except (UserError, app.UsageError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:  # ml_collections defers a config file's load error to the first use of the config
-            if "config file" not in str(e):
-                raise
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        except Exception as e:
+            message = user_error_message(e)
+            if message is None or (VERBOSE.value and not isinstance(e, UserError | app.UsageError)):
+                raise  # a bug, or --verbose: the traceback
+            print(f"error: {message}", file=sys.stderr)
             return 2
 
     sys.exit(app.run(wrapped, flags_parser=parse_flags))

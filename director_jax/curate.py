@@ -4,10 +4,16 @@ Cuts movies into shots, filters them, assembles single- and multi-shot samples a
 clips, captions and manifest to DIR (the layout in ``director_jax.curation.pipeline``). ``--input`` may
 repeat and may hold comma-separated paths. Rerunning with the same ``--out`` resumes. Without
 ``--config`` the repository's ``configs/curate.py`` is used.
+
+Refused in one line ``error: ...`` (exit code 2) before anything is written: a config value out of
+range or not finite, inputs none of which is a video to try (all missing, or no file with a video
+extension), an ``--out`` that is a file or cannot be created, and an ``--out`` another run is writing
+(its ``OUT/.lock``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from absl import flags
@@ -36,14 +42,27 @@ def main(argv: list[str]) -> None:
         raise cli.UserError("--input is required: video files or directories, e.g. --input /movies")
     if not _OUT.value:
         raise cli.UserError("--out is required: the curated output directory.")
-    try:  # the config and the output directory are checked before any video is read
+    try:  # the config and the output location are checked before any video is read
         CurationSettings.from_config(cfg)
         captioner = build_captioner(cfg.caption)
-        Path(_OUT.value).mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise cli.UserError(str(e)) from e
-    summary = curate(_INPUT.value, _OUT.value, cfg, captioner=captioner)
+    _check_out(Path(_OUT.value))
+    summary = curate(_INPUT.value, _OUT.value, cfg, captioner=captioner)  # inputs, then the lock, then the work
     print(format_summary(summary, _OUT.value))
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` is a directory, or can be created in its nearest existing parent (created later, by ``curate``)."""
+    if out.exists() and not out.is_dir():
+        raise cli.UserError(f"--out {out} is a file; give a directory.")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise cli.UserError(f"--out {out}: {parent} is not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise cli.UserError(f"--out {out}: {parent} is not writable.")
 
 
 if __name__ == "__main__":

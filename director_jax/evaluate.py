@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from director_jax import cli
 from director_jax.errors import UserError
+from director_jax.eval.checks import check_evaluation
 from director_jax.eval.run import run_evaluation
 from director_jax.parallel.distributed import DistributedFlags
 
@@ -38,8 +39,7 @@ _DISTRIBUTED = DistributedFlags()
 def main(argv) -> int:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
-    if (_CKPT.value is None) == (_BASELINE.value is None):
-        raise UserError("give --ckpt DIR (a Director-Gen checkpoint) or --baseline crossfade|reference.")
+    check_evaluation(_CONFIG.value, _WORKDIR.value, ckpt=_CKPT.value, baseline=_BASELINE.value, step=_STEP.value)
     try:
         _DISTRIBUTED.initialize()
     except ValueError as e:

@@ -13,9 +13,12 @@ without captions (``text.conditioning=False``) ignore them, with a note. ``--key
 (default the config's ``sampler.keyframe_guidance``; 1 = off) pushes the generated frames toward
 what the keyframes imply, for models trained with keyframe dropout (two model calls per step).
 
-Writes ``OUT.mp4``, ``OUT.png`` (contact sheet, keyframes outlined) and ``OUT.json`` (every setting).
-Every input is checked before the model is loaded; a bad one is one line ``error: ...`` (exit code
-2) and nothing is written. The library behind it is ``director_jax.pipeline.generate``.
+Writes ``OUT.mp4``, ``OUT.png`` (contact sheet, keyframes outlined) and ``OUT.json`` (every setting, and the
+SHA-256 of the other two) as one unit: staged beside OUT and moved into place, OUT.json last, under the lock
+``OUT.lock`` (a second run to the same ``--out`` is refused while one runs). Every input is checked before the
+model is loaded (the output location, every number finite and in range, the memory budget ``--max_pixels``,
+the checkpoints, the images); a bad one is one line ``error: ...`` (exit code 2) and nothing is written. The
+library behind it is ``director_jax.pipeline.generate``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ml_collections import config_flags
 from director_jax import cli
 from director_jax.errors import GenerateError
 from director_jax.pipeline.generate import generate
-from director_jax.pipeline.request import Request
+from director_jax.pipeline.request import DEFAULT_MAX_PIXELS, Request
 
 _FLAGS: dict | None = None
 
@@ -76,6 +79,12 @@ def define_flags() -> dict:
             sr_steps=d.DEFINE_integer("sr_steps", None, "SR sampler steps (default the SR config's)."),
             out=d.DEFINE_string("out", None, "Output .mp4 (OUT.png and OUT.json are written beside it)."),
             progress=d.DEFINE_bool("progress", True, "Show a progress bar over the sampling steps."),
+            allow_config_mismatch=d.DEFINE_bool("allow_config_mismatch", False,
+                                                "Use --config / --sr_config even where they differ from the config "
+                                                "the checkpoint was trained with (another VAE, say)."),
+            max_pixels=d.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS,
+                                        "Memory budget: the most frames x height x width a request (and its SR "
+                                        "output) may have; raise it on a machine with the memory."),
         )
     return _FLAGS
 
@@ -95,7 +104,9 @@ def request_from_flags() -> Request:
         steps=v["steps"], guidance=v["guidance"], keyframe_guidance=v["keyframe_guidance"], shift=v["shift"],
         sampler=v["sampler"], resize=v["resize"],
         step=v["step"], weights=v["weights"], sr=v["sr"], sr_ckpt=v["sr_ckpt"], sr_config=v["sr_config"],
-        sr_steps=v["sr_steps"], progress=v["progress"], config_path=flags.FLAGS["config"].config_filename,
+        sr_steps=v["sr_steps"], progress=v["progress"], max_pixels=v["max_pixels"],
+        allow_config_mismatch=v["allow_config_mismatch"],
+        config_path=flags.FLAGS["config"].config_filename,
         sr_config_path=flags.FLAGS["sr_config"].config_filename if v["sr_config"] is not None else None)
 
 

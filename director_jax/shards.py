@@ -5,7 +5,9 @@ Builds the TFDS ArrayRecord shards the training loader reads from a curated dire
 caption's umT5 embedding from ``--text_cache`` (filled by ``python -m director_jax.embed_text``;
 ``--text_max_length`` says which of its encoders). Rebuilt only when the manifest, the clips, the
 validation fraction or the text encoder changed (``--force`` rebuilds anyway); a failed build keeps
-the last good one. Format: ``director_jax.data.shards``; building: ``director_jax.curation.shards``.
+the last good one. Every clip is decoded first: one that does not decode to its recorded frames
+refuses the build, naming it (``error: ...``, exit code 2).
+Format: ``director_jax.data.shards``; building: ``director_jax.curation.shards``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +21,44 @@ def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return frames if scale == 1 else frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
 
 
+def mp4_rate(fps: float) -> int | Fraction:
+    """The stream rate of ``fps`` frames per second: a whole number, or the nearest fraction with a denominator of
+    at most 1001 (23.976 -> 2997/125, NTSC's 30000/1001 exactly); PyAV takes no plain float."""
+    value = float(fps)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"fps={fps}: a frame rate is a positive finite number.")
+    if value.is_integer():
+        return int(value)
+    rate = Fraction(value).limit_denominator(1001)
+    if rate <= 0:
+        raise ValueError(f"fps={fps}: too low for an mp4 stream (at least 1/1001).")
+    return rate
+
+
+def check_finite(frames: np.ndarray, what: str = "the frames") -> None:
+    """A ``ValueError`` naming how many values are NaN / infinite: a video file never silently holds them."""
+    bad = int(np.size(frames) - np.count_nonzero(np.isfinite(frames)))
+    if bad:
+        raise ValueError(f"{what} hold {bad} NaN or infinite values of {np.size(frames)}")
+
+
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, scale: int = 1, crf: int = 16) -> Path:
-    """Writes (T, H, W, 3) frames in [-1, 1] as an H.264 mp4 (sizes rounded up to even by padding)."""
+    """Writes (T, H, W, 3) frames in [-1, 1] as an H.264 mp4 (sizes rounded up to even by padding).
+
+    Frames with NaN / infinite values and frame rates PyAV cannot store are refused (``ValueError``) before
+    anything is written.
+    """
     import av
 
+    check_finite(frames, f"the frames for {path}")
+    rate = mp4_rate(fps)
     pixels = _upscale(to_uint8(frames), scale)
     t, h, w, _ = pixels.shape
     pixels = np.pad(pixels, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
     def write(tmp: str) -> None:
         with av.open(tmp, "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=round(fps) if float(fps).is_integer() else fps)
+            stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height = pixels.shape[2], pixels.shape[1]
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf)}
@@ -52,6 +80,8 @@ def contact_sheet(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray]
     """
     from PIL import Image, ImageDraw
 
+    for label, video in rows:
+        check_finite(video, f"the {label!r} row of {path}")
     num_frames = rows[0][1].shape[0]
     step = max(1, -(-num_frames // max_columns))
     columns = sorted(set(range(0, num_frames, step)) | {m for m in marked if 0 <= m < num_frames})

@@ -137,6 +137,7 @@ def test_inflated_vae_starts_as_an_image_vae():
     assert float(jnp.max(jnp.abs(mean2[:, 2] - mean[:, 2]))) > 1e-3
 
 
+@pytest.mark.slow  # the demo's VAE fit; the demo itself runs it in full
 def test_temporal_anchor_loss_is_zero_for_an_inflated_vae_and_fit_vae_learns():
     """The anchor (later latents vs the image latents of their newest frames) is exactly what inflation gives at
     initialization, and not what random 3D kernels give; a short fit lowers the reconstruction error, and with

@@ -37,18 +37,34 @@ SIZE = 32  # gen_tiny's video size
 KEYFRAMES = {0: (230, 40, 40), 8: (40, 200, 60), 16: (40, 60, 230)}  # frame -> colour at 8 fps, 17 frames
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """gen_tiny's random train state, saved by the trainer's own code at step 0 (as tests/test_evaluate.py)."""
-    workdir = tmp_path_factory.mktemp("gen_tiny")
+_SHARED: dict[str, Path] = {}
+
+
+def save_gen_checkpoint(workdir: Path, transform=None) -> Path:
+    """gen_tiny's random train state (every array through ``transform`` if given) saved by the trainer at step 0."""
     cfg = load_config(GEN_CONFIG)
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
     run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
     state = jax.jit(run.init, out_shardings=run.shardings)()
+    if transform is not None:
+        state = jax.tree.map(transform, state)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "gen", "step": 0}, wait=True)
     ckpt.close()
     return workdir
+
+
+def shared_gen_checkpoint(tmp_path_factory) -> Path:
+    """One gen_tiny checkpoint for the whole session (tests/test_generate_bad_inputs.py shares it)."""
+    if "gen" not in _SHARED:
+        _SHARED["gen"] = save_gen_checkpoint(tmp_path_factory.mktemp("gen_tiny"))
+    return _SHARED["gen"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """gen_tiny's random train state, saved by the trainer's own code at step 0 (as tests/test_evaluate.py)."""
+    return shared_gen_checkpoint(tmp_path_factory)
 
 
 def _image(colour, size=(SIZE, SIZE)) -> np.ndarray:

@@ -142,6 +142,7 @@ def test_same_seed_and_config_give_bitwise_identical_losses(uninterrupted, tmp_p
     assert strip(_jsonl(tmp_path)) == strip(_jsonl(ref_dir))
 
 
+@pytest.mark.slow  # kill -9 safety also in test_kill_9_during_an_async_save_... and test_checkpoint_recovery.py
 def test_kill_9_then_resume_matches_the_uninterrupted_run(uninterrupted, tmp_path):
     """10 steps, kill -9 (mid-run, after the step-10 checkpoint), resume to 20: same parameters, same data."""
     ref_dir, _ = uninterrupted

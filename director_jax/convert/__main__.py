@@ -10,8 +10,9 @@ against the model and writes this project's format, a diffusers-layout directory
 re-writes such a directory for diffusers / PyTorch users. ``--model``: ``vae`` (Wan2.1 VAE), ``dit``
 (the Wan2.1 T2V transformer, Director-Gen) or ``sr`` (Director-SR). ``--config``: a config.json path
 or an inline JSON object with diffusers' keys, for files that carry no config. Bad input (a missing
-file, weights that do not fit the model) is one line ``error: ...`` and exit code 2, before anything
-is written.
+file, weights that do not fit the model, a truncated or malformed weight file, an index whose shard
+names leave its directory, integer or boolean tensors, NaN / infinite weights without
+``--allow_nonfinite``) is ``error: ...`` and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ _MODEL = flags.DEFINE_enum("model", None, sorted(MODELS), "Which model's weights
 _SRC = flags.DEFINE_string("src", None, "The checkpoint to read (export: a directory written by import).")
 _OUT = flags.DEFINE_string("out", None, "The directory to write.")
 _CONFIG = flags.DEFINE_string("config", None, "config.json path or inline JSON object (for bare weight files).")
+_ALLOW_NONFINITE = flags.DEFINE_bool("allow_nonfinite", False,
+                                     "Convert weights holding NaN or infinite values (refused by default).")
 
-USAGE = "python -m director_jax.convert import|export --model vae|dit|sr --src PATH --out DIR [--config JSON]"
+USAGE = ("python -m director_jax.convert import|export --model vae|dit|sr --src PATH --out DIR [--config JSON] "
+         "[--allow_nonfinite]")
 
 
 def main(argv: list[str]) -> None:
@@ -36,7 +40,8 @@ def main(argv: list[str]) -> None:
     for flag, value in (("--model", _MODEL.value), ("--src", _SRC.value), ("--out", _OUT.value)):
         if not value:
             raise cli.UserError(f"{flag} is required: {USAGE}")
-    print(convert_weights(argv[1], _MODEL.value, _SRC.value, _OUT.value, _CONFIG.value))
+    print(convert_weights(argv[1], _MODEL.value, _SRC.value, _OUT.value, _CONFIG.value,
+                          allow_nonfinite=_ALLOW_NONFINITE.value))
 
 
 if __name__ == "__main__":

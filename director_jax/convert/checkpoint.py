@@ -9,8 +9,10 @@ Sources every loader takes:
   layout or in the official Wan2.1 layout;
 * an in-memory state dict (name -> NumPy array / torch tensor / jax array), with a config.
 
-The layout is detected from the key names. A model plugs in through a ``ModelFormat``: its
-diffusers class, pipeline subfolder, config parsing and official-layout rules.
+The layout is detected from the key names. Every tensor must be floating point, and finite unless
+``allow_nonfinite`` (``state_dict.check_weight_values``): a NaN or infinite weight never loads
+silently. A model plugs in through a ``ModelFormat``: its diffusers class, pipeline subfolder,
+config parsing and official-layout rules.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from director_jax.convert.state_dict import read_diffusers_dir, read_state_dict, to_numpy
+from director_jax.convert.state_dict import check_weight_values, read_diffusers_dir, read_state_dict, to_numpy
 
 LAYOUT_NAMES = {"diffusers": "diffusers layout", "official": "official Wan2.1 layout"}
 
@@ -65,8 +67,8 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"config file {path} is not valid JSON: {e}") from e
 
 
@@ -112,8 +114,12 @@ def _layout(fmt: ModelFormat, state: Mapping[str, np.ndarray]) -> str:
     return "official" if fmt.looks_official(state) else "diffusers"
 
 
-def read_checkpoint(fmt: ModelFormat, src: str | os.PathLike | Mapping[str, Any], config: Any = None) -> Checkpoint:
+def read_checkpoint(fmt: ModelFormat, src: str | os.PathLike | Mapping[str, Any], config: Any = None, *,
+                    allow_nonfinite: bool = False) -> Checkpoint:
     """Reads weights and finds their config; ``config``, when given, wins over any found with them.
+
+    Every tensor must be floating point and, unless ``allow_nonfinite``, finite (a ValueError names the
+    first that is not).
 
     For a bare weight file with no ``config``: an official-layout file's config comes from its
     shapes (and an official ``config.json`` beside it, when there is one); a diffusers-layout file
@@ -122,6 +128,7 @@ def read_checkpoint(fmt: ModelFormat, src: str | os.PathLike | Mapping[str, Any]
     cfg = parse_config(fmt, config) if config is not None else None
     if isinstance(src, Mapping):
         state = _strip(fmt, {str(k): to_numpy(v) for k, v in src.items()})
+        check_weight_values(state, "a state dict", allow_nonfinite=allow_nonfinite)
         layout = _layout(fmt, state)
         if cfg is None and layout == "official":
             cfg = fmt.official_config(state, None)
@@ -140,6 +147,7 @@ def read_checkpoint(fmt: ModelFormat, src: str | os.PathLike | Mapping[str, Any]
             directory = sub  # a diffusers pipeline directory
         dir_config, state = read_diffusers_dir(directory)
         state = _strip(fmt, state)
+        check_weight_values(state, f"directory {directory}", allow_nonfinite=allow_nonfinite)
         layout = _layout(fmt, state)
         if layout == "official":  # e.g. the released Wan2.1 repo: official names, official config.json
             cfg = cfg or fmt.official_config(state, dir_config)
@@ -149,8 +157,9 @@ def read_checkpoint(fmt: ModelFormat, src: str | os.PathLike | Mapping[str, Any]
         return Checkpoint(cfg, state, layout, f"directory {directory}")
 
     state = _strip(fmt, read_state_dict(path))
-    layout = _layout(fmt, state)
     source = f"{path.suffix or 'weight'} file {path}"
+    check_weight_values(state, source, allow_nonfinite=allow_nonfinite)
+    layout = _layout(fmt, state)
     if cfg is None:
         beside = path.parent / "config.json"
         beside_config = _read_json(beside) if beside.exists() else None

@@ -6,6 +6,10 @@ a diffusers-layout directory. ``export`` re-writes such a directory for diffuser
 ``config`` is a config.json path or an inline JSON object with diffusers' keys (AutoencoderKLWan for
 the VAE, WanTransformer3DModel for the transformers). ``dit`` is the Wan2.1 T2V transformer
 (Director-Gen), ``sr`` the Director-SR transformer (in_channels = 2 * out_channels).
+
+Refused as ``UserError`` (one line, nothing written): unreadable files (a truncated ``.pth``, a
+malformed or truncated safetensors, an index naming shards outside its directory), tensors that
+are not floating point, and NaN / infinite weights unless ``allow_nonfinite``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ DIRECTIONS = ("import", "export")
 class Converter:
     """One model's weight functions: read a checkpoint, build the model from it, export, count parameters."""
 
-    read: Callable  # (src, config) -> Checkpoint
+    read: Callable  # (src, config, *, allow_nonfinite) -> Checkpoint
     build: Callable  # Checkpoint -> model
     export: Callable  # (model, out_dir) -> Path
     parameter_count: Callable  # model -> int
@@ -89,8 +93,13 @@ def check_inputs(direction: str, model: str, src: str, out: str, config: str | N
     return parse_config_arg(config)
 
 
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}" if e.strerror else " ".join(str(e).split())
+
+
 def convert_weights(direction: str, model: str, src: str | os.PathLike, out: str | os.PathLike,
-                    config: str | None = None) -> str:
+                    config: str | None = None, *, allow_nonfinite: bool = False) -> str:
     """Imports or exports ``model``'s weights from ``src`` into the directory ``out``; returns a one-line summary.
 
     Bad input (a missing file, weights that do not fit the model, an unreadable file) raises
@@ -100,10 +109,10 @@ def convert_weights(direction: str, model: str, src: str | os.PathLike, out: str
     parsed = check_inputs(direction, model, src, out, config)
     conv = MODELS[model]
     try:
-        ckpt = conv.read(src, parsed)
+        ckpt = conv.read(src, parsed, allow_nonfinite=allow_nonfinite)
         built = conv.build(ckpt)
     except (OSError, ValueError) as e:  # WeightMismatchError is a ValueError: it names every key that does not fit
-        raise UserError(str(e)) from e
+        raise UserError(str(e) if isinstance(e, ValueError) else _os_error(e)) from e
     written = conv.export(built, out)
     verb = "imported" if direction == "import" else "exported"
     tail = " (diffusers)" if direction == "export" else ""

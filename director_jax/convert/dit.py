@@ -55,9 +55,9 @@ def transformer_config(config: ConfigLike) -> WanDiTConfig:
 
 
 def read_transformer_checkpoint(src: str | os.PathLike | Mapping[str, Any],
-                                config: ConfigLike | None = None) -> Checkpoint:
+                                config: ConfigLike | None = None, *, allow_nonfinite: bool = False) -> Checkpoint:
     """Reads transformer weights and their config (see ``director_jax.convert.checkpoint``)."""
-    return read_checkpoint(TRANSFORMER_FORMAT, src, config)
+    return read_checkpoint(TRANSFORMER_FORMAT, src, config, allow_nonfinite=allow_nonfinite)
 
 
 def empty_transformer(config: WanDiTConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -86,13 +86,15 @@ def transformer_from_checkpoint(ckpt: Checkpoint, *, dtype: Any = jnp.float32, p
 
 
 def load_transformer(src: str | os.PathLike | Mapping[str, Any], config: ConfigLike | None = None, *,
-                     dtype: Any = jnp.float32, param_dtype: Any = None, **model_kw: Any) -> WanDiT:
+                     dtype: Any = jnp.float32, param_dtype: Any = None, allow_nonfinite: bool = False,
+                     **model_kw: Any) -> WanDiT:
     """The Wan2.1 T2V DiT with the weights of ``src`` (see the module docstring for the sources).
 
     ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) that of the parameters;
-    ``model_kw`` go to ``WanDiT`` (``attention_impl``, ``remat_policy``).
+    ``model_kw`` go to ``WanDiT`` (``attention_impl``, ``remat_policy``). NaN / infinite weights raise a
+    ValueError unless ``allow_nonfinite``.
     """
-    ckpt = read_transformer_checkpoint(src, config)
+    ckpt = read_transformer_checkpoint(src, config, allow_nonfinite=allow_nonfinite)
     return transformer_from_checkpoint(ckpt, dtype=dtype, param_dtype=param_dtype, **model_kw)
 
 

@@ -37,10 +37,10 @@ def sr_from_checkpoint(ckpt: Checkpoint, **kw: Any) -> DirectorSR:
     return DirectorSR(transformer_from_checkpoint(ckpt, **kw))
 
 
-def load_sr(src: str | os.PathLike | Mapping[str, Any], config: ConfigLike | None = None,
-            **kw: Any) -> DirectorSR:
+def load_sr(src: str | os.PathLike | Mapping[str, Any], config: ConfigLike | None = None, *,
+            allow_nonfinite: bool = False, **kw: Any) -> DirectorSR:
     """Director-SR from any source ``load_transformer`` reads (``kw``: dtype, param_dtype, model options)."""
-    return sr_from_checkpoint(read_transformer_checkpoint(src, config), **kw)
+    return sr_from_checkpoint(read_transformer_checkpoint(src, config, allow_nonfinite=allow_nonfinite), **kw)
 
 
 def export_sr(sr: DirectorSR, out_dir: str | os.PathLike, **kw: Any) -> Path:

@@ -1,7 +1,11 @@
 """Reading and writing PyTorch-style state dicts safely, and checking them against a model.
 
 Shared by every converter (VAE, DiT, SR): weight files from users are untrusted, so ``.pth`` goes
-only through ``torch.load(..., weights_only=True)``; safetensors is preferred and written.
+only through ``torch.load(..., weights_only=True)``; safetensors is preferred and written. A file
+that cannot be read (truncated, damaged, not a weight file) is a ``ValueError`` naming it in one
+line; a sharded index's shard names must stay inside the index's directory (no absolute paths, no
+``..``; symlinked shards, as in the Hugging Face cache, are fine). ``check_weight_values`` refuses
+tensors that are not floating point and, unless asked to allow them, NaN or infinite values.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,6 +41,42 @@ class WeightMismatchError(ValueError):
             lines.append(f"  wrong shape: {key}: file has {got}, model needs {want}")
         lines.append("Check that the config matches the checkpoint (e.g. base_dim, dim_mult, num_res_blocks).")
         super().__init__("\n".join(lines))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _float_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16"  # ml_dtypes' bfloat16 (from a jax array) is kind "V"
+
+
+def check_weight_values(state: Mapping[str, np.ndarray], source: str, *, allow_nonfinite: bool = False) -> None:
+    """A ValueError unless every tensor is floating point and (unless ``allow_nonfinite``) finite.
+
+    Names the first offending tensor in key order, and how many there are.
+    """
+    for key in sorted(state):
+        value = state[key]
+        dtype = getattr(value, "dtype", None)
+        if not isinstance(value, np.ndarray) or dtype is None or dtype.kind == "O":
+            raise ValueError(f"weights from {source}: {key!r} is not a tensor; a weight file must map names to "
+                             "float tensors.")
+        if not _float_dtype(dtype):
+            raise ValueError(f"weights from {source}: {key!r} has dtype {dtype.name} (shape {tuple(value.shape)}), "
+                             "but the model's weights are floating point; is this the right file?")
+    if allow_nonfinite:
+        return
+    bad = [k for k in sorted(state) if not np.isfinite(state[k]).all()]
+    if bad:
+        first = np.asarray(state[bad[0]])
+        nan = int(np.isnan(first).sum())
+        inf = int(first.size - nan - np.isfinite(first).sum())
+        others = f" (and {len(bad) - 1} more tensors: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" \
+            if len(bad) > 1 else ""
+        raise ValueError(f"weights from {source} hold non-finite values: {bad[0]!r} has {nan} NaN and {inf} "
+                         f"infinite of {first.size} values{others}. Refused; pass --allow_nonfinite "
+                         "(allow_nonfinite=True) to convert them anyway.")
 
 
 def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray],
@@ -70,11 +112,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"weight file {path} does not exist.")
     if path.name.endswith(".safetensors.index.json"):
-        index = json.loads(path.read_text())
         state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(read_state_dict(path.parent / shard))
+        for shard in _index_shards(path):
+            state.update(read_state_dict(shard))
         return state
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a weight file.")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -86,8 +129,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 from safetensors.torch import load_file as load_torch
 
                 return {k: to_numpy(v) for k, v in load_torch(str(path)).items()}
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e}).") from e
+        except (SafetensorError, struct.error, OverflowError) as e:  # truncated, a bad header, not safetensors
+            raise ValueError(f"{path} is not a readable safetensors file ({_one_line(e)}).") from e
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         import torch
 
@@ -100,6 +143,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"({' '.join(detail.split())}). User .pth files are never fully unpickled; if you trust the "
                 "file, convert it to .safetensors yourself."
             ) from e
+        except (RuntimeError, EOFError, OSError, struct.error, zipfile.BadZipFile, ValueError, KeyError,
+                IndexError, TypeError, AttributeError) as e:  # truncated or damaged archive / pickle stream
+            raise ValueError(f"{path} is not a readable PyTorch file, truncated or damaged? ({type(e).__name__}: "
+                             f"{_one_line(e)[:300]})") from e
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(obj, dict) and set(obj) == {wrapper}:
                 obj = obj[wrapper]
@@ -109,13 +156,42 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"unknown weight file type {path.name!r}: use .safetensors, a .safetensors index, or .pth.")
 
 
+def _index_shards(path: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names, each checked to lie inside its directory."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid JSON index ({_one_line(e)}).") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{path} is not a safetensors index: it needs a non-empty \"weight_map\" object of "
+                         "tensor name -> shard file name.")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\\" in name or "\0" in name:
+            raise ValueError(f"{path} names the shard {name!r}, which is not a file inside {path.parent} (absolute "
+                             "paths and '..' are refused).")
+        shard = path.parent / rel
+        if not shard.is_file():
+            raise FileNotFoundError(f"{path} names the shard {name!r}, but {shard} is missing.")
+        shards.append(shard)
+    return shards
+
+
 def read_diffusers_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """A diffusers model directory -> (config dict, state dict); single-file or sharded weights."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} has no config.json: it is not a diffusers model directory.")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({_one_line(e)}).") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, not {type(config).__name__}.")
     for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX):
         if (directory / name).exists():
             return config, read_state_dict(directory / name)

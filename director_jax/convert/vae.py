@@ -71,9 +71,10 @@ def vae_config(config: ConfigLike) -> WanVAEConfig:
     return parse_config(VAE_FORMAT, config)
 
 
-def read_vae_checkpoint(src: str | os.PathLike | Mapping[str, Any], config: ConfigLike | None = None) -> Checkpoint:
+def read_vae_checkpoint(src: str | os.PathLike | Mapping[str, Any], config: ConfigLike | None = None, *,
+                        allow_nonfinite: bool = False) -> Checkpoint:
     """Reads VAE weights and their config (see ``director_jax.convert.checkpoint.read_checkpoint``)."""
-    return read_checkpoint(VAE_FORMAT, src, config)
+    return read_checkpoint(VAE_FORMAT, src, config, allow_nonfinite=allow_nonfinite)
 
 
 def vae_from_checkpoint(ckpt: Checkpoint, *, dtype: Any = jnp.float32, param_dtype: Any = None) -> WanVAE:
@@ -105,14 +106,16 @@ def _empty_vae(config: WanVAEConfig, dtype: Any, param_dtype: Any) -> WanVAE:
 
 
 def load_vae(src: str | os.PathLike | Mapping[str, Any], config: ConfigLike | None = None, *,
-             dtype: Any = jnp.float32, param_dtype: Any = None) -> WanVAE:
+             dtype: Any = jnp.float32, param_dtype: Any = None, allow_nonfinite: bool = False) -> WanVAE:
     """The Wan2.1 VAE with the weights of ``src`` (see the module docstring for the sources).
 
     ``config``: a WanVAEConfig, a diffusers config dict or a config.json path; required for a state
     dict, optional otherwise. ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``)
-    that of the parameters. Raises WeightMismatchError when the weights do not fit the config.
+    that of the parameters. Raises WeightMismatchError when the weights do not fit the config, and a
+    ValueError for NaN / infinite weights unless ``allow_nonfinite``.
     """
-    return vae_from_checkpoint(read_vae_checkpoint(src, config), dtype=dtype, param_dtype=param_dtype)
+    return vae_from_checkpoint(read_vae_checkpoint(src, config, allow_nonfinite=allow_nonfinite), dtype=dtype,
+                               param_dtype=param_dtype)
 
 
 def export_vae(vae: WanVAE, out_dir: str | os.PathLike) -> Path:

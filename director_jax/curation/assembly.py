@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import numpy as np
 
-from director_jax.curation.shots import FrameStats, section_dataclass
+from director_jax.curation.shots import FrameStats, check_numbers, section_dataclass
+
+_INF = math.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,7 @@ class SingleShotConfig:
     max_frames: int = 121
 
     def __post_init__(self) -> None:
+        check_numbers(self, "single_shot", {"min_frames": (1, _INF), "max_frames": (1, _INF)})
         if not 1 <= self.min_frames <= self.max_frames:
             raise ValueError(f"config.single_shot: need 1 <= min_frames <= max_frames, got {self}.")
 
@@ -47,6 +51,8 @@ class MultiShotConfig:
     overlapping: bool = True
 
     def __post_init__(self) -> None:
+        check_numbers(self, "multi_shot", {"max_shots": (2, _INF), "min_frames": (1, _INF), "max_frames": (1, _INF),
+                                           "max_edge_frames": (0, _INF)})
         if self.max_shots < 2 or not 1 <= self.min_frames <= self.max_frames:
             raise ValueError(f"config.multi_shot: need max_shots >= 2 and 1 <= min_frames <= max_frames, got {self}.")
         if self.max_edge_frames < 0:
@@ -58,6 +64,10 @@ class KeyframeConfig:
     num_even: int = 5
     num_motion_peaks: int = 3
     min_peak_distance: int = 4
+
+    def __post_init__(self) -> None:
+        check_numbers(self, "keyframes", {"num_even": (0, 1024), "num_motion_peaks": (0, 1024),
+                                          "min_peak_distance": (0, _INF)})
 
 
 @dataclasses.dataclass(frozen=True)

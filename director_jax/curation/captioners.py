@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from director_jax.curation.shots import check_number
 from director_jax.data.captions import format_multishot_caption, parse_multishot_caption
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,11 @@ class OpenAICaptioner:
                  retries: int = 3, backoff_s: float = 1.0, max_image_side: int = 512, prompt: str = DEFAULT_PROMPT,
                  max_tokens: int = 1024, temperature: float = 0.2, jpeg_quality: int = 90,
                  api_key_env: str | None = None, extra_body: Mapping[str, Any] | None = None):
-        if retries < 0 or timeout_s <= 0 or backoff_s < 0 or max_image_side < 16:
-            raise ValueError("OpenAICaptioner needs retries >= 0, timeout_s > 0, backoff_s >= 0, max_image_side >= 16.")
+        for name, value, kind, bounds in (("timeout_s", timeout_s, float, (1e-3, 86400.0)),  # finite, in range
+                ("retries", retries, int, (0, 100)), ("backoff_s", backoff_s, float, (0.0, 3600.0)),
+                ("max_image_side", max_image_side, int, (16, 8192)), ("max_tokens", max_tokens, int, (1, 1 << 20)),
+                ("temperature", temperature, float, (0.0, 2.0)), ("jpeg_quality", jpeg_quality, int, (1, 100))):
+            check_number(f"caption.openai.{name}", value, kind, bounds)
         if api_key is None and api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:

@@ -1,4 +1,11 @@
-"""The inputs of a curation run: ``--input`` values -> the files to curate, and those skipped with a reason."""
+"""The inputs of a curation run: ``--input`` values -> the files to curate, and those skipped with a reason.
+
+File names are bytes on POSIX; one that is not valid UTF-8 reaches Python as a ``str`` with lone
+surrogates (``os.fsdecode``), which opens the file but cannot be hashed, logged or written as JSON.
+So every candidate carries two names: ``path``, the OS path (opened, never written), and
+``source``, its JSON-safe form (``display_path``: invalid bytes as ``\\xNN``), the key of the
+output's records; ``source_bytes`` gives the exact bytes (hex) of a path that needed escaping.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,21 @@ import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 become ``\\xNN`` (identity for UTF-8 names)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def path_bytes_hex(path: str | bytes | os.PathLike) -> str | None:
+    """The hex of ``path``'s bytes when its name is not valid UTF-8 (so ``display_path`` escaped it), else None."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.hex()
+    return None
 
 
 def split_inputs(values: Iterable[str]) -> list[str]:
@@ -23,9 +45,19 @@ def split_inputs(values: Iterable[str]) -> list[str]:
 class Candidate:
     """A file to curate (``reason`` None) or an input already known to be skipped (``reason`` set)."""
 
-    source: str  # resolved absolute path (the key in shots.jsonl / skipped.jsonl)
+    path: str  # resolved absolute OS path (may hold surrogates: a name that is not UTF-8)
     reason: str | None = None
     detail: str = ""
+
+    @property
+    def source(self) -> str:
+        """The JSON-safe key of this input in shots.jsonl / skipped.jsonl / manifest.jsonl."""
+        return display_path(self.path)
+
+    @property
+    def source_bytes(self) -> str | None:
+        """Hex of the path's bytes when ``source`` had to escape them, else None."""
+        return path_bytes_hex(self.path)
 
 
 def _source_key(path: str) -> str:
@@ -34,7 +66,8 @@ def _source_key(path: str) -> str:
 
 def _not_a_file(path: str) -> Candidate:
     if os.path.islink(path) and not os.path.exists(path):
-        return Candidate(_source_key(path), "broken_symlink", f"{path} -> {os.readlink(path)}")
+        return Candidate(_source_key(path), "broken_symlink",
+                         f"{display_path(path)} -> {display_path(os.readlink(path))}")
     return Candidate(_source_key(path), "not_a_file", "neither a regular file nor a directory")
 
 
@@ -73,7 +106,7 @@ def walk_inputs(inputs: Sequence[str], extensions: frozenset[str], exclude: Path
                 yield Candidate(_source_key(entry.path))
             else:
                 yield Candidate(_source_key(entry.path), "not_video_extension",
-                                f"extension not in config.inputs.extensions: {entry.name}")
+                                f"extension not in config.inputs.extensions: {display_path(entry.name)}")
 
     for path in inputs:
         if not os.path.lexists(path):

@@ -5,11 +5,18 @@ then all its manifest lines in one appended write (fsync), then its shots.jsonl 
 marks the source done. ``OutputDir.recover`` (at the start of every run) drops manifest lines of
 sources without a shots.jsonl line, duplicates, torn last lines and leftover temp or orphan clip
 files, so a rerun does only the sources not yet done or skipped.
+
+One run writes a directory at a time: ``lock_output`` holds an exclusive, non-blocking ``flock`` on
+``OUT/.lock`` for the whole run (the kernel releases it when the process exits, however it dies), so
+two runs cannot both append a source's lines; the second is refused with ``UserError``.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -19,11 +26,13 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from director_jax.errors import UserError
 from director_jax.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 SHOTS, MANIFEST, SKIPPED, SUMMARY, CLIPS = "shots.jsonl", "manifest.jsonl", "skipped.jsonl", "summary.json", "clips"
+LOCK = ".lock"
 _CLIP_NAME = re.compile(r"^[0-9a-f]{16}\.mp4$")
 
 
@@ -68,6 +77,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def lock_output(root: str | os.PathLike):
+    """Creates ``root`` and holds an exclusive lock on ``root/.lock`` (see the module doc); ``UserError`` if taken."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        f = open(root / LOCK, "a")  # noqa: SIM115 (closed below, after the lock is released)
+    except OSError as e:
+        raise UserError(f"cannot write the output directory {root}: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise UserError(f"another curate run is writing {root} (it holds {root / LOCK}); wait for it to finish "
+                            "or give another --out.") from None
+        try:
+            yield root
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        f.close()
+
+
 class OutputDir:
     """The curated directory's state: done and skipped sources, sample ids; recovery after a crash."""
 
@@ -76,7 +110,8 @@ class OutputDir:
         self.clips = self.root / CLIPS
         self.clips.mkdir(parents=True, exist_ok=True)
         self.done: dict[str, dict] = {}
-        self.skipped: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}  # source -> reason
+        self._skip_lines: dict[str, dict] = {}  # source -> its skipped.jsonl line
         self.num_samples = 0
         self.recovered = {"torn_lines": 0, "manifest_lines_dropped": 0, "sources_redone": 0, "files_removed": 0}
 
@@ -109,16 +144,16 @@ class OutputDir:
         self.recovered["manifest_lines_dropped"] = len(manifest) - len(kept)
         self.recovered["sources_redone"] = len(broken)
         self.done = done
-        self.skipped = {}
+        self.skipped, self._skip_lines = {}, {}
         for line in skip_lines:
-            if line["source"] not in done:
-                self.skipped.setdefault(line["source"], line.get("reason", "unknown"))
+            if line["source"] not in done and line["source"] not in self.skipped:
+                self.skipped[line["source"]] = line.get("reason", "unknown")
+                self._skip_lines[line["source"]] = line
         # Rewrite whatever changed, each file atomically.
         if bad_shots or len(done) != len(shot_lines):
             atomic_write_text(self.root / SHOTS, _jsonl_text(done.values()))
         if bad_skips or len(self.skipped) != len(skip_lines):
-            atomic_write_text(self.root / SKIPPED, _jsonl_text({"source": s, "reason": r}
-                                                               for s, r in self.skipped.items()))
+            atomic_write_text(self.root / SKIPPED, _jsonl_text(self._skip_lines.values()))
         if bad_manifest or len(kept) != len(manifest) or not (self.root / MANIFEST).exists():
             atomic_write_text(self.root / MANIFEST, _jsonl_text(kept))
         self.num_samples = len(kept)
@@ -133,10 +168,13 @@ class OutputDir:
                 self.recovered["files_removed"] += 1
         return dict(self.recovered)
 
-    def add_skipped(self, source: str, reason: str) -> None:
+    def add_skipped(self, source: str, reason: str, source_bytes: str | None = None) -> None:
+        """Records ``source`` as skipped (``source_bytes``: the hex of a path whose name is not UTF-8)."""
         if source not in self.skipped:
-            _append(self.root / SKIPPED, [{"source": source, "reason": reason}])
+            line = {"source": source, "reason": reason, **({"source_bytes": source_bytes} if source_bytes else {})}
+            _append(self.root / SKIPPED, [line])
             self.skipped[source] = reason
+            self._skip_lines[source] = line
 
     def spool(self) -> Path:
         """A fresh temp file for one source's manifest lines (kept on disk, not in memory, until it is done)."""

@@ -7,26 +7,37 @@ done is curated (``director_jax.curation.source``: two streaming decodes, the cl
 captions) and recorded (``director_jax.curation.outdir``: crash safety and resume), and the run's
 counts go to ``summary.json``.
 
+Before anything is written the inputs are walked: when none of them is a video to try (all
+missing, or directories without a file of a video extension) the run is refused (``UserError``)
+and no output directory is created. One run at a time writes an output directory: it holds an
+exclusive ``flock`` on ``OUT/.lock`` (``outdir.lock_output``) from before recovery to the summary;
+a second run is refused, and the kernel drops the lock when a run exits or is killed.
+
 A rerun drops whatever a crash left half written, then does only the sources not yet done or
-skipped. A file that cannot be read as a video is skipped with a reason (skipped.jsonl); a captioner
+skipped. A file whose name is not valid UTF-8 is curated like any other; its records carry its
+name with the bad bytes escaped (``\\xNN``) and, in shots.jsonl / skipped.jsonl, the exact bytes
+(``source_bytes``, hex). A file that cannot be read as a video is skipped with a reason (skipped.jsonl); a captioner
 failure stops the run (a rerun resumes), since it is usually a server or configuration problem that
 would otherwise skip everything (``caption.fallback`` makes failed captions fall back instead).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from director_jax.curation import decode
 from director_jax.curation.captioners import make_captioner
-from director_jax.curation.inputs import split_inputs, walk_inputs
-from director_jax.curation.outdir import SUMMARY, OutputDir
+from director_jax.curation.inputs import Candidate, display_path, split_inputs, walk_inputs
+from director_jax.curation.outdir import SUMMARY, OutputDir, lock_output
 from director_jax.curation.source import CurationSettings, SourceResult, curate_source
+from director_jax.errors import UserError
 from director_jax.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -52,20 +63,55 @@ def build_captioner(caption_cfg):
     return make_captioner(kind, **options)
 
 
+def plan_inputs(inputs: Sequence[str], out_dir: str | os.PathLike, extensions: frozenset[str]) -> list[Candidate]:
+    """The inputs walked (``curation.inputs``), one candidate per source; ``UserError`` when none is a video to try.
+
+    Reads no video and writes nothing: the check the command makes before it creates ``out_dir``.
+    """
+    paths = split_inputs(inputs)
+    if not paths:
+        raise UserError("--input names no file or directory (give video files or directories).")
+    candidates = list({c.source: c for c in walk_inputs(paths, extensions, exclude=Path(out_dir))}.values())
+    if any(c.reason is None for c in candidates):
+        return candidates
+    shown = ", ".join(display_path(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    if candidates and all(c.reason == "missing" for c in candidates):
+        raise UserError(f"no such file or directory: {shown} (--input takes video files and directories).")
+    reasons = collections.Counter(c.reason for c in candidates)
+    found = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "no files at all"
+    raise UserError(f"no video to curate in {shown}: {found} (video extensions: config.inputs.extensions = "
+                    f"{', '.join(sorted(extensions))}).")
+
+
 def curate(inputs: Sequence[str], out_dir: str | os.PathLike, cfg, *, captioner=None,
            progress: bool | None = None) -> dict:
-    """Curates ``inputs`` (files and directories) into ``out_dir``; returns (and writes) the run's summary."""
+    """Curates ``inputs`` (files and directories) into ``out_dir``; returns (and writes) the run's summary.
+
+    Raises ``UserError`` before writing anything when the config is out of range, no input is a
+    video to try, or another run holds ``out_dir``'s lock.
+    """
     t0 = time.perf_counter()
-    settings = CurationSettings.from_config(cfg)
-    captioner = build_captioner(cfg.caption) if captioner is None else captioner
+    try:
+        settings = CurationSettings.from_config(cfg)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+    candidates = plan_inputs(inputs, out_dir, settings.extensions)
+    if captioner is None:
+        try:
+            captioner = build_captioner(cfg.caption)
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from e
     progress = bool(cfg.get("progress", True)) if progress is None else progress
+    with lock_output(out_dir):
+        return _curate_locked(candidates, out_dir, settings, captioner, progress, t0)
+
+
+def _curate_locked(candidates: list[Candidate], out_dir, settings: CurationSettings, captioner, progress: bool,
+                   t0: float) -> dict:
     out = OutputDir(out_dir)
     recovered = out.recover()
     if any(recovered.values()):
         log.info("recovered %s: %s", out.root, recovered)
-
-    candidates = list({c.source: c for c in walk_inputs(split_inputs(inputs), settings.extensions,
-                                                        exclude=out.root)}.values())
     summary: dict[str, Any] = {
         "sources": {"seen": len(candidates), "done": 0, "skipped": {}, "already_done": 0, "already_skipped": 0},
         "shots": {"kept": 0, "dropped": {}},
@@ -86,18 +132,20 @@ def curate(inputs: Sequence[str], out_dir: str | os.PathLike, cfg, *, captioner=
             elif c.source in out.skipped:
                 src["already_skipped"] += 1
             elif c.reason is not None:
-                _skip(out, src, c.source, c.reason, c.detail)
+                _skip(out, src, c, c.reason, c.detail)
             else:
                 spool = out.spool()
                 try:
-                    result = curate_source(c.source, c.source, settings, captioner, out.clips, spool, progress)
+                    result = curate_source(c.path, c.source, settings, captioner, out.clips, spool, progress)
                 except decode.VideoReadError as e:
                     spool.unlink(missing_ok=True)
-                    _skip(out, src, c.source, e.reason, e.detail)
+                    _skip(out, src, c, e.reason, e.detail)
                 except BaseException:
                     spool.unlink(missing_ok=True)
                     raise
                 else:
+                    if c.source_bytes is not None:
+                        result.shots_line["source_bytes"] = c.source_bytes
                     out.add_source(result.shots_line, spool, sum(result.samples.values()))
                     _count(summary, result)
                     log.info("%s: %d frames, %d shots (%d kept), %d samples", c.source,
@@ -122,9 +170,10 @@ def curate(inputs: Sequence[str], out_dir: str | os.PathLike, cfg, *, captioner=
     return summary
 
 
-def _skip(out: OutputDir, src: dict, source: str, reason: str, detail: str) -> None:
-    log.warning("skipping %s: %s%s", source, reason, f" ({detail})" if detail else "")
-    out.add_skipped(source, reason)
+def _skip(out: OutputDir, src: dict, c: Candidate, reason: str, detail: str) -> None:
+    detail = display_path(detail) if detail else ""  # an FFmpeg message may quote a name that is not UTF-8
+    log.warning("skipping %s: %s%s", c.source, reason, f" ({detail})" if detail else "")
+    out.add_skipped(c.source, reason, c.source_bytes)
     src["skipped"][reason] = src["skipped"].get(reason, 0) + 1
 
 

@@ -14,6 +14,13 @@ VAE latents are not stored: a training example's multi-chunk latents depend on i
 and task (where the keyframes are), which the loader draws per example, so they cannot be fixed at
 build time. A latent cache would fix those choices per sample; that is a later issue.
 
+Every clip is decoded before anything is written (``check_clips``, a few threads): a clip that does
+not decode, or decodes to another frame count or size than its manifest line records, refuses the
+whole build with one line naming it (a dataset never packs a clip the loader would fail on, and
+never silently drops a sample); the fix is to delete the clip and rerun curation, which curates its
+source again. A manifest line whose clip path leaves the curated directory (absolute, ``..``) or
+whose numbers are not finite is refused the same way.
+
 Builds are atomic: the dataset is written to a temporary sibling of ``data_dir`` and swapped in only
 when complete, so a failed or interrupted build leaves the last good one in place.
 ``DATA_DIR/build.json`` records a digest of the inputs (manifest bytes, clip file sizes, the
@@ -23,12 +30,14 @@ per ``data_dir`` (a lock file beside it).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -95,9 +104,13 @@ def read_manifest(curated_dir: str | os.PathLike) -> tuple[list[dict], bytes]:
         if s["num_frames"] != s["end_frame"] - s["start_frame"] or s["num_frames"] < 1:
             raise ValueError(f"{path}:{n}: num_frames={s['num_frames']} but end_frame - start_frame = "
                              f"{s['end_frame'] - s['start_frame']}.")
-        if min(s["width"], s["height"]) < 1 or s["fps"] <= 0:
-            raise ValueError(f"{path}:{n}: width, height and fps must be positive; got {s['width']}x{s['height']} "
-                             f"at {s['fps']} fps.")
+        clip = Path(s["clip"])
+        if clip.is_absolute() or ".." in clip.parts or not clip.parts:
+            raise ValueError(f"{path}:{n}: clip {s['clip']!r} is not a path inside {curated_dir} (absolute or "
+                             "with '..'); is this a manifest.jsonl written by `python -m director_jax.curate`?")
+        if min(s["width"], s["height"]) < 1 or not math.isfinite(s["fps"]) or s["fps"] <= 0:
+            raise ValueError(f"{path}:{n}: width, height and fps must be finite and positive; got "
+                             f"{s['width']}x{s['height']} at {s['fps']} fps.")
         samples.append(s)
     missing = [s["clip"] for s in samples if not (curated_dir / s["clip"]).is_file()]
     if missing:
@@ -106,6 +119,42 @@ def read_manifest(curated_dir: str | os.PathLike) -> tuple[list[dict], bytes]:
     if not samples:
         raise ValueError(f"{path} holds no samples; curation kept nothing (see {curated_dir / 'skipped.jsonl'}).")
     return samples, raw
+
+
+def _clip_problem(path: Path, sample: dict) -> str | None:
+    """Why the clip at ``path`` does not hold its sample's frames (decode error, frame count, size), or None."""
+    import av
+
+    count, size = 0, None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream"
+            for frame in container.decode(video=0):
+                count += 1
+                size = size or (frame.width, frame.height)
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
+        return f"does not decode after {count} frames ({type(e).__name__}: {' '.join(str(e).split())})"
+    if count != sample["num_frames"]:
+        return f"decodes to {count} frames, the manifest records {sample['num_frames']}"
+    if size != (sample["width"], sample["height"]):
+        return f"decodes to {size[0]}x{size[1]}, the manifest records {sample['width']}x{sample['height']}"
+    return None
+
+
+def check_clips(samples: list[dict], curated_dir: Path, workers: int | None = None) -> None:
+    """Decodes every clip; a ValueError naming the clips that do not hold their recorded frames (module doc)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PyAV decodes with the GIL released
+        problems = list(pool.map(lambda s: _clip_problem(curated_dir / s["clip"], s), samples))
+    bad = [(s, p) for s, p in zip(samples, problems, strict=True) if p is not None]
+    if bad:
+        shown = "; ".join(f"{s['clip']} (sample {s['id']}) {p}" for s, p in bad[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{len(bad)} of {len(samples)} clips in {curated_dir} do not hold their recorded frames, so "
+                         f"nothing was built (a previous build is kept): {shown}{more}. Delete them and rerun "
+                         f"`python -m director_jax.curate --out {curated_dir}` on the same inputs to curate their "
+                         "sources again.")
 
 
 def _open_text_cache(text_cache, max_length: int):
@@ -235,6 +284,8 @@ def build_curated_dataset(curated_dir: str | os.PathLike, *, data_dir: str | os.
 
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+    if isinstance(text_max_length, bool) or not isinstance(text_max_length, int) or text_max_length < 1:
+        raise ValueError(f"text_max_length must be an integer >= 1, got {text_max_length!r}.")
     curated_dir = Path(curated_dir).resolve()
     data_dir = Path(data_dir).resolve() if data_dir is not None else curated_dir / "tfds"
     samples, manifest = read_manifest(curated_dir)
@@ -254,6 +305,7 @@ def build_curated_dataset(curated_dir: str | os.PathLike, *, data_dir: str | os.
         if not force and info is not None and info.get("digest") == digest and version_dir(data_dir).is_dir():
             log.info("%s is up to date with %s (digest %s); not rebuilding", data_dir, curated_dir, digest[:12])
             return tfds.builder_from_directory(str(version_dir(data_dir)))
+        check_clips(samples, curated_dir)
         splits = {name: [] for name in SPLITS}
         for s in samples:
             splits[split_of(s["id"], validation_fraction)].append(s)

@@ -24,6 +24,7 @@ Filters (the config's ``filters`` section), each with the reason it reports, che
 from __future__ import annotations
 
 import dataclasses
+import math
 from array import array
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -44,6 +45,34 @@ def section_dataclass(cls, section: Mapping[str, Any] | Any, name: str):
     return cls(**items)
 
 
+_INF = math.inf
+_KINDS = {"int": int, "float": float}
+
+
+def check_number(name: str, value: Any, kind: type, bounds: tuple[float, float] | None = None):
+    """``value`` if it is a finite ``kind`` (int: no bool, no fraction) within ``bounds`` (inclusive); else a
+    ValueError naming ``config.<name>`` in one line."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"config.{name} must be a number ({kind.__name__}), got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"config.{name} must be finite, got {value}.")
+    if kind is int and value != int(value):
+        raise ValueError(f"config.{name} must be an integer, got {value!r}.")
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        lo, hi = bounds
+        need = f">= {lo}" if hi == _INF else f"<= {hi}" if lo == -_INF else f"in [{lo}, {hi}]"
+        raise ValueError(f"config.{name} must be {need}, got {value}.")
+    return kind(value)
+
+
+def check_numbers(obj: Any, section: str, bounds: Mapping[str, tuple[float, float]]) -> None:
+    """Every int / float field of the settings dataclass ``obj`` finite, of its type, within ``bounds[field]``."""
+    for f in dataclasses.fields(obj):
+        kind = _KINDS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if kind is not None:
+            check_number(f"{section}.{f.name}", getattr(obj, f.name), kind, bounds.get(f.name))
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectorConfig:
     """Which PySceneDetect detector runs, with its settings (``config.shots``)."""
@@ -59,6 +88,10 @@ class DetectorConfig:
     analysis_width: int = 256  # frames are analysed at most this wide (PySceneDetect's default downscale)
 
     def __post_init__(self) -> None:
+        check_numbers(self, "shots", {"content_threshold": (0, 255), "adaptive_threshold": (0, _INF),
+                                      "adaptive_min_content_val": (0, 255), "adaptive_window": (1, _INF),
+                                      "histogram_threshold": (0, 1), "histogram_bins": (2, 256),
+                                      "min_scene_frames": (1, _INF), "analysis_width": (16, 16384)})
         if self.detector not in DETECTORS:
             raise ValueError(f"config.shots.detector={self.detector!r}; choose one of {DETECTORS}.")
         if self.min_scene_frames < 1 or self.analysis_width < 16:
@@ -83,6 +116,10 @@ class FilterConfig:
     static_gap: int = 4
 
     def __post_init__(self) -> None:
+        check_numbers(self, "filters", {"min_shot_frames": (1, _INF), "black_luma": (0, 255),
+                                        "fade_dark_luma": (0, 255), "fade_min_change": (0, 255),
+                                        "fade_window": (1, _INF), "static_pixel_delta": (0, 255),
+                                        "static_changed_fraction": (0, 1), "static_gap": (1, _INF)})
         if self.fade_window < 1 or not 1 <= self.static_gap < self.min_shot_frames:
             raise ValueError(f"config.filters: need fade_window >= 1 and 1 <= static_gap < min_shot_frames, got "
                              f"{self.fade_window}, {self.static_gap}, {self.min_shot_frames}.")

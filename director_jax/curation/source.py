@@ -39,8 +39,7 @@ class ClipConfig:
     preset: str = "medium"
 
     def __post_init__(self) -> None:
-        if self.max_short_side < 2 or not 0 <= self.crf <= 51:
-            raise ValueError(f"config.clip: need max_short_side >= 2 and 0 <= crf <= 51, got {self}.")
+        shots.check_numbers(self, "clip", {"max_short_side": (2, 16384), "crf": (0, 51)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +55,7 @@ class CurationSettings:
 
     @classmethod
     def from_config(cls, cfg) -> CurationSettings:
-        frames_per_shot = int(cfg.caption.frames_per_shot)
-        if frames_per_shot < 1:
-            raise ValueError("config.caption.frames_per_shot must be >= 1.")
+        frames_per_shot = shots.check_number("caption.frames_per_shot", cfg.caption.frames_per_shot, int, (1, 64))
         return cls(frozenset(e.lower().lstrip(".") for e in cfg.inputs.extensions),
                    shots.DetectorConfig.from_config(cfg.shots), shots.FilterConfig.from_config(cfg.filters),
                    assembly.AssemblyConfig.from_config(cfg),
@@ -169,7 +166,7 @@ def curate_source(path: str, source: str, settings: CurationSettings, captioner,
     Returns the shots.jsonl line (not yet written). On any error the clips written so far are removed.
     """
     info = decode.probe(path)
-    bar = _frames_bar(progress, 2 * info.num_frames if info.num_frames else None, Path(path).name)
+    bar = _frames_bar(progress, 2 * info.num_frames if info.num_frames else None, Path(source).name)
     try:
         starts, stats = analyse(path, settings, info, bar)
         num_frames = stats.num_frames

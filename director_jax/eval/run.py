@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from director_jax.build import load_director_gen, load_frozen_vae
 from director_jax.configs_common import load_config
 from director_jax.eval.baselines import crossfade
+from director_jax.eval.checks import SUITES
 from director_jax.eval.generate import data_mesh, generate_cases
 from director_jax.eval.report import write_metrics, write_report
 from director_jax.eval.scoring import MetricSettings, score
@@ -26,7 +27,6 @@ from director_jax.io_utils import dir_path
 from director_jax.pipeline.settings import SamplingSettings, sampling_settings, text_inputs
 
 BASELINES = ("crossfade", "reference")
-SUITES = ("synthetic",)
 
 
 def eval_sampling(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> SamplingSettings:
@@ -86,7 +86,8 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
         videos = generate_cases(gen, vae, cases, text, seed=int(cfg.seed), sampling=sampling, mesh=mesh,
                                 cases_per_device=int(cfg.cases_per_device), progress=progress)
         info["evaluated"] = {"checkpoint": loaded.directory, "step": loaded.step,  # absolute, or gs://...
-                             "weights": loaded.weights, "sampling": sampling.__dict__}
+                             "weights": loaded.weights, "skipped_steps": list(loaded.skipped),
+                             "sampling": sampling.__dict__}
         label = "generated"
         title, mesh_size = f"Director-Gen step {loaded.step} ({loaded.weights})", mesh.size
     generated_s = time.time() - t0

@@ -4,30 +4,45 @@
 notebooks call. It plans first (``pipeline/request.py``: every input read and checked, nothing
 loaded), checks the checkpoints, reads the caption embeddings, then loads the models and samples.
 It writes ``OUT.mp4`` (H.264), ``OUT.png`` (a contact sheet with the keyframe frames outlined) and
-``OUT.json`` (the exact settings: seed, frames, times, checkpoint step, ...), each atomically; if
-one of them fails the others are removed. The same settings and seed give the same video, bit for bit.
+``OUT.json`` (the exact settings: seed, frames, times, checkpoint step, ..., and the SHA-256 of the other two)
+as one unit: all three are written into a staging directory beside OUT and then moved into place, OUT.json
+removed first and renamed last (``io_utils.publish_together``), so a reader never sees a new video with the
+previous run's settings, and a set is complete when OUT.json is there and its hashes match. A lock on
+``OUT.lock`` (``OUT`` + ``.lock``) held from the first load to the last move keeps two runs to one output from
+interleaving; a run killed while writing leaves the previous set intact and its staging directory is removed
+by the next run. A video with NaN or infinite values is an error, not a file. The same settings and seed give
+the same video, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from director_jax.build import load_director_gen, load_director_sr, load_frozen_vae
-from director_jax.errors import GenerateError
-from director_jax.io_utils import atomic_write_text
+from director_jax.build import (
+    check_config_matches,
+    load_director_gen,
+    load_director_sr,
+    load_frozen_vae,
+    step_directory,
+)
+from director_jax.errors import GenerateError, UserError
+from director_jax.io_utils import LockHeldError, atomic_write_text, exclusive_lock, publish_together, recover_file_set
 from director_jax.models.timeline import place_given_frames
 from director_jax.pipeline.codec import jitted_codec
 from director_jax.pipeline.gen import generate_video
 from director_jax.pipeline.request import Plan, Request, check_checkpoint, plan
 from director_jax.pipeline.settings import text_inputs
 from director_jax.pipeline.sr import super_resolve
-from director_jax.video_io import contact_sheet, write_mp4
+from director_jax.video_io import check_finite, contact_sheet, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +66,59 @@ def generate(req: Request) -> dict:
     Returns the settings written to OUT.json, plus ``"frames"``: the generated (T, H, W, 3) float video in [-1, 1]
     (at the SR resolution with ``sr``) and ``"lowres"`` (the Gen output) for callers and tests.
     """
-    cfg = req.config
     p = plan(req)
     check_checkpoint(req.ckpt, req.step)
     if req.sr:
         check_checkpoint(req.sr_ckpt, None, "--sr_ckpt")
+    if not req.allow_config_mismatch:
+        _check_configs(req)
     text = _text(req, p)
-    s = p.sampling
+    with output_lock(req.out):
+        return _generate(req, p, text)
 
+
+def _check_configs(req: Request) -> None:
+    """--config (and --sr_config) against the configs their checkpoints were trained with."""
+    pairs = [(req.config, req.ckpt, req.step, "--config")]
+    if req.sr:
+        pairs.append((req.sr_config, req.sr_ckpt, None, "--sr_config"))
+    for cfg, ckpt, step, what in pairs:
+        try:
+            check_config_matches(cfg, step_directory(ckpt, step)[0], what=what, override="--allow_config_mismatch")
+        except UserError as e:
+            raise GenerateError(str(e)) from None
+
+
+def output_paths(out: str) -> tuple[Path, Path, Path]:
+    """OUT.mp4, OUT.png and OUT.json: the set, its manifest (the JSON) last."""
+    mp4 = Path(out)
+    return mp4, mp4.with_suffix(".png"), mp4.with_suffix(".json")
+
+
+@contextlib.contextmanager
+def output_lock(out: str) -> Iterator[None]:
+    """Holds OUT.lock (``--out`` + ``.lock``) or refuses at once; cleans up after a killed run to the same OUT."""
+    try:
+        with exclusive_lock(str(out) + ".lock"):
+            for line in recover_file_set(output_paths(out)):
+                log.warning("a previous run to %s was killed: %s.", out, line)
+            yield
+    except LockHeldError as e:
+        who = f" (pid {e.holder})" if e.holder else ""
+        raise GenerateError(f"another generate{who} is writing {out}: wait for it to finish, or choose another "
+                            f"--out (its lock is {e.path}).") from None
+
+
+def _generate(req: Request, p: Plan, text) -> dict:
+    cfg = req.config
+    s = p.sampling
     layout = p.timeline.layout
     log.debug("timeline:\n%s", layout.describe())
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    gen, loaded = load_director_gen(cfg, req.ckpt, sharding=sharding, step=req.step, weights=req.weights)
+    try:
+        gen, loaded = load_director_gen(cfg, req.ckpt, sharding=sharding, step=req.step, weights=req.weights)
+    except (FileNotFoundError, ValueError) as e:  # a damaged step, weights that do not fit the config
+        raise GenerateError(f"--ckpt: {_one_line(e)}") from None
     vae = load_frozen_vae(cfg, sharding=sharding)
     encode, decode = jitted_codec(vae)
     given = place_given_frames(p.num_frames, p.given)[None]
@@ -71,13 +127,18 @@ def generate(req: Request) -> dict:
                               decode=decode, text_mask=text.mask, steps=s.steps, sampler=s.sampler, shift=s.shift,
                               guidance_scale=s.guidance_scale, keyframe_guidance=s.keyframe_guidance,
                               progress=req.progress, **kw)
-    lowres = np.clip(np.asarray(video[0], np.float32), -1.0, 1.0)
+    lowres = np.asarray(video[0], np.float32)
+    _check_generated(lowres, "Director-Gen")
+    lowres = np.clip(lowres, -1.0, 1.0)
     frames, sr_info = (_super_resolve(req, p, lowres, sharding) if req.sr else (lowres, None))
+    if req.sr:
+        _check_generated(frames, "Director-SR")
 
     settings = dict(
         command="python -m director_jax.generate", argv=None if req.argv is None else list(req.argv),
         config=req.config_path,
-        checkpoint=dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights),
+        checkpoint=dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights,
+                        skipped=list(loaded.skipped)),
         seed=req.seed, steps=s.steps, sampler=s.sampler, shift=s.shift, guidance=s.guidance_scale,
         keyframe_guidance=s.keyframe_guidance,
         fps=p.fps, num_frames=p.num_frames, duration=p.num_frames / p.fps, height=int(frames.shape[1]),
@@ -91,38 +152,59 @@ def generate(req: Request) -> dict:
     return dict(settings, frames=frames, lowres=lowres)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _check_generated(frames: np.ndarray, what: str) -> None:
+    try:
+        check_finite(frames)
+    except ValueError as e:
+        raise GenerateError(f"{what} generated a video with NaN or infinite values ({e}): the checkpoint's weights "
+                            "or the sampling settings (guidance, shift) are not usable; nothing was written.") from None
+
+
 def _super_resolve(req: Request, p: Plan, lowres: np.ndarray, sharding) -> tuple[np.ndarray, dict]:
     """Director-SR (EMA weights when kept) over the same timeline, the full-resolution keyframes as anchors."""
     try:
         sr, loaded = load_director_sr(req.sr_config, req.sr_ckpt, sharding=sharding)
-    except ValueError as e:
-        raise GenerateError(f"--sr_ckpt: {e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerateError(f"--sr_ckpt: {_one_line(e)}") from None
     sr_vae = load_frozen_vae(req.sr_config, sharding=sharding)
     s = req.sr_config.sampler
     steps = int(s.steps if req.sr_steps is None else req.sr_steps)
     key = jax.random.fold_in(jax.random.key(req.seed), 1)
     video = super_resolve(sr, sr_vae, lowres, p.full_res_keyframes or None, scale=p.sr_scale, key=key,
                           layout=p.timeline.layout, steps=steps, sampler=str(s.name), shift=float(s.shift))
-    checkpoint = dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights)
+    checkpoint = dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights,
+                      skipped=list(loaded.skipped))
     return np.asarray(video, np.float32), dict(checkpoint=checkpoint, config=req.sr_config_path, scale=p.sr_scale,
                                                steps=steps, sampler=str(s.name), shift=float(s.shift))
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def write_outputs(out: str, frames: np.ndarray, p: Plan, settings: dict, given: np.ndarray | None = None) -> None:
-    """OUT.mp4, OUT.png (keyframes outlined) and OUT.json, each atomically; on a failure none is left behind."""
-    mp4 = Path(out)
-    sheet, sidecar = mp4.with_suffix(".png"), mp4.with_suffix(".json")
+    """OUT.mp4, OUT.png (keyframes outlined) and OUT.json published as one unit (see the module's docstring).
+
+    OUT.json gains ``files``: the names and SHA-256 of OUT.mp4 and OUT.png. Frames with NaN / infinite values and
+    settings that are not valid JSON (NaN) are refused before anything is written; on any failure the previous
+    set stays as it was. Call while holding ``output_lock(out)`` (``generate`` does).
+    """
+    mp4, sheet, sidecar = output_paths(out)
+    _check_generated(frames, "the pipeline")
+    json.dumps(settings, allow_nan=False, default=str)  # ValueError on NaN / inf before anything is written
     marked = [k["frame"] for k in p.keyframes]
-    written: list[Path] = []
-    try:
-        written.append(write_mp4(mp4, frames, p.fps))
+    with publish_together([mp4, sheet, sidecar]) as staging:
+        write_mp4(staging / mp4.name, frames, p.fps)
         scale = max(1, math.ceil(64 / max(frames.shape[1:3])))
         rows = [("generated", frames)]
         if given is not None and given.shape == frames.shape:
             rows.append(("given", given))
-        written.append(contact_sheet(sheet, rows, marked=marked, scale=scale))
-        written.append(atomic_write_text(sidecar, json.dumps(settings, indent=2, default=str) + "\n"))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+        contact_sheet(staging / sheet.name, rows, marked=marked, scale=scale)
+        settings["files"] = {path.suffix[1:]: dict(name=path.name, sha256=_sha256(staging / path.name))
+                             for path in (mp4, sheet)}
+        atomic_write_text(staging / sidecar.name,
+                          json.dumps(settings, indent=2, default=str, allow_nan=False) + "\n")

@@ -7,11 +7,18 @@ frames read and placed on their frames, and the ``Timeline`` they make. Any prob
 
 Times are ``PATH@TIME``: seconds (``1.5`` or ``1.5s``) or a frame (``#12``); the last ``@`` splits,
 so paths may contain ``@``. Conditioning videos start at a TIME or at ``end``.
+
+The order of the checks: the output location first (an .mp4 path whose directory exists or can be created and
+is writable), then every number (finite and in range, the sampler a known one), the memory budget (frames x
+height x width, and the SR output's, against ``max_pixels``), the SR config, and last the files read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +28,18 @@ import numpy as np
 from director_jax.build import step_directory, vae_config_from
 from director_jax.data.captions import format_multishot_caption
 from director_jax.errors import GenerateError, UserError
+from director_jax.io_utils import is_remote
 from director_jax.models.timeline import Timeline, frame_at_time
 from director_jax.pipeline.media import read_image, read_video, resized, sha256, to_float
 from director_jax.pipeline.settings import SamplingSettings, sampling_settings
 
+# The memory budget: frames x height x width of the video (and of the SR output) a request may ask for. 2**28
+# pixels are ~3 GiB as float32 RGB on the host (and more in the VAE's activations): 81 frames of 1280x720 fit
+# 3.5 times over, the README's examples by far. Raise it with --max_pixels (Request.max_pixels).
+DEFAULT_MAX_PIXELS = 2**28
+MAX_FPS, MIN_FPS = 1000.0, 0.01
+MAX_SEED = 2**63 - 1
+WEIGHTS = ("auto", "ema", "params")
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -57,6 +72,8 @@ class Request:
     sr_config: Any = None
     sr_steps: int | None = None
     progress: bool = True
+    max_pixels: int | None = None  # the memory budget (frames x height x width); None: DEFAULT_MAX_PIXELS
+    allow_config_mismatch: bool = False  # use --config even where it differs from the checkpoint's own
     config_path: str | None = None  # for the sidecar only
     sr_config_path: str | None = None
     argv: Sequence[str] | None = None  # the command line, for the sidecar only
@@ -95,6 +112,8 @@ def _frame(when: str, fps: float, num_frames: int, what: str) -> int:
         value = float(text)
     except ValueError:
         value = None
+    if value is not None and not math.isfinite(value):
+        raise GenerateError(f"{what} time {when!r} is not a finite number: give seconds (1.5, 1.5s) or a frame (#12).")
     if value is not None and value < 0:
         raise GenerateError(f"{what} time {when!r} is negative: times count from the first frame, 0.")
     try:
@@ -103,25 +122,154 @@ def _frame(when: str, fps: float, num_frames: int, what: str) -> int:
         raise GenerateError(f"{what}: {e}") from None
 
 
+def _whole(value: Any, what: str) -> int:
+    """``value`` as an int, or a GenerateError: a whole number (not a bool, not 1.5, not NaN)."""
+    ok = isinstance(value, int | np.integer) or (isinstance(value, float | np.floating) and float(value).is_integer())
+    if isinstance(value, bool) or not ok:
+        raise GenerateError(f"{what}={value!r}: give a whole number.")
+    return int(value)
+
+
+def _real(value: Any, what: str) -> float:
+    """``value`` as a finite float, or a GenerateError."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise GenerateError(f"{what}={value!r}: give a number.") from None
+    if isinstance(value, bool) or not math.isfinite(x):
+        raise GenerateError(f"{what}={value!r}: give a finite number.")
+    return x
+
+
 def _num_frames(req: Request, fps: float) -> int:
     if req.frames is not None and req.duration is not None:
         raise GenerateError("give --duration (seconds) or --frames, not both.")
     if req.frames is not None:
-        if req.frames < 1:
+        frames = _whole(req.frames, "--frames")
+        if frames < 1:
             raise GenerateError(f"--frames={req.frames}: a video needs at least one frame.")
-        return int(req.frames)
+        return frames
     if req.duration is not None:
-        if not req.duration > 0:
+        duration = _real(req.duration, "--duration")
+        if not duration > 0:
             raise GenerateError(f"--duration={req.duration}: give a positive number of seconds.")
-        return max(1, int(round(req.duration * fps)))
-    return int(req.config.video.num_frames)
+        frames = duration * fps
+        if not math.isfinite(frames):
+            raise GenerateError(f"--duration={req.duration} at {fps:g} fps is not a finite number of frames.")
+        return max(1, int(round(frames)))
+    return _whole(req.config.video.num_frames, "the config's video.num_frames")
+
+
+def _fps(req: Request) -> float:
+    what = "--fps" if req.fps is not None else "the config's video.fps"
+    fps = _real(req.config.video.fps if req.fps is None else req.fps, what)
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise GenerateError(f"{what}={fps:g}: give a frame rate from {MIN_FPS:g} to {MAX_FPS:g} frames per second.")
+    return fps
+
+
+def _size(req: Request) -> tuple[int, int]:
+    cfg = req.config
+    height = _whole(cfg.video.height if req.height is None else req.height, "--height")
+    width = _whole(cfg.video.width if req.width is None else req.width, "--width")
+    _, ph, pw = cfg.model.patch_size
+    f = vae_config_from(cfg.vae).spatial_factor
+    if height < 1 or width < 1 or height % (f * ph) or width % (f * pw):
+        raise GenerateError(f"the video size {width}x{height} must be a positive multiple of {f * pw}x{f * ph} "
+                            f"(the VAE's {f}x times the DiT patch).")
+    return height, width
+
+
+def _budget(req: Request) -> int:
+    limit = DEFAULT_MAX_PIXELS if req.max_pixels is None else _whole(req.max_pixels, "--max_pixels")
+    if limit < 1:
+        raise GenerateError(f"--max_pixels={limit}: the memory budget is a positive number of pixels.")
+    return limit
+
+
+def _check_budget(req: Request, num_frames: int, height: int, width: int, scale: int) -> None:
+    """frames x height x width (and the SR output's) within the memory budget, before anything is allocated."""
+    limit = _budget(req)
+    sizes = [("the video", num_frames, height, width)]
+    if scale > 1:
+        sizes.append(("the SR output", num_frames, height * scale, width * scale))
+    for what, t, h, w in sizes:
+        pixels = t * h * w
+        if pixels > limit:
+            raise GenerateError(f"{what} is {t} frames x {h} x {w} = {pixels:,} pixels, over the memory budget of "
+                                f"{limit:,} pixels (frames x height x width): ask for fewer frames or a smaller "
+                                f"size, or raise the budget with --max_pixels={pixels} if the machine has the "
+                                "memory.")
+
+
+def _probe_dir(directory: Path) -> str | None:
+    """Why no file can be created in the existing ``directory`` (None: it can), by creating and removing one."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".generate-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_output(out: str) -> None:
+    """``out`` names a local .mp4 whose directory exists (or can be created) and is writable, and none of the set's
+    files (OUT.mp4, OUT.png, OUT.json) is a directory. Nothing is created: the nearest existing directory is probed
+    with a temporary file, removed at once."""
+    text = str(out)
+    if not text.endswith(".mp4"):
+        raise GenerateError(f"--out {out!r} must name an .mp4 file (the contact sheet and settings go beside it).")
+    if is_remote(text):
+        raise GenerateError(f"--out {out!r} is cloud storage: write to a local path and copy the three files "
+                            "(OUT.mp4, OUT.png, OUT.json) up afterwards.")
+    mp4 = Path(text)
+    if not mp4.stem or mp4.name.startswith("."):
+        raise GenerateError(f"--out {out!r} needs a file name before .mp4 (e.g. out/video.mp4).")
+    for path in (mp4, mp4.with_suffix(".png"), mp4.with_suffix(".json"), Path(text + ".lock")):
+        if path.is_dir():
+            raise GenerateError(f"--out {out!r}: {path} is a directory; name a file (e.g. {path / 'video.mp4'}).")
+    existing = mp4.parent.resolve() if mp4.parent != Path("") else Path.cwd()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GenerateError(f"--out {out!r}: {existing} is a file, so the directory {mp4.parent} cannot be created.")
+    problem = _probe_dir(existing)
+    if problem:
+        where = "" if existing == mp4.parent.resolve() else f" (to hold the new {mp4.parent})"
+        raise GenerateError(f"--out {out!r}: the directory {existing}{where} is not writable ({problem}); choose "
+                            "another --out.")
+
+
+def _check_scalars(req: Request) -> None:
+    seed = _whole(req.seed, "--seed")
+    if not 0 <= seed <= MAX_SEED:
+        raise GenerateError(f"--seed={seed}: give a seed from 0 to 2**63 - 1.")
+    if req.weights not in WEIGHTS:
+        raise GenerateError(f"--weights={req.weights!r}: choose one of {', '.join(WEIGHTS)}.")
+    if req.step is not None and _whole(req.step, "--step") < 0:
+        raise GenerateError(f"--step={req.step}: checkpoint steps count from 0.")
+    if req.sr_steps is not None:
+        n = _whole(req.sr_steps, "--sr_steps")
+        if not 1 <= n <= 10_000:
+            raise GenerateError(f"--sr_steps={n}: sample with 1 to 10000 steps.")
 
 
 def _sr_scale(req: Request, height: int, width: int) -> int:
     if not req.sr_ckpt or req.sr_config is None:
         raise GenerateError("--sr needs --sr_ckpt (a Director-SR trainer workdir) and --sr_config (its config file).")
-    v = req.sr_config.video
-    sh, sw = int(v.height), int(v.width)
+    task = req.sr_config.get("task", "sr")
+    if task != "sr":
+        raise GenerateError(f"--sr_config is a {task!r} config, not a Director-SR one (task = 'sr'): give the config "
+                            "the SR checkpoint was trained with.")
+    try:
+        v = req.sr_config.video
+        sh, sw = _whole(v.height, "the SR config's video.height"), _whole(v.width, "the SR config's video.width")
+    except (AttributeError, KeyError) as e:
+        raise GenerateError(f"--sr_config has no video.height / video.width ({e}): give the Director-SR "
+                            "config.") from None
+    if sh < 1 or sw < 1:
+        raise GenerateError(f"the SR config's video is {sw}x{sh}: give the Director-SR config.")
     if sh % height or sw % width or sh // height != sw // width:
         raise GenerateError(f"the SR config's video is {sw}x{sh}, not a whole multiple of the generated "
                             f"{width}x{height}.")
@@ -169,11 +317,17 @@ def _read_keyframes(req: Request, fps: float, num_frames: int, height: int, widt
     return keyframes, given, full_res
 
 
+def _frame_pixel_limit(req: Request, num_frames: int) -> int:
+    """The largest frame a given video may have: its (at most num_frames + 1) decoded frames within the budget."""
+    return max(_budget(req) // max(num_frames, 1), 1)
+
+
 def _read_videos(req: Request, fps: float, num_frames: int, height: int, width: int, given: dict) -> list[dict]:
     videos = []
     for arg in req.videos:
         path, when = split_at(arg, "--video")
-        clip = read_video(path, height, width, resize=req.resize)
+        clip = read_video(path, height, width, resize=req.resize, max_frames=num_frames,
+                          max_frame_pixels=_frame_pixel_limit(req, num_frames))
         if when == "end":
             start = num_frames - len(clip)
             if start < 0:
@@ -194,26 +348,18 @@ def _read_videos(req: Request, fps: float, num_frames: int, height: int, width: 
 
 def plan(req: Request) -> Plan:
     """Checks every input and reads the given frames; raises GenerateError before anything is loaded or written."""
-    cfg = req.config
-    if not str(req.out).endswith(".mp4"):
-        raise GenerateError(f"--out {req.out!r} must name an .mp4 file (the contact sheet and settings go beside it).")
-    fps = float(cfg.video.fps if req.fps is None else req.fps)
-    if not fps > 0 or not np.isfinite(fps):
-        raise GenerateError(f"--fps={fps}: give a positive frame rate.")
-    height = int(cfg.video.height if req.height is None else req.height)
-    width = int(cfg.video.width if req.width is None else req.width)
-    _, ph, pw = cfg.model.patch_size
-    f = vae_config_from(cfg.vae).spatial_factor
-    if height < 1 or width < 1 or height % (f * ph) or width % (f * pw):
-        raise GenerateError(f"the video size {width}x{height} must be a positive multiple of {f * pw}x{f * ph} "
-                            f"(the VAE's {f}x times the DiT patch).")
+    check_output(req.out)
+    fps = _fps(req)
+    height, width = _size(req)
     num_frames = _num_frames(req, fps)
+    _check_scalars(req)
+    sampling = _sampling(req)
+    scale = _sr_scale(req, height, width) if req.sr else 1
+    _check_budget(req, num_frames, height, width, scale)
     if not req.keyframes and not req.videos:
         raise GenerateError("no given frames: pass at least one --keyframe PATH@TIME (or a --video PATH@START).")
     if req.caption is not None and req.shot_captions:
         raise GenerateError("give --caption or --shot_caption (repeated, one per shot), not both.")
-    sampling = _sampling(req)
-    scale = _sr_scale(req, height, width) if req.sr else 1
 
     keyframes, given, full_res = _read_keyframes(req, fps, num_frames, height, width, scale)
     videos = _read_videos(req, fps, num_frames, height, width, given)

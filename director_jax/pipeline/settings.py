@@ -15,9 +15,12 @@ import ml_collections
 import numpy as np
 
 from director_jax.data.text_embeddings import load_text_embeddings
+from director_jax.diffusion.samplers import SAMPLERS
 from director_jax.errors import UserError
 
 EMBED_COMMAND = "python -m director_jax.embed_text --captions FILE --cache DIR"
+MAX_STEPS = 10_000  # sampler steps; more is a typo (and the sigma tables grow with them)
+MAX_GUIDANCE = 100.0  # guidance scales beyond this only overflow the velocities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,17 +41,31 @@ def sampling_settings(model_cfg: ml_collections.ConfigDict, *, sampler: str | No
     def pick(value, fallback):
         return fallback if value is None else value
 
-    settings = SamplingSettings(sampler=str(pick(sampler, m.name)), steps=int(pick(steps, m.steps)),
-                                shift=float(pick(shift, m.shift)),
-                                guidance_scale=float(pick(guidance_scale, m.guidance_scale)),
-                                keyframe_guidance=float(pick(keyframe_guidance, m.get("keyframe_guidance", 1.0))))
-    if settings.steps < 1:
-        raise UserError(f"steps={settings.steps}: sample with at least one step.")
-    for name in ("shift", "guidance_scale", "keyframe_guidance"):
-        value = getattr(settings, name)
-        if not np.isfinite(value):
-            raise UserError(f"{name}={value}: give a finite number (guidance scales: 1 = off).")
-    return settings
+    name = str(pick(sampler, m.name))
+    if name not in SAMPLERS:
+        raise UserError(f"sampler={name!r} is not a sampler: choose one of {', '.join(SAMPLERS)}.")
+    raw_steps = pick(steps, m.steps)
+    whole = isinstance(raw_steps, int | np.integer) or (isinstance(raw_steps, float) and raw_steps.is_integer())
+    if isinstance(raw_steps, bool) or not whole:
+        raise UserError(f"steps={raw_steps!r}: give a whole number of sampler steps.")
+    n = int(raw_steps)
+    if not 1 <= n <= MAX_STEPS:
+        raise UserError(f"steps={n}: sample with 1 to {MAX_STEPS} steps.")
+    values = {}
+    for field, value in (("shift", pick(shift, m.shift)), ("guidance_scale", pick(guidance_scale, m.guidance_scale)),
+                         ("keyframe_guidance", pick(keyframe_guidance, m.get("keyframe_guidance", 1.0)))):
+        try:
+            values[field] = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{field}={value!r}: give a number.") from None
+        if not np.isfinite(values[field]):
+            raise UserError(f"{field}={value}: give a finite number (guidance scales: 1 = off).")
+    if not values["shift"] > 0:
+        raise UserError(f"shift={values['shift']:g}: the timestep shift is a positive number (1 = no shift).")
+    for field in ("guidance_scale", "keyframe_guidance"):
+        if not 0 <= values[field] <= MAX_GUIDANCE:
+            raise UserError(f"{field}={values[field]:g}: give a scale from 0 to {MAX_GUIDANCE:g} (1 = off).")
+    return SamplingSettings(sampler=name, steps=n, **values)
 
 
 @dataclasses.dataclass(frozen=True)

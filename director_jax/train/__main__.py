@@ -22,9 +22,8 @@ from ml_collections import config_flags
 from director_jax import cli
 from director_jax.errors import UserError
 from director_jax.parallel.distributed import DistributedFlags
-from director_jax.parallel.rules import rules_from_config
 from director_jax.train.aot import compile_train_step
-from director_jax.train.tasks import make_task
+from director_jax.train.checks import check_training
 from director_jax.train.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (get_config()); see configs/.")
@@ -35,27 +34,18 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (process 0 
 _DISTRIBUTED = DistributedFlags()
 
 
-def check_config(cfg) -> None:
-    """The config's task settings and sharding rules, checked before any device or data is touched."""
-    try:
-        make_task(cfg)
-        rules_from_config(cfg)
-    except (ValueError, KeyError, AttributeError) as e:
-        raise UserError(f"--config: {e}") from e
-
-
 def main(argv) -> int:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}: every setting is a --flag.")
     cfg = _CONFIG.value
     if cfg is None:
         raise UserError("--config is required, e.g. --config configs/gen_tiny.py")
-    check_config(cfg)
+    if not _TOPOLOGY.value and not _WORKDIR.value:
+        raise UserError("--workdir is required (checkpoints, metrics and TensorBoard files go there).")
+    check_training(cfg, None if _TOPOLOGY.value else _WORKDIR.value)
     if _TOPOLOGY.value:
         report = compile_train_step(cfg, _TOPOLOGY.value)
         return 0 if report.fits else 1
-    if not _WORKDIR.value:
-        raise UserError("--workdir is required (checkpoints, metrics and TensorBoard files go there).")
     try:
         _DISTRIBUTED.initialize()
     except ValueError as e:

@@ -1,8 +1,14 @@
 """Orbax checkpoints of a training run: train state, data-iterator state and run metadata per step.
 
 * Saves are asynchronous (``checkpoint.async_save``); Orbax writes each step into a temporary
-  directory and renames it when complete, so a kill -9 in the middle of a save leaves only
-  complete steps visible, and ``latest_step`` is the newest complete one.
+  directory (``<step>.orbax-checkpoint-tmp``; in place on ``gs://``) and writes ``commit_success.txt``
+  into it last, so a kill -9 in the middle of a save leaves only complete steps visible.
+  ``latest_step`` is the newest committed one by the rule inference uses too
+  (``build.is_committed_step``).
+* A committed step that does not restore (truncated or garbage array files, a missing item,
+  unreadable metadata, NaN / inf in the state) is a ``DamagedCheckpointError``; ``restore_latest``
+  warns and resumes from the previous complete step, and moves the damaged (and uncommitted) newer
+  steps aside to ``<step>.damaged`` so the run can save those steps again.
 * Retention: the last ``keep_last`` steps, plus every step divisible by ``keep_every`` (0 = none).
 * The state is stored as a flat dict of arrays named by their paths (``params.dit.blocks...``), so
   a restore can name exactly which arrays differ from the run's config.
@@ -24,9 +30,22 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from director_jax.build import describe_mismatch, flatten_state, unflatten_state
-from director_jax.io_utils import storage_path
+from director_jax.build import (
+    DamagedCheckpointError,
+    describe_mismatch,
+    first_nonfinite,
+    flatten_state,
+    is_committed_step,
+    quiet_failed_restore,
+    quiet_orbax_reads,
+    scan_steps,
+    short_reason,
+    unflatten_state,
+)
+from director_jax.errors import UserError
+from director_jax.io_utils import is_remote, storage_path
 from director_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -94,10 +113,12 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=manager_options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        """The committed steps, ascending (Orbax's own list also counts a local step without its commit file)."""
+        return scan_steps(self.directory)[0]
 
     def save(self, step: int, state: TrainState, data_state: Any, meta: dict, *, wait: bool = False) -> None:
         """Starts saving (async unless configured otherwise); ``wait`` blocks until it is on disk."""
@@ -109,8 +130,14 @@ class Checkpointer:
 
     def check_compatible(self, step: int, target: dict[str, Any]) -> None:
         """Raises ``IncompatibleCheckpointError`` naming the arrays whose shape or dtype differ."""
-        found = self.manager.item_metadata(step)["state"]
-        found = {name: found[name] for name in found}
+        quiet_orbax_reads()
+        try:
+            found = self.manager.item_metadata(step)["state"]
+            found = {name: found[name] for name in found}
+        except Exception as e:  # noqa: BLE001 -- a damaged _METADATA surfaces as many types
+            quiet_failed_restore(self.directory / str(step))
+            raise DamagedCheckpointError(self.directory / str(step), step, "its array metadata (state/_METADATA) is "
+                                         f"missing or unreadable ({short_reason(e)})") from e
         bad = describe_mismatch(target, found)
         if bad:
             raise IncompatibleCheckpointError(
@@ -118,15 +145,88 @@ class Checkpointer:
                 "Use the config the checkpoint was trained with, or start a new --workdir.")
 
     def restore(self, step: int, target: TrainState, *, data: bool = True) -> tuple[TrainState, Any, dict]:
-        """The train state at ``step`` placed on ``target``'s shardings, plus the data state and metadata."""
+        """The train state at ``step`` placed on ``target``'s shardings, plus the data state and metadata.
+
+        ``DamagedCheckpointError`` when the step is not committed or does not restore (files, items, NaN / inf).
+        """
+        step_dir = self.directory / str(step)
+        if not is_committed_step(step_dir):
+            raise DamagedCheckpointError(step_dir, step, "it is not a committed step (no commit_success.txt)")
+        items = ("state", "meta") + (("data",) if data else ())
+        missing = [item for item in items if not (step_dir / item).is_dir()]
+        if missing:
+            raise DamagedCheckpointError(step_dir, step, f"it has no {', '.join(m + '/' for m in missing)} item")
         flat_target = flatten_state(target)
         self.check_compatible(step, flat_target)
-        items = {"state": ocp.args.StandardRestore(flat_target), "meta": ocp.args.JsonRestore()}
+        args = {"state": ocp.args.StandardRestore(flat_target), "meta": ocp.args.JsonRestore()}
         if data:
-            items["data"] = IteratorStateRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            args["data"] = IteratorStateRestore()
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- truncated / garbage files surface as TensorStore / JSON errors
+            quiet_failed_restore(step_dir)
+            raise DamagedCheckpointError(step_dir, step, f"it does not restore ({short_reason(e)})") from e
+        nonfinite = first_nonfinite(dict(restored["state"]))
+        if nonfinite is not None:
+            raise DamagedCheckpointError(step_dir, step, f"{nonfinite} holds NaN or infinite values")
         state = unflatten_state(target, restored["state"])
         return state, restored["data"] if data else None, restored["meta"]
+
+    def restore_latest(self, target: TrainState, *, data: bool = True) -> tuple[int, TrainState, Any, dict] | None:
+        """``(step, state, data state, metadata)`` of the newest committed step that restores; None when none exists.
+
+        Each damaged step is one warning line and the previous complete step is tried; when every
+        committed step is damaged, ``ValueError`` (never a fresh start over a run's
+        checkpoints). The damaged and uncommitted steps newer than the one used are moved aside
+        (``<step>.damaged``) so this run can save those steps again.
+        """
+        steps, uncommitted = scan_steps(self.directory)
+        damaged: list[int] = []
+        reasons: list[str] = []
+        for step in reversed(steps):
+            try:
+                state, data_state, meta = self.restore(step, target, data=data)
+            except DamagedCheckpointError as e:
+                log.warning("checkpoint step %d in %s cannot be restored: %s; trying the previous complete step.",
+                            step, self.directory, e.reason)
+                damaged.append(step)
+                reasons.append(f"step {step}: {e.reason}")
+                continue
+            self._set_aside(sorted(damaged + [s for s in self._colliding(uncommitted) if s > step]))
+            return step, state, data_state, meta
+        if steps:
+            raise UserError(f"no checkpoint step in {self.directory} restores (" + "; ".join(reasons) + "). Move "
+                             "that directory away (or pass another --workdir) to start a new run.")
+        self._set_aside(sorted(self._colliding(uncommitted)))
+        return None
+
+    def _colliding(self, uncommitted: dict[int, str]) -> list[int]:
+        """Uncommitted steps Orbax would refuse to save again: locally it counts any digit-named directory as a
+        step (gs:// it does not, and it writes over such a step in place)."""
+        return [] if is_remote(self.directory) else list(uncommitted)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames step directories Orbax would collide with to ``<step>.damaged`` (kept for inspection)."""
+        moved = []
+        if jax.process_index() == 0:
+            for step in steps:
+                src = self.directory / str(step)
+                if not src.is_dir():  # only an Orbax temporary directory: Orbax replaces it on the next save
+                    continue
+                dst, n = self.directory / f"{step}.damaged", 1
+                while dst.exists():
+                    n += 1
+                    dst = self.directory / f"{step}.damaged{n}"
+                src.rename(dst)
+                moved.append(dst.name)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("director_jax checkpoint set aside")
+        if moved:
+            log.warning("moved the unusable newer steps of %s aside (%s); this run will write those steps anew.",
+                        self.directory, ", ".join(moved))
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -203,14 +203,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     data = make_data(run)
 
-    start = ckpt.latest_step()
-    if start is None:
+    # the newest committed step that restores; a damaged newer one is reported and set aside (Checkpointer)
+    resumed = ckpt.restore_latest(state_lib.with_shardings(run.abstract, run.shardings))
+    if resumed is None:
         state = jax.jit(run.init, out_shardings=run.shardings)()
         start = 0
         log.info("initialised a new %s run in %s", run.task.name, workdir)
     else:
-        target = state_lib.with_shardings(run.abstract, run.shardings)
-        state, data_state, saved = ckpt.restore(start, target)
+        start, state, data_state, saved = resumed
         workers = saved.get("data_worker_count", int(cfg.data.worker_count))
         if workers != int(cfg.data.worker_count):
             raise ValueError(f"checkpoint step {start} was written with data.worker_count={workers}; the data "

@@ -1,0 +1,151 @@
+"""Config -> models: the builders every command, the trainer and the evaluation use.
+
+The builders (``build_vae``, ``build_director_gen``, ``build_director_sr``, ``random_frozen_vae``)
+turn a config (``configs/*.py``) into a model; they are traceable, so the trainer calls them under
+``nnx.eval_shape`` and ``jax.jit`` for a sharded initialisation. ``model_options`` is the one map
+from ``config.model_options`` to module arguments. The frozen VAE of a Director-Gen / SR config is
+``vae.init_from`` read with its own latent statistics (``vae_config_with_checkpoint_stats``), else
+the trainer's random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from director_jax.convert.dit import load_transformer
+from director_jax.convert.vae import load_vae, vae_config
+from director_jax.models.dit import DirectorGen, WanDiT, WanDiTConfig
+from director_jax.models.sr import DirectorSR, sr_config
+from director_jax.models.vae import WanVAE, WanVAEConfig
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------
+# Config -> model
+
+
+def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.model_options`` as DiT keyword arguments (numerics, attention, remat, sequence parallelism)."""
+    opts = cfg.model_options
+    return dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
+                attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
+                sequence_parallel=opts.get("sequence_parallel"),
+                attention_block_sizes=opts.get("attention_block_sizes"))
+
+
+def dit_config(model: ml_collections.ConfigDict) -> WanDiTConfig:
+    """The ``model`` section of a config (diffusers' ``WanTransformer3DModel`` arguments) as a WanDiTConfig."""
+    return WanDiTConfig.from_diffusers_config(model.to_dict())
+
+
+def vae_config_from(section: ml_collections.ConfigDict) -> WanVAEConfig:
+    """``config.vae`` (WanVAEConfig fields, plus ``init_from``) as a WanVAEConfig."""
+    fields = {f.name for f in dataclasses.fields(WanVAEConfig)}
+    values = {k: v for k, v in section.to_dict().items() if k != "init_from"}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"config.vae has unknown keys {unknown}; WanVAEConfig fields are {sorted(fields)}.")
+    return WanVAEConfig(**values)
+
+
+def vae_config_with_checkpoint_stats(section: ml_collections.ConfigDict) -> WanVAEConfig:
+    """``config.vae`` as a WanVAEConfig, with the latent statistics of ``init_from``'s config.json when it has one.
+
+    A VAE fitted here (the CPU demo's, ``benchmarks/sr.py``'s) has its own latent scale; its directory
+    records it, and normalising with other statistics mis-scales every latent (Director-Gen once got
+    keyframes normalised ~2x off this way). The architecture fields must agree with ``config.vae``
+    (they fix the shapes the step is compiled for). For the Wan2.1 VAE the directory's statistics
+    are the defaults, so nothing changes.
+    """
+    config = vae_config_from(section)
+    src = section.get("init_from", "")
+    config_json = next((p for p in (Path(src) / "config.json", Path(src) / "vae" / "config.json")
+                        if src and p.is_file()), None)
+    if config_json is None:
+        return config
+    saved = vae_config(config_json)
+    stats = ("latents_mean", "latents_std")
+    differ = [f.name for f in dataclasses.fields(WanVAEConfig)
+              if f.name not in stats and getattr(saved, f.name) != getattr(config, f.name)]
+    if differ:
+        raise ValueError(f"{config_json} describes another VAE than config.vae: " + ", ".join(
+            f"{k}={getattr(saved, k)!r} (config: {getattr(config, k)!r})" for k in differ)
+            + ". Set --config.vae.<field> to the checkpoint's values.")
+    return dataclasses.replace(config, latents_mean=saved.latents_mean, latents_std=saved.latents_std)
+
+
+def build_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
+    """The trainable VAE of a VAE run (``config.task = "vae"``), randomly initialised from ``cfg.seed``."""
+    opts = cfg.model_options
+    return WanVAE(vae_config_from(cfg.vae), rngs=nnx.Rngs(int(cfg.seed)), dtype=jnp.dtype(opts.dtype),
+                  param_dtype=jnp.dtype(opts.param_dtype))
+
+
+def build_director_gen(cfg: ml_collections.ConfigDict, *, seed: int | None = None) -> DirectorGen:
+    """Director-Gen as the config says: random init, or ``cfg.init_from`` (any Wan2.1 T2V checkpoint)."""
+    kw = model_options(cfg)
+    model_cfg = dit_config(cfg.model)
+    if cfg.init_from:
+        dit = load_transformer(cfg.init_from, **kw)
+        if dit.config != model_cfg:
+            raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}, but the run's config "
+                             f"says {model_cfg}: fix --config.model.* or pick the matching checkpoint.")
+    else:
+        dit = WanDiT(model_cfg, rngs=nnx.Rngs(cfg.seed if seed is None else seed), **kw)
+    return DirectorGen(dit)
+
+
+def build_director_sr(cfg: ml_collections.ConfigDict) -> DirectorSR:
+    """Director-SR for the Gen architecture of ``cfg.model``: random, from a Gen checkpoint, or an SR checkpoint.
+
+    ``cfg.init_from`` may hold a Director-Gen / Wan T2V transformer (the SR model starts as it, the
+    low-res channels zero: ``DirectorSR.from_gen``) or an SR transformer (``convert.sr.export_sr``;
+    training continues from it). Empty: ``DirectorSR.init`` with ``cfg.seed``.
+    """
+    kw = model_options(cfg)
+    gen_cfg = dit_config(cfg.model)
+    if not cfg.init_from:
+        return DirectorSR.init(gen_cfg, rngs=nnx.Rngs(int(cfg.seed)), **kw)
+    dit = load_transformer(cfg.init_from, **kw)
+    if dit.config == gen_cfg:
+        return DirectorSR.from_gen(dit)
+    if dit.config == sr_config(gen_cfg):
+        return DirectorSR(dit)
+    raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}; the run's config.model (the Gen "
+                     f"architecture) is {gen_cfg}, so a Gen checkpoint must match it and an SR one must match "
+                     f"sr_config() of it (in_channels {2 * gen_cfg.in_channels}). Fix --config.model.* or the path.")
+
+
+def random_frozen_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
+    """The frozen VAE of a Gen / SR config with random weights (seed ``cfg.seed + 1``): shapes, tests."""
+    return WanVAE(vae_config_with_checkpoint_stats(cfg.vae), rngs=nnx.Rngs(int(cfg.seed) + 1))
+
+
+def frozen_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
+    """The frozen VAE a Gen / SR run encodes with: ``vae.init_from`` with its own latent statistics, else random."""
+    if cfg.vae.init_from:
+        return load_vae(cfg.vae.init_from, vae_config_with_checkpoint_stats(cfg.vae))
+    log.warning("config.vae.init_from is empty: the VAE is randomly initialised (fine for tests; set "
+                "--config.vae.init_from to a Wan2.1 VAE for real runs).")
+    return random_frozen_vae(cfg)
+
+
+def load_frozen_vae(model_cfg: ml_collections.ConfigDict, *, sharding: jax.sharding.Sharding) -> WanVAE:
+    """The frozen VAE of a trained Gen / SR config for inference, placed on ``sharding``.
+
+    ``vae.init_from``, or for runs that encoded in the step with an empty ``init_from`` the trainer's
+    own random initialisation; a run trained on precomputed latents must name their VAE.
+    """
+    if not model_cfg.vae.init_from and model_cfg.train.get("latents") != "encode":
+        raise ValueError("the model config's vae.init_from is empty and its run trained on precomputed latents: set "
+                         "vae.init_from in the model config (--config.model_config) to the VAE of those latents.")
+    graphdef, state = nnx.split(frozen_vae(model_cfg))
+    return nnx.merge(graphdef, jax.device_put(state, sharding))

@@ -1,0 +1,116 @@
+"""Everything an evaluation needs, checked before a model loads or a case is generated.
+
+``check_evaluation`` reads the eval config and the model config it names, builds the case list
+(cheap: the held-out movies are rendered, nothing is generated), checks the suite's size against a
+memory budget, the checkpoint, the caption cache and the output directory, and raises
+``UserError`` (one line for the command) for the first problem it finds.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import ml_collections
+
+from director_jax.build import WEIGHTS, check_config_matches, step_directory
+from director_jax.configs_common import load_config
+from director_jax.errors import UserError
+from director_jax.eval.suite import synthetic_cases
+from director_jax.io_utils import is_remote, writable_dir_problem
+
+SUITES = ("synthetic",)
+TEMPLATE_KEYS = ("name", "keyframes", "frames", "anchor", "start")
+DEFAULT_MAX_SUITE_GIB = 4.0
+
+
+def _positive_int(value, what: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or int(value) != value or value < minimum:
+        raise UserError(f"{what}={value!r}: give a whole number >= {minimum}.")
+    return int(value)
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The eval config's own fields; returns the model config it names (loaded)."""
+    if cfg.suite not in SUITES:
+        raise UserError(f"--config.suite={cfg.suite!r}: the available suites are {SUITES}.")
+    if cfg.weights not in WEIGHTS:
+        raise UserError(f"--config.weights={cfg.weights!r}: choose one of {WEIGHTS}.")
+    _positive_int(cfg.seed, "--config.seed", minimum=0)
+    _positive_int(cfg.movies.count, "--config.movies.count")
+    _positive_int(cfg.movies.max_shapes, "--config.movies.max_shapes")
+    for n in cfg.movies.shot_lengths:
+        _positive_int(n, "--config.movies.shot_lengths entry")
+    _positive_int(cfg.cases_per_device, "--config.cases_per_device")
+    _positive_int(cfg.report.media_cases, "--config.report.media_cases", minimum=0)
+    m = cfg.metrics
+    _positive_int(m.fvd_frames, "--config.metrics.fvd_frames")
+    _positive_int(m.fvd_size, "--config.metrics.fvd_size", minimum=32)
+    budget = cfg.get("max_suite_gib", DEFAULT_MAX_SUITE_GIB)
+    if not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
+        raise UserError(f"--config.max_suite_gib={budget!r}: give a positive number of GiB.")
+    templates = [dict(t) for t in cfg.cases]
+    if not templates:
+        raise UserError("the eval config lists no cases: add templates to config.cases.")
+    for t in templates:
+        unknown = sorted(set(t) - set(TEMPLATE_KEYS))
+        if unknown:
+            raise UserError(f"case template {t.get('name', t)!r} has unknown keys {unknown}; a template takes "
+                            f"{list(TEMPLATE_KEYS)}.")
+    path = Path(str(cfg.model_config))
+    if not path.is_file():
+        raise UserError(f"--config.model_config={str(cfg.model_config)!r} is not a config file: give the config the "
+                        "checkpoint was trained with (e.g. configs/gen_tiny.py).")
+    try:
+        return load_config(path)
+    except Exception as e:  # a user's config file: any failure is theirs to fix
+        raise UserError(f"--config.model_config={str(path)!r} could not be read: {type(e).__name__}: {e}") from e
+
+
+def check_suite(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, *, frames: int, height: int,
+                width: int) -> None:
+    """The suite's size against ``max_suite_gib``, from its shape alone (before the movies are rendered)."""
+    v = model_cfg.video
+    for name, value in (("video.height", v.height), ("video.width", v.width), ("video.num_frames", v.num_frames)):
+        _positive_int(value, f"the model config's {name}")
+    per_case = max(int(t.get("frames", frames)) for t in (dict(t) for t in cfg.cases)) * height * width * 3 * 4 * 2
+    count = int(cfg.movies.count) * len(cfg.cases)
+    total = count * per_case
+    budget = float(cfg.get("max_suite_gib", DEFAULT_MAX_SUITE_GIB))
+    if total > budget * 2**30:
+        raise UserError(f"the suite holds {count} cases of up to {per_case / 2**20:.1f} MiB each "
+                        f"({total / 2**30:.1f} GiB), over the {budget:g} GiB budget: evaluate fewer movies "
+                        "(--config.movies.count) or raise --config.max_suite_gib.")
+
+
+def check_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, ckpt: str | None, baseline: str | None,
+                     step: int | None) -> None:
+    """Every input of ``run_evaluation`` checked, cheapest first; a ``UserError`` names the first problem."""
+    if (ckpt is None) == (baseline is None):
+        raise UserError("give --ckpt DIR (a Director-Gen checkpoint) or --baseline crossfade|reference.")
+    if step is not None and step < 0:
+        raise UserError(f"--step={step}: steps count from 0.")
+    model_cfg = check_config(cfg)
+    v = model_cfg.video
+    check_suite(cfg, model_cfg, frames=int(v.num_frames), height=int(v.height), width=int(v.width))
+    try:  # renders the held-out movies (cheap) and places every template's clip and keyframes on them
+        synthetic_cases(cfg, height=int(v.height), width=int(v.width), fps=float(v.fps), num_frames=int(v.num_frames))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"the suite's cases: {e}") from None
+    if ckpt is not None:
+        if not is_remote(ckpt) and Path(ckpt).is_file():
+            raise UserError(f"--ckpt {ckpt} is a file: give the trainer's --workdir (or its checkpoints/ directory).")
+        try:
+            step_dir, _ = step_directory(ckpt, step)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--ckpt: {e}") from None
+        if not cfg.get("allow_config_mismatch", False):
+            check_config_matches(model_cfg, step_dir, what="--config.model_config",
+                                 override="--config.allow_config_mismatch=True")
+        if model_cfg.text.conditioning and not cfg.text_cache:
+            raise UserError("the model is text-conditioned: set --config.text_cache to a text-embedding cache holding "
+                            "the suite's captions (python -m director_jax.embed_text --captions FILE --cache DIR).")
+    problem = writable_dir_problem(workdir)
+    if problem:
+        raise UserError(f"--workdir: {problem}.")
