@@ -136,6 +136,9 @@ def test_checkpoint_and_report_on_cloud_storage(cli_runs, checkpoint, config_fil
     local = json.loads((cli_runs[0] / "metrics.json").read_text())
     assert ours["run"]["evaluated"].pop("checkpoint") == f"gs://{run}/ckpt/checkpoints/0"
     local["run"]["evaluated"].pop("checkpoint")
+    skipped = ours["run"]["evaluated"].pop("skipped_steps")  # the uncommitted step 5, recorded as passed over
+    assert local["run"]["evaluated"].pop("skipped_steps") == []
+    assert all(s.startswith("step 5") for s in skipped), skipped
     assert ours == local
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "media" / "case_0001.png").is_file()
 
