@@ -7,6 +7,8 @@ in a function body) and checks the rules the README's package map states.
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "director_jax"
@@ -160,3 +162,16 @@ def test_files_are_small():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines (split them along their seams): {long}"
+
+
+def test_no_source_file_is_git_ignored():
+    """A broad ignore pattern (``build/``) once kept ``director_jax/build/`` out of every clone."""
+    root = PACKAGE.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        return  # an installed copy, not a checkout: nothing to check
+    sources = [str(p.relative_to(root)) for top in ("director_jax", "tests", "benchmarks", "scripts")
+               for p in (root / top).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    out = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(sources),
+                         capture_output=True, text=True)
+    ignored = out.stdout.split()
+    assert not ignored, f"source files .gitignore would keep out of a clone: {ignored}"
