@@ -112,8 +112,8 @@ def fit_vae(cfg, steps: int, crop: int = 32, learning_rate: float = 5e-3, init_s
     from director_jax.build import vae_config_from
     from director_jax.data.synthetic_loader import SyntheticClipsConfig, synthetic_clip
     from director_jax.demo.cpu_fit import fit_vae as fit
-    from director_jax.demo.cpu_fit import inflate_temporal_kernels, scale_conv_kernels
     from director_jax.models.vae import WanVAE
+    from director_jax.models.vae_init import inflate_temporal_kernels, scale_conv_kernels
 
     vae = WanVAE(vae_config_from(cfg.vae), rngs=nnx.Rngs(int(cfg.seed)))
     scale_conv_kernels(vae, init_scale)

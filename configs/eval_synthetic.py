@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.suite = "synthetic"
-    c.model_config = "configs/gen_tiny.py"
+    c.model_config = ""  # "": the evaluated run's own config; or a config file / trainer run (a baseline needs one)
     c.allow_config_mismatch = False  # True: evaluate with model_config even where it differs from the checkpoint's
     c.weights = "auto"  # "auto": EMA when the checkpoint has it, else the raw parameters; or "ema" / "params"
     c.movies = ml_collections.ConfigDict(dict(count=4, first_seed=7_000_000, shot_lengths=(24, 24), max_shapes=1))

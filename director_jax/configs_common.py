@@ -27,8 +27,9 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
                                             ffn_dim=ffn, num_layers=layers))
     model["patch_size"] = tuple(model["patch_size"])
     c.model = ml_collections.ConfigDict(model)
-    # sequence_parallel: None, "ulysses", "ring" or "auto"; acts only with a mesh.sequence > 1 (a placeholder,
-    # so --config.model_options.sequence_parallel=ring works from the command line).
+    # sequence_parallel: None, "ulysses", "ring" or "auto"; "ulysses" / "ring" need mesh.sequence > 1, "auto" runs
+    # local attention without one (a placeholder, so --config.model_options.sequence_parallel=ring works from the
+    # command line).
     c.model_options = ml_collections.ConfigDict(dict(
         dtype="bfloat16", param_dtype="float32", attention_impl="auto", remat_policy="dots_saveable",
         sequence_parallel=ml_collections.config_dict.placeholder(str),
@@ -72,6 +73,8 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
         kl_weight=1e-6,  # VAE task
         sample_posterior=False,  # VAE task: decode a posterior sample (True) or the mean (False)
         lpips_weight=0.0,  # VAE task: weight of the LPIPS (AlexNet) perceptual term; 0 = L1 + KL only
+        mse_weight=0.0,  # VAE task: weight of the mean squared error (L1's gradient does not shrink with the error)
+        anchor_weight=0.0,  # VAE task: weight of train/losses.py:temporal_anchor_loss (multi-frame clips)
     ))
     c.optim = ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, decay_steps=0,
                                              end_lr_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,

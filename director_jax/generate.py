@@ -1,7 +1,9 @@
 """``python -m director_jax.generate``: a video from keyframes (and conditioning videos) with a Director-Gen checkpoint.
 
-    python -m director_jax.generate --config configs/gen_tiny.py --ckpt runs/gen_tiny \\
+    python -m director_jax.generate --ckpt runs/gen \\
         --keyframe first.png@0 --keyframe mid.png@1s --keyframe last.png@#16 --frames 17 --seed 0 --out out.mp4
+
+The model config is the one the run recorded in its checkpoint (``--config FILE`` to give another).
 
 Every mode is a timeline of given frames: ``--keyframe PATH@TIME`` (repeated; TIME in seconds, ``1.5``
 or ``1.5s``, or a frame ``#12``, in increasing order) puts keyframes anywhere, and the keyframe
@@ -34,7 +36,7 @@ from ml_collections import config_flags
 from director_jax import cli
 from director_jax.errors import GenerateError
 from director_jax.pipeline.generate import generate
-from director_jax.pipeline.request import DEFAULT_MAX_PIXELS, Request
+from director_jax.pipeline.request import DEFAULT_MAX_PIXELS, Request, run_config
 
 _FLAGS: dict | None = None
 
@@ -49,7 +51,7 @@ def define_flags() -> dict:
     if _FLAGS is None:
         d = flags
         _FLAGS = dict(
-            config=config_flags.DEFINE_config_file("config", None, "The model config of the checkpoint."),
+            config=config_flags.DEFINE_config_file("config", None, "Model config (default: the run's own)."),
             ckpt=d.DEFINE_string("ckpt", None, "Director-Gen checkpoint: a trainer workdir, checkpoints/ or step dir."),
             step=d.DEFINE_integer("step", None, "Checkpoint step (default: the newest)."),
             weights=d.DEFINE_enum("weights", "auto", ["auto", "ema", "params"], "Which weights (auto: EMA when kept)."),
@@ -73,9 +75,9 @@ def define_flags() -> dict:
                                              "dropout."),
             shift=d.DEFINE_float("shift", None, "Sampler timestep shift (default the config's)."),
             sampler=d.DEFINE_string("sampler", None, "Sampler name (default the config's sampler.name)."),
-            sr=d.DEFINE_bool("sr", False, "Super-resolve the result with Director-SR (needs --sr_ckpt, --sr_config)."),
+            sr=d.DEFINE_bool("sr", False, "Super-resolve the result with Director-SR (needs --sr_ckpt)."),
             sr_ckpt=d.DEFINE_string("sr_ckpt", None, "Director-SR checkpoint (trainer workdir)."),
-            sr_config=config_flags.DEFINE_config_file("sr_config", None, "The Director-SR model config."),
+            sr_config=config_flags.DEFINE_config_file("sr_config", None, "SR model config (default: the run's own)."),
             sr_steps=d.DEFINE_integer("sr_steps", None, "SR sampler steps (default the SR config's)."),
             out=d.DEFINE_string("out", None, "Output .mp4 (OUT.png and OUT.json are written beside it)."),
             progress=d.DEFINE_bool("progress", True, "Show a progress bar over the sampling steps."),
@@ -91,23 +93,30 @@ def define_flags() -> dict:
 
 def request_from_flags() -> Request:
     v = {name: flag.value for name, flag in define_flags().items()}
-    if v["config"] is None:
-        raise GenerateError("--config is required: the model config the checkpoint was trained with.")
     if not v["out"]:
         raise GenerateError("--out PATH.mp4 is required.")
     if not v["ckpt"]:
         raise GenerateError("--ckpt is required: the trainer's workdir (or its checkpoints/ directory).")
+    config = v["config"]
+    if config is None:  # the run's own config, recorded in its checkpoint
+        config, config_path = run_config(v["ckpt"], v["step"]), f"{v['ckpt']} (its recorded config)"
+    else:
+        config_path = flags.FLAGS["config"].config_filename
+    sr_config = v["sr_config"]
+    sr_config_path = flags.FLAGS["sr_config"].config_filename if sr_config is not None else None
+    if sr_config is None and v["sr"] and v["sr_ckpt"]:
+        sr_config = run_config(v["sr_ckpt"], None, "--sr_ckpt")
+        sr_config_path = f"{v['sr_ckpt']} (its recorded config)"
     return Request(
-        config=v["config"], ckpt=v["ckpt"], out=v["out"], keyframes=tuple(v["keyframe"]), videos=tuple(v["video"]),
+        config=config, ckpt=v["ckpt"], out=v["out"], keyframes=tuple(v["keyframe"]), videos=tuple(v["video"]),
         duration=v["duration"], frames=v["frames"], fps=v["fps"], height=v["height"], width=v["width"],
         caption=v["caption"], shot_captions=tuple(v["shot_caption"]), text_cache=v["text_cache"], seed=v["seed"],
         steps=v["steps"], guidance=v["guidance"], keyframe_guidance=v["keyframe_guidance"], shift=v["shift"],
         sampler=v["sampler"], resize=v["resize"],
-        step=v["step"], weights=v["weights"], sr=v["sr"], sr_ckpt=v["sr_ckpt"], sr_config=v["sr_config"],
+        step=v["step"], weights=v["weights"], sr=v["sr"], sr_ckpt=v["sr_ckpt"], sr_config=sr_config,
         sr_steps=v["sr_steps"], progress=v["progress"], max_pixels=v["max_pixels"],
         allow_config_mismatch=v["allow_config_mismatch"],
-        config_path=flags.FLAGS["config"].config_filename,
-        sr_config_path=flags.FLAGS["sr_config"].config_filename if v["sr_config"] is not None else None)
+        config_path=config_path, sr_config_path=sr_config_path)
 
 
 def main(argv) -> int:
@@ -122,6 +131,9 @@ def main(argv) -> int:
     print(f"{result['num_frames']} frames at {result['fps']:g} fps ({result['width']}x{result['height']}), "
           f"checkpoint step {result['checkpoint']['step']} -> {out}, {out.with_suffix('.png')}, "
           f"{out.with_suffix('.json')}")
+    psnr = result["keyframe_psnr_db"] if not result["sr"] else result["sr"].get("keyframe_psnr_db", {})
+    if psnr:
+        print("keyframe PSNR: " + ", ".join(f"frame {f} {v:.1f} dB" for f, v in psnr.items()))
     return 0
 
 

@@ -254,6 +254,7 @@ def _restored(ckpt_dir: Path, step: int, cfg) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in flatten_state(state).items()}
 
 
+@pytest.mark.slow  # ~30 s: two trainer runs; loading past damage stays in the default set; CI runs it
 def test_train_resumes_from_the_previous_step_when_the_newest_is_damaged(tmp_path, caplog):
     workdir, reference = tmp_path / "run", tmp_path / "reference"
     cfg = _cfg(4)  # checkpoints at steps 2 and 4

@@ -24,7 +24,8 @@ def _env_without_platforms() -> dict:
     return env
 
 
-ARGS = ("--config", "configs/gen_tiny.py", "--config.train.steps=2", "--config.checkpoint.every=1", "--noprogress")
+ARGS = ("--config", "configs/gen_tiny.py", "--config.vae.init_from=random", "--config.train.steps=2",
+        "--config.checkpoint.every=1", "--noprogress")
 
 
 def test_training_logs_one_line_per_stage_and_no_library_chatter(tmp_path):

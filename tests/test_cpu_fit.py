@@ -20,15 +20,14 @@ from director_jax.demo.cpu_fit import (
     LayoutCache,
     encode_layouts,
     fit_vae,
-    inflate_temporal_kernels,
-    scale_conv_kernels,
-    temporal_anchor_loss,
     train_on_cache,
     with_latent_stats,
 )
 from director_jax.models.multichunk import encode_timeline
 from director_jax.models.timeline import Timeline
 from director_jax.models.vae import WanVAE, WanVAEConfig, normalize_latents
+from director_jax.models.vae_init import inflate_temporal_kernels, scale_conv_kernels
+from director_jax.train.losses import temporal_anchor_loss
 from director_jax.train.tasks import make_task
 from tests.test_generate import GEN_CONFIG
 
@@ -38,6 +37,7 @@ def _gen_cfg(layouts_in_batch: bool):
     cfg.train.latents = "precomputed"
     cfg.train.layouts_in_batch = layouts_in_batch
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    cfg.video.update(dict(height=16, width=16))  # 4x4 latents: small token counts for CPU fits
     return cfg
 
 
@@ -72,6 +72,7 @@ def _tiny_vae() -> WanVAE:
                                temperal_downsample=(True, True)), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow  # ~40 s: three layouts encoded twice; the demo (slow set) runs the same path; CI runs it
 def test_encode_layouts_matches_the_timeline_encoder():
     vae = _tiny_vae()
     clips = np.asarray(jax.random.uniform(jax.random.key(0), (3, 17, 16, 16, 3), minval=-1, maxval=1))

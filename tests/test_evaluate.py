@@ -205,12 +205,14 @@ def test_trained_checkpoint_numbers_do_not_depend_on_the_device_count(config_fil
     equal up to float32 rounding (measured <= 1.1e-6 relative)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     train_cmd = [sys.executable, "-m", "director_jax.train", f"--config={GEN_CONFIG}", f"--workdir={tmp_path / 'run'}",
-                 "--config.train.steps=2", "--config.train.batch_size=2", "--config.checkpoint.every=2", "--noprogress"]
+                 "--config.vae.init_from=random", "--config.train.steps=2", "--config.train.batch_size=2",
+                 "--config.checkpoint.every=2", "--noprogress"]
     proc = subprocess.run(train_cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = {}
     for devices in (1, 8):
-        _cli(config_file, tmp_path / str(devices), tmp_path / "cache", f"--ckpt={tmp_path / 'run'}", devices=devices)
+        _cli(config_file, tmp_path / str(devices), tmp_path / "cache", f"--ckpt={tmp_path / 'run'}",
+             "--config.model_config=", devices=devices)  # empty: the run's own recorded config
         runs[devices] = json.loads((tmp_path / str(devices) / "metrics.json").read_text())
     assert runs[1]["run"]["evaluated"]["step"] == 2
     one, eight = runs[1], runs[8]

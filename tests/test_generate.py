@@ -127,6 +127,10 @@ def test_writes_mp4_sheet_and_settings(two_runs, checkpoint):
     assert [k["time"] for k in settings["keyframes"]] == ["0", "1s", "#16"]
     assert settings["checkpoint"]["step"] == 0 and settings["checkpoint"]["weights"] == "ema"
     assert settings["caption_used"] is False
+    for frame, colour in KEYFRAMES.items():  # each keyframe's fidelity, as NumPy computes it from the frames
+        image = _image(colour).astype(np.float32) / 127.5 - 1
+        mse = np.mean(np.square(np.clip(result["frames"][frame], -1, 1) - image))
+        assert settings["keyframe_psnr_db"][str(frame)] == pytest.approx(10 * np.log10(4 / mse), abs=0.01)
     # the mp4 holds the generated frames (H.264 at crf 16: close, not exact)
     err = np.abs(frames.astype(np.float32) - (result["frames"] + 1) * 127.5).mean()
     assert err < 16.0, err  # yuv420 on the random model's per-pixel noise costs ~8 levels; a wrong video ~60
@@ -159,6 +163,19 @@ def test_same_seed_same_video(two_runs, checkpoint, images, tmp_path):
     c = _run(f"--ckpt={checkpoint}", *_keyframe_args(images), "--frames=17", "--steps=2", "--seed=4",
              f"--out={tmp_path / 'c.mp4'}")
     assert np.abs(c["frames"] - a["frames"]).max() > 1e-3  # another seed, another video
+
+
+def test_without_config_the_runs_recorded_config_is_used(two_runs, checkpoint, images, tmp_path):
+    """``--config`` left out: the config the trainer recorded in the step gives the same video."""
+    _, a, _, _ = two_runs
+    cli.define_flags()
+    flags.FLAGS.unparse_flags()
+    out = tmp_path / "own.mp4"
+    flags.FLAGS(["director_jax.generate", "--noprogress", f"--ckpt={checkpoint}", *_keyframe_args(images),
+                 "--frames=17", "--steps=2", "--seed=3", f"--out={out}"])
+    own = generate(cli.request_from_flags())
+    np.testing.assert_array_equal(own["frames"], a["frames"])
+    assert "recorded config" in json.loads(out.with_suffix(".json").read_text())["config"]
 
 
 def test_keyframe_guidance_flag_changes_the_generated_frames_only(two_runs, checkpoint, images, tmp_path):

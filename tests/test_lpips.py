@@ -143,7 +143,7 @@ def test_vae_loss_lpips_term():
     """vae_loss: weight 0 is the old L1 + KL exactly, weight w adds w * mean video LPIPS; VaeTask passes the config."""
     cfg = load_config(ROOT / "configs" / "vae_tiny.py")
     assert cfg.train.lpips_weight == 0.0 and VaeTask(cfg).lpips is None
-    cfg.train.lpips_weight = 0.5
+    cfg.train.update(dict(lpips_weight=0.5, mse_weight=0.0, anchor_weight=0.0))  # the LPIPS term alone
     task = VaeTask(cfg)
     vae = WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
                               temperal_downsample=(False, True, True), latents_mean=(0.0,) * 4,
@@ -166,3 +166,23 @@ def test_vae_loss_lpips_term():
     assert 0 < float(aux["lpips"]) < 2
     with pytest.raises(ValueError, match="needs an LPIPS"):
         vae_loss(vae, video, key, lpips_weight=0.5)
+
+
+def test_vae_loss_mse_and_anchor_terms():
+    """mse_weight adds w * mean squared error (NumPy), anchor_weight w * temporal_anchor_loss; weight 0 adds nothing."""
+    from director_jax.train.losses import temporal_anchor_loss
+
+    vae = WanVAE(WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1,
+                              temperal_downsample=(True, True), latents_mean=(0.0,) * 4,
+                              latents_std=(1.0,) * 4), rngs=nnx.Rngs(0))
+    video = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 5, 16, 16, 3)), jnp.float32)
+    key = jax.random.key(0)
+    base, _ = vae_loss(vae, video, key, 1e-6, False)
+    loss, aux = vae_loss(vae, video, key, 1e-6, False, mse_weight=2.0, anchor_weight=0.5)
+    recon = np.asarray(vae.decode(vae.encode(video)[0], clip=False))
+    mse = np.mean(np.square(recon - np.asarray(video)))
+    anchor = float(temporal_anchor_loss(vae, video, vae.encode(video)[0]))
+    np.testing.assert_allclose(float(aux["mse"]), mse, rtol=1e-4)
+    np.testing.assert_allclose(float(aux["anchor"]), anchor, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(base) + 2.0 * mse + 0.5 * anchor, rtol=1e-5)
+    assert anchor > 0

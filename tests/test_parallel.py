@@ -196,6 +196,35 @@ def test_constrain():
     assert current_rules() == DEFAULT_RULES
 
 
+def test_a_user_mesh_without_some_project_axes():
+    """``jax.make_mesh`` meshes with only some of the project's axes: the missing ones count as size 1 when
+    placing parameters and activations (Explicit axes, make_mesh's default, are resharded, Auto ones
+    constrained), while a rule naming an axis that is not a project axis still has to be on the mesh."""
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"))
+    assert logical_to_mesh_spec(("batch", "length", "act_embed"), mesh=mesh, shape=(2, 8, 6)) == P(
+        "data", "sequence", None)
+    assert logical_to_mesh_spec(("embed", "mlp"), mesh=mesh, shape=(8, 6)) == P("sequence", None)  # fsdp, tensor gone
+    assert logical_to_mesh_spec(("batch", "act_heads"), mesh=jax.make_mesh((8,), ("sequence",)),
+                                shape=(2, 8)) == P(None, None)
+    with pytest.raises(ValueError, match=r"Rule 'x' -> 'model': the mesh has no axis 'model'; its axes are "
+                                         r"\('data', 'sequence'\)\."):
+        logical_to_mesh_spec(("x",), [("x", "model")], mesh=mesh, shape=(4,))
+    assert logical_to_mesh_spec(("x",), [("x", "model")], mesh=jax.make_mesh((8,), ("model",)), shape=(8,)) == P(
+        "model")
+
+    x = jnp.arange(2 * 8 * 6, dtype=jnp.float32).reshape(2, 8, 6)
+    for axis_types in (None, (jax.sharding.AxisType.Auto,) * 2,
+                       (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto)):
+        kw = {} if axis_types is None else {"axis_types": axis_types}
+        with jax.set_mesh(jax.make_mesh((2, 4), ("data", "sequence"), **kw)):
+            y = jax.jit(lambda x: constrain(x * 2, ("batch", "length", "act_embed")))(x)
+        assert tuple(y.sharding.spec) + (None,) * (3 - len(y.sharding.spec)) == ("data", "sequence", None), axis_types
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+
+    shardings = param_shardings(nnx.eval_shape(_build), mesh)
+    assert shardings["blocks"]["attn1"]["to_q"]["kernel"].spec == P(None, "sequence", None)
+
+
 # -- rules from the config ---------------------------------------------------------------------
 
 
@@ -287,5 +316,8 @@ def test_trainer_uses_the_config_rules_for_state_batch_and_activations():
     assert mu and all(s.spec == kernel.spec for s in mu)  # Adam's moments mirror the kernel
     assert {k: s.spec for k, s in run.batch_sharding.items()} == {"video": P("data", None, None, None, None)}
     lowered = run.step_fn.lower(with_shardings(run.abstract, run.shardings), run.frozen_state, abstract_batch(run))
-    # gen_tiny's DiT activations inside the step: batch 8 on data only, width 64 on tensor
-    assert _constraints(lowered.as_text(), "8x24x64") == {'[{"data"}, {}, {"tensor"}]'}
+    # gen_tiny's DiT activations inside the step (B, S, D): batch 8 on data only, width 64 on tensor (S follows the
+    # config's video and VAE: 96 tokens for 17 frames of 32x32 through its 4x VAE)
+    tokens = {ty.split("x")[1] for ty in re.findall(r"tensor<(8x\d+x64)xf32>", lowered.as_text())}
+    assert tokens and {spec for n in tokens for spec in _constraints(lowered.as_text(), f"8x{n}x64")} == {
+        '[{"data"}, {}, {"tensor"}]'}

@@ -117,12 +117,73 @@ def test_errors_name_the_fix():
             attention(q[:, :60], k[:, :60], v[:, :60], impl="xla", sequence_parallel="ring")
 
 
-def test_no_sequence_axis_is_local_attention():
+def test_no_mesh_is_local_attention():
     q, k, v, _ = _qkv(64)
-    expected = xla_attention(q, k, v)
-    np.testing.assert_array_equal(attention(q, k, v, impl="xla", sequence_parallel="ring"), expected)
-    with jax.set_mesh(create_mesh({"fsdp": 8})):
-        np.testing.assert_array_equal(attention(q, k, v, impl="xla", sequence_parallel="ulysses"), expected)
+    np.testing.assert_array_equal(attention(q, k, v, impl="xla", sequence_parallel="ring"), xla_attention(q, k, v))
+
+
+@pytest.mark.parametrize("mesh, what", [
+    (lambda: create_mesh({"fsdp": 8}), r"\{'data': 1, 'fsdp': 8, 'tensor': 1, 'sequence': 1\}: its 'sequence' axis "
+                                       "has size 1"),
+    (lambda: jax.make_mesh((8,), ("data",)), r"\{'data': 8\}: it has no 'sequence' axis"),
+])
+def test_a_mesh_without_a_sequence_axis_says_so(mesh, what):
+    """Asked for on a mesh that cannot do it, ring and Ulysses raise one line naming the mesh; "auto" is local."""
+    q, k, v, _ = _qkv(64)
+    with jax.set_mesh(mesh()):
+        for mode in ("ring", "ulysses"):
+            with pytest.raises(ValueError, match=rf"^sequence_parallel='{mode}' needs a 'sequence' mesh axis of size "
+                                                 rf"> 1, but the active mesh is {what}\. Use a mesh with one") as err:
+                attention(q, k, v, impl="xla", sequence_parallel=mode)
+            assert "\n" not in str(err.value)
+        out = jax.jit(lambda q, k, v: attention(q, k, v, impl="xla", sequence_parallel="auto"))(q, k, v)
+    np.testing.assert_allclose(out, xla_attention(q, k, v), atol=ATOL, rtol=0)
+
+
+# -- a user's own mesh: any axes, as long as one is "sequence" -------------------------------------------------
+
+USER_MESHES = {
+    "data=2 x sequence=4": lambda: jax.make_mesh((2, 4), ("data", "sequence")),  # Explicit axes (make_mesh's default)
+    "sequence=8": lambda: jax.make_mesh((8,), ("sequence",)),
+    "data=2 x sequence=4, Auto axes": lambda: jax.make_mesh((2, 4), ("data", "sequence"),
+                                                            axis_types=(jax.sharding.AxisType.Auto,) * 2),
+}
+
+
+@pytest.mark.parametrize("mode", ["ring", "ulysses"])
+@pytest.mark.parametrize("name", list(USER_MESHES))
+def test_user_meshes_match_unsharded_attention(name, mode):
+    """The README example: a mesh without the project's fsdp / tensor axes (its rules drop them), inputs not
+    placed beforehand. 8 heads so that Ulysses splits them over sequence=8 too."""
+    rng = np.random.RandomState(3)
+    q, k, v, do = (jnp.asarray(rng.randn(B, 64, 8, D).astype(np.float32)) for _ in range(4))
+    kv_len = jnp.array([37, 9], jnp.int32)  # padded keys: a partially valid shard, then empty ones
+    ref = lambda q, k, v: xla_attention(q, k, v, kv_len=kv_len)  # noqa: E731
+    ours = lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl="xla", sequence_parallel=mode)  # noqa: E731
+    expected = ref(q, k, v)
+    expected_grads = jax.grad(_loss(ref), argnums=(0, 1, 2))(q, k, v, do)
+    mesh = USER_MESHES[name]()
+    with jax.set_mesh(mesh):
+        forward = jax.jit(ours)
+        out = forward(q, k, v)
+        grads = jax.jit(jax.grad(_loss(ours), argnums=(0, 1, 2)))(q, k, v, do)
+        hlo = forward.lower(q, k, v).as_text()
+        eager = ours(q, k, v)  # the README snippet runs outside jit
+    assert ("collective_permute" if mode == "ring" else "all_to_all") in hlo
+    np.testing.assert_allclose(out, expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(eager, expected, atol=ATOL, rtol=0)
+    for name_, got, want in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f"d{name_}")
+
+
+def test_pallas_kernel_on_a_user_mesh():
+    """Without sequence parallelism the Pallas kernel runs per (batch, heads) shard: "batch" goes on the user
+    mesh's "data" axis, the project axes it lacks (fsdp, tensor) are dropped."""
+    q, k, v, _ = _qkv(32)
+    kv_len = jnp.array([32, 7], jnp.int32)
+    with jax.set_mesh(jax.make_mesh((2, 4), ("data", "sequence"))):
+        out = jax.jit(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl="pallas"))(q, k, v)
+    np.testing.assert_allclose(out, xla_attention(q, k, v, kv_len=kv_len), atol=ATOL, rtol=0)
 
 
 # -- the DiT -------------------------------------------------------------------------------------

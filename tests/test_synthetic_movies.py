@@ -176,3 +176,38 @@ def test_errors(tmp_path):
         write_synthetic_movie(tmp_path / "x.mp4", 0, [8, 0], H, W)
     with pytest.raises(FileNotFoundError, match="write_synthetic_movie"):
         read_synthetic_truth(tmp_path / "missing.mp4")
+
+
+def test_movies_command_writes_movies_stills_and_truth(tmp_path):
+    """``python -m director_jax.movies``: mp4s decode to the rendered frames, stills are those frames exactly,
+    the truth records the cut; a rerun keeps every file; a bad flag is one line and writes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "movies"
+    cmd = [sys.executable, "-m", "director_jax.movies", f"--out={out}", "--count=2", "--seed=5", "--size=32",
+           "--stills=0,9", "--noprogress"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for seed in (5, 6):
+        path = out / f"movie_{seed}.mp4"
+        truth = read_synthetic_truth(path)
+        lengths = truth["settings"]["shot_lengths"]
+        assert truth["shot_starts"] == [0, lengths[0]] and truth["num_frames"] == sum(lengths)
+        rendered = write_synthetic_movie(tmp_path / "ref.mp4", seed, lengths, 32, 32, 8.0, max_shapes=2).movie.frames
+        frames, fps = _decode(path)
+        assert fps == 8.0 and frames.shape == (sum(lengths), 32, 32, 3)
+        assert _psnr(frames, to_uint8(rendered)) > 28  # H.264 yuv420 at 32x32 (chroma at 16x16): ~30 dB
+        for f in (0, 9):
+            np.testing.assert_array_equal(np.asarray(Image.open(out / f"movie_{seed}_f{f}.png")), to_uint8(rendered[f]))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
+    bad = subprocess.run([*cmd[:3], f"--out={tmp_path / 'bad'}", "--stills=500"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --stills [500]")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

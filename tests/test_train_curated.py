@@ -105,7 +105,7 @@ def test_configs_the_shards_cannot_feed_are_named(curated, tmp_path):
 
 
 @pytest.mark.parametrize("config,fields", [
-    ("vae_tiny.py", {"video": (4, 5, 32, 32, 3)}),
+    ("vae_tiny.py", {"video": (8, 5, 32, 32, 3)}),
     # given: one per latent frame, frames 0-15 in 1 + 4 latents and the keyframe 16 in one
     ("sr_tiny.py", {"video": (8, 17, 64, 64, 3), "upsampled": (8, 17, 64, 64, 3), "given": (8, 6)}),
 ])

@@ -44,6 +44,8 @@ TRAIN_CASES = [  # (dotted field, value, message fragment)
     ("task", "upscale", "not a task"),
     ("mesh.rules", (("embed", "nope"),), "unknown mesh axis"),
     ("mesh.rules", (("no_such_axis", None),), "no model uses"),
+    ("model_options.sequence_parallel", "ring", "needs a sequence axis"),
+    ("vae.init_from", "", "vae.init_from is empty"),  # Gen on a random VAE: noise in every frame
 ]
 
 
@@ -70,11 +72,13 @@ def test_training_config_mistakes_are_refused_before_anything_is_written(field, 
 def test_training_workdir_that_cannot_be_written(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
+    cfg = load_config(GEN)
+    cfg.vae.init_from = "random"  # a smoke test's frozen VAE, on purpose
     with pytest.raises(UserError, match="not a directory"):
-        check_training(load_config(GEN), str(a_file))
+        check_training(cfg, str(a_file))
     with pytest.raises(UserError, match="not writable"):
-        check_training(load_config(GEN), str(a_file / "run"))
-    check_training(load_config(GEN), str(tmp_path / "fine"))  # a good config and place pass
+        check_training(cfg, str(a_file / "run"))
+    check_training(cfg, str(tmp_path / "fine"))  # a good config and place pass
     assert (tmp_path / "fine").is_dir() and not list((tmp_path / "fine").iterdir())
 
 
@@ -88,7 +92,7 @@ EVAL_CASES = [  # (dotted field, value, extra kwargs, message fragment)
     ("report.media_cases", -1, {}, "media_cases=-1"),
     ("metrics.fvd_size", 8, {}, "fvd_size=8"),
     ("max_suite_gib", float("nan"), {}, "max_suite_gib=nan"),
-    ("model_config", "configs/no_such.py", {}, "is not a config file"),
+    ("model_config", "configs/no_such.py", {}, "neither a config file nor a trainer run"),
     ("cases", (dict(name="x", keyframes=("#0",), fps=3),), {}, "unknown keys ['fps']"),
     ("cases", (), {}, "lists no cases"),
     ("cases", (dict(name="late", keyframes=("#0", "9s")),), {}, "outside the video"),
@@ -108,6 +112,7 @@ def test_evaluation_mistakes_are_refused_before_anything_is_written(field, value
                                                                     monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name files relative to the repository
     cfg = load_config(EVAL)
+    cfg.model_config = "configs/gen_tiny.py"  # a baseline takes its sizes from a model config
     if field:
         _set(cfg, field, value)
     workdir = tmp_path / "eval"
@@ -128,7 +133,8 @@ BAD_COMMANDS = [  # (command, args, message fragment)
     ("evaluate", ["--ckpt", "configs/demo.py", "--workdir", "{out}"], "is a file"),
     ("evaluate", ["--workdir", "{out}"], "give --ckpt"),
     ("evaluate", ["--baseline", "crossfade", "--workdir", "{out}", "--config.model_config=x.py"], "x.py"),
-    ("evaluate", ["--baseline", "crossfade", "--workdir", "{out}", "--config.movies.count=9999999"], "GiB"),
+    ("evaluate", ["--baseline", "crossfade", "--workdir", "{out}", "--config.movies.count=9999999",
+                  "--config.model_config=configs/gen_tiny.py"], "GiB"),
 ]
 
 

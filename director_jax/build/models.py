@@ -5,7 +5,8 @@ turn a config (``configs/*.py``) into a model; they are traceable, so the traine
 ``nnx.eval_shape`` and ``jax.jit`` for a sharded initialisation. ``model_options`` is the one map
 from ``config.model_options`` to module arguments. The frozen VAE of a Director-Gen / SR config is
 ``vae.init_from`` read with its own latent statistics (``vae_config_with_checkpoint_stats``), else
-the trainer's random initialisation.
+the trainer's random initialisation. ``vae.init_from`` and ``init_from`` may also name a training run
+of this project (a workdir, its checkpoints/ or one step: ``reuse``).
 """
 
 from __future__ import annotations
@@ -13,86 +14,75 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from director_jax.build.reuse import is_trainer_run, read_trainer_vae, trainer_director_gen, trainer_director_sr
+from director_jax.build.sections import architecture_differences, dit_config, model_options, vae_config_from
 from director_jax.convert.dit import load_transformer
 from director_jax.convert.vae import load_vae, vae_config
-from director_jax.models.dit import DirectorGen, WanDiT, WanDiTConfig
+from director_jax.models.dit import DirectorGen, WanDiT
 from director_jax.models.sr import DirectorSR, sr_config
 from director_jax.models.vae import WanVAE, WanVAEConfig
+from director_jax.models.vae_init import initialise_for_fit
 
 log = logging.getLogger(__name__)
+
+RANDOM_VAE = "random"  # vae.init_from for smoke tests: the randomly initialised frozen VAE, asked for on purpose
 
 # ------------------------------------------------------------------------------------------------
 # Config -> model
 
 
-def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``config.model_options`` as DiT keyword arguments (numerics, attention, remat, sequence parallelism)."""
-    opts = cfg.model_options
-    return dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
-                attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
-                sequence_parallel=opts.get("sequence_parallel"),
-                attention_block_sizes=opts.get("attention_block_sizes"))
-
-
-def dit_config(model: ml_collections.ConfigDict) -> WanDiTConfig:
-    """The ``model`` section of a config (diffusers' ``WanTransformer3DModel`` arguments) as a WanDiTConfig."""
-    return WanDiTConfig.from_diffusers_config(model.to_dict())
-
-
-def vae_config_from(section: ml_collections.ConfigDict) -> WanVAEConfig:
-    """``config.vae`` (WanVAEConfig fields, plus ``init_from``) as a WanVAEConfig."""
-    fields = {f.name for f in dataclasses.fields(WanVAEConfig)}
-    values = {k: v for k, v in section.to_dict().items() if k != "init_from"}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"config.vae has unknown keys {unknown}; WanVAEConfig fields are {sorted(fields)}.")
-    return WanVAEConfig(**values)
-
-
 def vae_config_with_checkpoint_stats(section: ml_collections.ConfigDict) -> WanVAEConfig:
-    """``config.vae`` as a WanVAEConfig, with the latent statistics of ``init_from``'s config.json when it has one.
+    """``config.vae`` as a WanVAEConfig, with the latent statistics ``init_from`` records, where it records any.
 
-    A VAE fitted here (the CPU demo's, ``benchmarks/sr.py``'s) has its own latent scale; its directory
-    records it, and normalising with other statistics mis-scales every latent (Director-Gen once got
-    keyframes normalised ~2x off this way). The architecture fields must agree with ``config.vae``
-    (they fix the shapes the step is compiled for). For the Wan2.1 VAE the directory's statistics
-    are the defaults, so nothing changes.
+    A VAE fitted here (the CPU demo's, ``benchmarks/sr.py``'s, a VAE training run's) has its own
+    latent scale; normalising with other statistics mis-scales every latent (Director-Gen once got
+    keyframes normalised ~2x off this way). A diffusers directory records them in its config.json, a
+    VAE training run in its checkpoints (the running statistics of its posterior means). The
+    architecture fields must agree with ``config.vae`` (they fix the shapes the step is compiled
+    for). For the Wan2.1 VAE the directory's statistics are the defaults, so nothing changes.
     """
     config = vae_config_from(section)
     src = section.get("init_from", "")
+    if src == RANDOM_VAE:
+        return config
+    if src and is_trainer_run(src):
+        return read_trainer_vae(src, config, with_weights=False, source=f"config.vae.init_from={src}").config
     config_json = next((p for p in (Path(src) / "config.json", Path(src) / "vae" / "config.json")
                         if src and p.is_file()), None)
     if config_json is None:
         return config
     saved = vae_config(config_json)
-    stats = ("latents_mean", "latents_std")
-    differ = [f.name for f in dataclasses.fields(WanVAEConfig)
-              if f.name not in stats and getattr(saved, f.name) != getattr(config, f.name)]
+    differ = architecture_differences(saved, config)
     if differ:
-        raise ValueError(f"{config_json} describes another VAE than config.vae: " + ", ".join(
-            f"{k}={getattr(saved, k)!r} (config: {getattr(config, k)!r})" for k in differ)
-            + ". Set --config.vae.<field> to the checkpoint's values.")
+        raise ValueError(f"{config_json} describes another VAE than config.vae: {differ}. Set --config.vae.<field> "
+                         "to the checkpoint's values.")
     return dataclasses.replace(config, latents_mean=saved.latents_mean, latents_std=saved.latents_std)
 
 
 def build_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
-    """The trainable VAE of a VAE run (``config.task = "vae"``), randomly initialised from ``cfg.seed``."""
+    """The trainable VAE of a VAE run (``config.task = "vae"``), randomly initialised from ``cfg.seed`` (and
+    ``cfg.vae_init``'s kernel scale and inflation, for short fits from scratch)."""
     opts = cfg.model_options
-    return WanVAE(vae_config_from(cfg.vae), rngs=nnx.Rngs(int(cfg.seed)), dtype=jnp.dtype(opts.dtype),
-                  param_dtype=jnp.dtype(opts.param_dtype))
+    vae = WanVAE(vae_config_from(cfg.vae), rngs=nnx.Rngs(int(cfg.seed)), dtype=jnp.dtype(opts.dtype),
+                 param_dtype=jnp.dtype(opts.param_dtype))
+    init = cfg.get("vae_init") or {}  # configs/vae_tiny.py: kernel_scale, inflate (models/vae_init.py)
+    return initialise_for_fit(vae, kernel_scale=float(init.get("kernel_scale", 1.0)),
+                              inflate=bool(init.get("inflate", False)))
 
 
 def build_director_gen(cfg: ml_collections.ConfigDict, *, seed: int | None = None) -> DirectorGen:
-    """Director-Gen as the config says: random init, or ``cfg.init_from`` (any Wan2.1 T2V checkpoint)."""
+    """Director-Gen as the config says: random init, or ``cfg.init_from``: any Wan2.1 T2V checkpoint, or a
+    Director-Gen training run (its EMA weights where it kept them), to continue or fine-tune from."""
     kw = model_options(cfg)
     model_cfg = dit_config(cfg.model)
+    if cfg.init_from and is_trainer_run(cfg.init_from):
+        return trainer_director_gen(cfg.init_from, model_cfg, kw)
     if cfg.init_from:
         dit = load_transformer(cfg.init_from, **kw)
         if dit.config != model_cfg:
@@ -108,12 +98,15 @@ def build_director_sr(cfg: ml_collections.ConfigDict) -> DirectorSR:
 
     ``cfg.init_from`` may hold a Director-Gen / Wan T2V transformer (the SR model starts as it, the
     low-res channels zero: ``DirectorSR.from_gen``) or an SR transformer (``convert.sr.export_sr``;
-    training continues from it). Empty: ``DirectorSR.init`` with ``cfg.seed``.
+    training continues from it), as weights or as a training run (a Gen or an SR run). Empty:
+    ``DirectorSR.init`` with ``cfg.seed``.
     """
     kw = model_options(cfg)
     gen_cfg = dit_config(cfg.model)
     if not cfg.init_from:
         return DirectorSR.init(gen_cfg, rngs=nnx.Rngs(int(cfg.seed)), **kw)
+    if is_trainer_run(cfg.init_from):
+        return trainer_director_sr(cfg.init_from, gen_cfg, kw)
     dit = load_transformer(cfg.init_from, **kw)
     if dit.config == gen_cfg:
         return DirectorSR.from_gen(dit)
@@ -130,8 +123,21 @@ def random_frozen_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
 
 
 def frozen_vae(cfg: ml_collections.ConfigDict) -> WanVAE:
-    """The frozen VAE a Gen / SR run encodes with: ``vae.init_from`` with its own latent statistics, else random."""
-    if cfg.vae.init_from:
+    """The frozen VAE a Gen / SR run encodes with: ``vae.init_from`` with its own latent statistics, else random.
+
+    ``vae.init_from`` is weights (a diffusers directory, a weight file) or a VAE training run (its EMA
+    weights where it kept them, else its parameters, and its running latent statistics); ``"random"``
+    (``RANDOM_VAE``) asks for the random initialisation on purpose (smoke tests), without the warning.
+    """
+    src = cfg.vae.init_from
+    if src == RANDOM_VAE:
+        return random_frozen_vae(cfg)
+    if src and is_trainer_run(src):
+        trained = read_trainer_vae(src, vae_config_from(cfg.vae), source=f"config.vae.init_from={src}")
+        log.info("frozen VAE: the %s weights of step %d of the VAE run %s (pass a step directory to pin one).",
+                 trained.loaded.weights, trained.loaded.step, src)
+        return trained.vae
+    if src:
         return load_vae(cfg.vae.init_from, vae_config_with_checkpoint_stats(cfg.vae))
     log.warning("config.vae.init_from is empty: the VAE is randomly initialised (fine for tests; set "
                 "--config.vae.init_from to a Wan2.1 VAE for real runs).")

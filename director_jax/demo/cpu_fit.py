@@ -28,73 +28,15 @@ from tqdm import tqdm
 from director_jax.models.multichunk import pad_to_length
 from director_jax.models.timeline import TimelineLayout, padded_length
 from director_jax.models.vae import WanVAE, kl_divergence, normalize_latents
-from director_jax.models.vae_blocks import CausalConv3d, Resample
 from director_jax.pipeline.codec import jitted_codec
 from director_jax.train.checkpoint import Checkpointer
+from director_jax.train.losses import temporal_anchor_loss
 from director_jax.train.trainer import build_run
 
 log = logging.getLogger(__name__)
 
 # What the VAE fit sees at step i: (step, numpy rng) -> (B, T, H, W, 3) float32 clips in [-1, 1].
 ClipSampler = Callable[[int, np.random.Generator], np.ndarray]
-
-
-def scale_conv_kernels(vae: WanVAE, factor: float) -> None:
-    """Multiplies every kernel of ``vae`` by ``factor`` in place.
-
-    Every conv of the Wan VAE feeds an RMS norm, so its output ignores the kernel's scale and Adam's
-    relative step is ``lr / |kernel|``: from PyTorch's default init (|kernel| ~ 0.01) the decoder
-    collapsed to a constant at lr >= 1e-3 and crawled below it; kernels 8x larger train at 1.5e-3.
-    """
-    for _, module in nnx.iter_graph(vae):
-        if isinstance(getattr(module, "kernel", None), nnx.Param):
-            module.kernel.set_value(factor * module.kernel.get_value())
-
-
-def inflate_temporal_kernels(vae: WanVAE) -> None:
-    """Makes every temporal tap of ``vae`` start as "this frame only", in place (an image VAE, inflated).
-
-    From random 3D kernels a short fit learns codes in which each 4-frame latent depends on the
-    chunk's history: consecutive latents of a nearly static clip came out less alike than two
-    random latents (their squared difference 0.97 vs variance 1.07), and variance grew along the
-    chunk, which leaves Director-Gen nothing to copy from its keyframes. Wan's VAE starts from an
-    image VAE instead; this does the same at initialization: the causal convolutions keep only
-    their last (current-frame) tap, the temporal downsampling passes the newest frame of each pair
-    through and the temporal upsampling repeats each frame, so a static clip has equal latents.
-    Call after ``scale_conv_kernels`` (the identity taps stay at 1).
-    """
-    time_convs = {id(m.time_conv) for _, m in nnx.iter_graph(vae) if isinstance(m, Resample) and m.time_conv}
-    for _, module in nnx.iter_graph(vae):
-        if not isinstance(module, CausalConv3d) or module.kernel.shape[0] == 1:
-            continue
-        kernel = jnp.asarray(module.kernel.get_value())
-        kt, kh, kw, c_in, c_out = kernel.shape
-        if id(module) in time_convs:  # (kt, 1, 1, C, C) downsampling or (kt, 1, 1, C, 2C) upsampling
-            eye = jnp.eye(c_in, dtype=kernel.dtype)
-            tap = jnp.concatenate([eye] * (c_out // c_in), axis=1)[None, None]
-            kernel = jnp.zeros_like(kernel).at[-1].set(tap)
-            module.bias.set_value(jnp.zeros_like(module.bias.get_value()))
-        else:
-            kernel = jnp.zeros_like(kernel).at[-1].set(kernel[-1])
-        module.kernel.set_value(kernel)
-
-
-def temporal_anchor_loss(vae: WanVAE, video: jax.Array, mean: jax.Array) -> jax.Array:
-    """Relative squared distance of each later latent of ``video`` to the image latent of its newest frame.
-
-    Keyframes enter Director-Gen as single-frame (image) latents, the frames between them as 4-frame
-    latents; when the 4-frame latents of a clip stay close to the image latents of their frames,
-    Gen can carry a keyframe's content to its neighbours by copying. The image latents (each frame
-    encoded alone) are the fixed target (no gradient); the distance is divided by their mean square
-    so the encoder cannot shrink it by shrinking every latent.
-    """
-    factor = 2 ** sum(vae.config.temperal_downsample)
-    b, t = video.shape[:2]
-    frames = video[:, factor::factor]  # latent k >= 1 covers frames factor*(k-1)+1 .. factor*k
-    k = frames.shape[1]
-    image, _ = vae.encode(frames.reshape(b * k, 1, *frames.shape[2:]))
-    image = jax.lax.stop_gradient(image.reshape(b, k, *image.shape[2:]))
-    return jnp.mean(jnp.square(mean[:, 1:1 + k] - image)) / (jnp.mean(jnp.square(image)) + 1e-6)
 
 
 def fit_vae(vae: WanVAE, sample: ClipSampler, steps: int, *, learning_rate: float = 5e-3, seed: int = 0,

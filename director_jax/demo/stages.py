@@ -25,8 +25,6 @@ from director_jax.demo.cpu_fit import (
     LayoutCache,
     encode_layouts,
     fit_vae,
-    inflate_temporal_kernels,
-    scale_conv_kernels,
     train_on_cache,
     with_latent_stats,
 )
@@ -34,6 +32,7 @@ from director_jax.demo.data import downscale, training_windows
 from director_jax.io_utils import atomic_write_text
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import WanVAE, WanVAEConfig
+from director_jax.models.vae_init import inflate_temporal_kernels, scale_conv_kernels
 from director_jax.train.tasks import SRTask
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -18,6 +18,7 @@ from director_jax.configs_common import load_config
 from director_jax.errors import UserError
 from director_jax.eval.suite import synthetic_cases
 from director_jax.io_utils import is_remote, writable_dir_problem
+from director_jax.pipeline.request import run_config
 
 SUITES = ("synthetic",)
 TEMPLATE_KEYS = ("name", "keyframes", "frames", "anchor", "start")
@@ -31,8 +32,9 @@ def _positive_int(value, what: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The eval config's own fields; returns the model config it names (loaded)."""
+def check_config(cfg: ml_collections.ConfigDict, ckpt: str | None = None, step: int | None = None
+                 ) -> ml_collections.ConfigDict:
+    """The eval config's own fields; returns the model config (``resolve_model_config``)."""
     if cfg.suite not in SUITES:
         raise UserError(f"--config.suite={cfg.suite!r}: the available suites are {SUITES}.")
     if cfg.weights not in WEIGHTS:
@@ -58,14 +60,28 @@ def check_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if unknown:
             raise UserError(f"case template {t.get('name', t)!r} has unknown keys {unknown}; a template takes "
                             f"{list(TEMPLATE_KEYS)}.")
-    path = Path(str(cfg.model_config))
-    if not path.is_file():
-        raise UserError(f"--config.model_config={str(cfg.model_config)!r} is not a config file: give the config the "
-                        "checkpoint was trained with (e.g. configs/gen_tiny.py).")
+    return resolve_model_config(cfg, ckpt, step)
+
+
+def resolve_model_config(cfg: ml_collections.ConfigDict, ckpt: str | None, step: int | None = None
+                         ) -> ml_collections.ConfigDict:
+    """The model config: ``model_config`` (a config file, or a trainer run whose recorded config is used), or when
+    empty the config the evaluated checkpoint recorded."""
+    src = str(cfg.get("model_config") or "")
+    if not src:
+        if ckpt is None:
+            raise UserError("--config.model_config is empty: a baseline takes its clip size from a model config; give "
+                            "a config file (configs/gen_tiny.py) or a trainer run (runs/gen).")
+        return run_config(ckpt, step)
+    if is_remote(src) or Path(src).is_dir():
+        return run_config(src, None, "--config.model_config")
+    if not Path(src).is_file():
+        raise UserError(f"--config.model_config={src!r} is neither a config file nor a trainer run: give the config "
+                        "the checkpoint was trained with, or leave it empty to use the checkpoint's own.")
     try:
-        return load_config(path)
+        return load_config(src)
     except Exception as e:  # a user's config file: any failure is theirs to fix
-        raise UserError(f"--config.model_config={str(path)!r} could not be read: {type(e).__name__}: {e}") from e
+        raise UserError(f"--config.model_config={src!r} could not be read: {type(e).__name__}: {e}") from e
 
 
 def check_suite(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict, *, frames: int, height: int,
@@ -91,7 +107,9 @@ def check_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, ckpt: str 
         raise UserError("give --ckpt DIR (a Director-Gen checkpoint) or --baseline crossfade|reference.")
     if step is not None and step < 0:
         raise UserError(f"--step={step}: steps count from 0.")
-    model_cfg = check_config(cfg)
+    if ckpt is not None and not is_remote(ckpt) and Path(ckpt).is_file():
+        raise UserError(f"--ckpt {ckpt} is a file: give the trainer's --workdir (or its checkpoints/ directory).")
+    model_cfg = check_config(cfg, ckpt, step)
     v = model_cfg.video
     check_suite(cfg, model_cfg, frames=int(v.num_frames), height=int(v.height), width=int(v.width))
     try:  # renders the held-out movies (cheap) and places every template's clip and keyframes on them
@@ -99,13 +117,11 @@ def check_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, ckpt: str 
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"the suite's cases: {e}") from None
     if ckpt is not None:
-        if not is_remote(ckpt) and Path(ckpt).is_file():
-            raise UserError(f"--ckpt {ckpt} is a file: give the trainer's --workdir (or its checkpoints/ directory).")
         try:
             step_dir, _ = step_directory(ckpt, step)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"--ckpt: {e}") from None
-        if not cfg.get("allow_config_mismatch", False):
+        if cfg.get("model_config") and not cfg.get("allow_config_mismatch", False):
             check_config_matches(model_cfg, step_dir, what="--config.model_config",
                                  override="--config.allow_config_mismatch=True")
         if model_cfg.text.conditioning and not cfg.text_cache:

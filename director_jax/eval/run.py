@@ -16,9 +16,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from director_jax.build import load_director_gen, load_frozen_vae
-from director_jax.configs_common import load_config
 from director_jax.eval.baselines import crossfade
-from director_jax.eval.checks import SUITES
+from director_jax.eval.checks import SUITES, resolve_model_config
 from director_jax.eval.generate import data_mesh, generate_cases
 from director_jax.eval.report import write_metrics, write_report
 from director_jax.eval.scoring import MetricSettings, score
@@ -66,11 +65,12 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
                          "and not neither.")
     t0 = time.time()
     workdir = dir_path(workdir)  # gs://: written object by object
-    model_cfg = load_config(cfg.model_config)
+    model_cfg = resolve_model_config(cfg, None if ckpt is None else str(ckpt), step)
     cases = build_cases(cfg, model_cfg)
     settings = MetricSettings(**cfg.metrics.to_dict())
     info: dict = {"suite": cfg.suite, "seed": int(cfg.seed), "movies": cfg.movies.to_dict(),
-                  "templates": [dict(t) for t in cfg.cases], "model_config": str(cfg.model_config)}
+                  "templates": [dict(t) for t in cfg.cases],
+                  "model_config": str(cfg.model_config or f"{ckpt} (its recorded config)")}
     if baseline is not None:
         videos = baseline_videos(baseline, cases)
         info["evaluated"] = {"baseline": baseline}

@@ -19,8 +19,10 @@ Keys past ``kv_len[b]`` (valid key count per batch row) are masked out, so calle
 sequences to any block size without changing the result.
 
 ``sequence_parallel`` (``"ulysses"``, ``"ring"`` or ``"auto"``) runs the attention over the
-``sequence`` axis of the active mesh (``jax.set_mesh``) with ``jax.shard_map``; see
-``sequence_parallel.py``. Without a mesh, or with a sequence axis of size 1, it is a no-op.
+``sequence`` axis of the active mesh (``jax.set_mesh``, any mesh with such an axis) with
+``jax.shard_map``; see ``sequence_parallel.py``. Without a mesh it is a no-op; on a mesh whose
+``sequence`` axis is missing or of size 1, ``"auto"`` is local attention and ``"ulysses"`` /
+``"ring"`` raise a ValueError.
 
 The kernels form a DAG: ``flash`` (the contract) <- ``blockwise``, ``flash_tpu``, ``flash_gpu``,
 ``splash`` <- ``dispatch`` (one device) <- ``sequence_parallel`` <- ``attention`` (this module).
@@ -57,7 +59,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | N
         raise ValueError(f"Unknown sequence_parallel {sequence_parallel!r}; choose one of {SEQUENCE_PARALLEL_MODES}.")
     if impl == "auto":
         impl = dispatch.choose_implementation(q, k, max_materialized=max_materialized)
-    if sequence_parallel is not None and sp.sequence_axis_size() > 1:
+    if sp.wants_sequence_parallel(sequence_parallel):
         return sp.sequence_parallel_attention(
             q, k, v, kv_len=kv_len, mode=sequence_parallel, impl=impl, scale=scale, block_sizes=block_sizes,
             interpret=interpret)

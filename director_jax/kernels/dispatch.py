@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from director_jax.kernels import blockwise, flash, flash_gpu, flash_tpu, splash
 from director_jax.kernels.flash import BlockSizes
-from director_jax.parallel.rules import logical_to_mesh_spec
+from director_jax.parallel.rules import logical_to_mesh_spec, place
 
 LOCAL_IMPLEMENTATIONS = ("xla", "blockwise", "pallas", "splash", "cudnn")
 # Above this many score elements per (batch, head), ``auto`` does not materialise the matrix:
@@ -128,4 +128,6 @@ def per_shard(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.A
         return fn(q, k, v, kv_len)
     spec = logical_to_mesh_spec(("batch", None, "act_heads", None), mesh=mesh, shape=q.shape)
     kv_spec = jax.sharding.PartitionSpec(spec[0])
-    return jax.shard_map(fn, in_specs=(spec, spec, spec, kv_spec), out_specs=spec, check_vma=False)(q, k, v, kv_len)
+    q, k, v = (place(x, spec, auto=False) for x in (q, k, v))  # Explicit mesh axes must match in_specs already
+    return jax.shard_map(fn, in_specs=(spec, spec, spec, kv_spec), out_specs=spec, check_vma=False)(
+        q, k, v, place(kv_len, kv_spec, auto=False))

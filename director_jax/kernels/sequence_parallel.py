@@ -17,6 +17,12 @@ sharded as the DiT's activations are: batch and heads by the active rules table'
 * **auto** picks Ulysses when the heads allow it, else ring. An explicit ``"ulysses"`` with heads that
   do not divide raises (the fix is named in the error) rather than silently changing the algorithm.
 
+Any mesh with a "sequence" axis works (``jax.make_mesh((2, 4), ("data", "sequence"))``, a 1-axis
+``("sequence",)`` mesh, or the project's ``create_mesh``): rules naming project axes the mesh lacks
+shard nothing over them. Without a mesh the flag is a no-op; on a mesh whose "sequence" axis is
+missing or of size 1, ``"auto"`` runs local attention and ``"ulysses"`` / ``"ring"`` raise a
+ValueError (``wants_sequence_parallel``).
+
 ``kv_len`` is the global count of valid keys: Ulysses uses it as is (each device sees every key),
 ring clips it to the key block held at each step. The token count must divide by the sequence axis
 size: callers pad (``WanDiT`` does, masking the padding with ``kv_len``).
@@ -35,7 +41,7 @@ from jax.sharding import PartitionSpec
 
 from director_jax.kernels import dispatch, flash
 from director_jax.kernels.flash import BlockSizes
-from director_jax.parallel.rules import logical_to_mesh_spec
+from director_jax.parallel.rules import logical_to_mesh_spec, place
 
 SEQUENCE_AXIS = "sequence"
 MODES = ("ulysses", "ring", "auto")
@@ -53,6 +59,29 @@ def sequence_axis_size() -> int:
     if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
         return 1
     return int(dict(mesh.shape)[SEQUENCE_AXIS])
+
+
+def wants_sequence_parallel(mode: str | None) -> bool:
+    """Whether ``attention(..., sequence_parallel=mode)`` runs sharded over the active mesh's "sequence" axis.
+
+    ``None`` and no active mesh: no (single-device code runs unchanged). On a mesh whose "sequence"
+    axis is missing or of size 1, ``"auto"`` is local attention and an explicit ``"ulysses"`` /
+    ``"ring"`` raises a ValueError saying so (the mesh cannot do what was asked).
+    """
+    if mode is None:
+        return False
+    mesh = _mesh()
+    if mesh.empty or sequence_axis_size() > 1:
+        return not mesh.empty
+    if mode == "auto":
+        return False
+    axes = dict(mesh.shape)
+    what = (f"its '{SEQUENCE_AXIS}' axis has size 1" if SEQUENCE_AXIS in axes
+            else f"it has no '{SEQUENCE_AXIS}' axis")
+    raise ValueError(f"sequence_parallel={mode!r} needs a '{SEQUENCE_AXIS}' mesh axis of size > 1, but the active "
+                     f"mesh is {axes}: {what}. Use a mesh with one (e.g. jax.make_mesh((2, 4), ('data', "
+                     f"'{SEQUENCE_AXIS}')), or mesh.sequence > 1 in a config), or sequence_parallel=None (or "
+                     "'auto', which runs local attention on such a mesh).")
 
 
 def _axes_size(mesh: Any, axes: Any) -> int:
@@ -134,7 +163,9 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_
 
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, len_spec), out_specs=qkv_spec,
                             check_vma=False)
-    return sharded(q, k, v, kv_len)
+    # Explicit mesh axes (jax.make_mesh's default) must already match in_specs; Auto ones shard_map reshards
+    q, k, v = (place(x, qkv_spec, auto=False) for x in (q, k, v))
+    return sharded(q, k, v, place(kv_len, len_spec, auto=False))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,11 @@ Two fallbacks keep any model shardable on any mesh (MaxText-style):
   the remaining ones (or to replicated);
 * with a mesh and a shape known, a mesh axis of size 1 is dropped, and a dim keeps its axes in order
   only while their running product divides the dim size; the rest are dropped (``("data", "fsdp")``
-  on a batch of 2 with data=2, fsdp=4 gives "data"; a 42-wide dim on tensor=4 is replicated).
+  on a batch of 2 with data=2, fsdp=4 gives "data"; a 42-wide dim on tensor=4 is replicated);
+* a project mesh axis (``MESH_AXES``) that the mesh lacks counts as an axis of size 1: any mesh
+  works, e.g. ``jax.make_mesh((2, 4), ("data", "sequence"))`` places "batch" on "data" and tokens
+  on "sequence". (Tables are still checked: ``validate_rules`` / ``rules_from_config`` reject
+  names that are not project mesh axes, and a rule naming such an axis the mesh lacks raises.)
 
 Functions that take ``rules`` use the *active* table when it is ``None``: ``DEFAULT_RULES``, or the
 one set by ``with axis_rules(table):``. Activation constraints inside models (``constrain``) always
@@ -168,9 +172,10 @@ def logical_to_mesh_spec(logical_names: Sequence[str | None], rules: Rules | Non
     """The ``PartitionSpec`` for a tensor whose dims carry ``logical_names`` (``None`` = replicated).
 
     Each mesh axis is used at most once. With ``mesh`` (a ``Mesh`` or ``AbstractMesh``) mesh axes of
-    size 1 are dropped; with ``shape`` too, a dim keeps its mesh axes only while their product
-    divides it (see the module docstring). Unknown logical names raise: add them to the table.
-    ``rules`` defaults to the active table (``current_rules``).
+    size 1, and project mesh axes (``MESH_AXES``) the mesh does not have, are dropped; with ``shape``
+    too, a dim keeps its mesh axes only while their product divides it (see the module docstring).
+    Unknown logical names raise: add them to the table. ``rules`` defaults to the active table
+    (``current_rules``).
     """
     table = dict(current_rules() if rules is None else rules)
     if shape is not None and len(shape) != len(logical_names):
@@ -191,7 +196,10 @@ def logical_to_mesh_spec(logical_names: Sequence[str | None], rules: Rules | Non
                 continue
             if sizes is not None:
                 if axis not in sizes:
-                    raise ValueError(f"Rule {name!r} -> {axis!r}: the mesh has no axis {axis!r} ({tuple(sizes)}).")
+                    if axis in MESH_AXES:  # a user's mesh without this project axis: as if of size 1
+                        continue
+                    raise ValueError(f"Rule {name!r} -> {axis!r}: the mesh has no axis {axis!r}; its axes are "
+                                     f"{tuple(sizes)}.")
                 if sizes[axis] == 1:
                     continue
                 if shape is not None and shape[i] % (product * sizes[axis]):
@@ -248,15 +256,43 @@ def sharded_init(build_fn: Callable[[], M], mesh: Mesh, rules: Rules | None = No
     return nnx.merge(graphdef, init())
 
 
-def constrain(x: jax.Array, logical_names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
-    """``with_sharding_constraint`` of an activation by logical names under the current mesh.
+def _keep_axes(spec: PartitionSpec, keep: Callable[[str], bool]) -> PartitionSpec:
+    """``spec`` with only the mesh axes ``keep`` accepts (a dim left with none is replicated)."""
+    dims: list[MeshAxes] = []
+    for axes in spec:
+        kept = tuple(a for a in _as_tuple(axes) if keep(a))
+        dims.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*dims)
 
-    Uses the mesh set by ``jax.set_mesh`` and the active rules table (``axis_rules``) unless ``rules``
-    is given; a no-op when no mesh is active (single-device code and tests run unchanged). The
-    size-1 / divisibility fallbacks apply against ``x.shape``.
+
+def place(x: jax.Array, spec: PartitionSpec, *, auto: bool = True) -> jax.Array:
+    """Shards ``x`` as ``spec`` on the active mesh, whatever its axis types (a no-op without a mesh).
+
+    ``Explicit`` axes (``jax.make_mesh``'s default) are set with ``jax.reshard``, ``Auto`` axes (the
+    project's ``create_mesh``) with ``with_sharding_constraint`` (skipped with ``auto=False``, e.g.
+    before a ``shard_map``, which reshards those itself); ``Manual`` axes (inside a ``shard_map``) are
+    left alone. Each call only names the axes of its own type, as JAX requires.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_mesh_spec(logical_names, rules, mesh=mesh, shape=x.shape)
-    return jax.lax.with_sharding_constraint(x, spec)
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    explicit = [a for a, t in types.items() if t == jax.sharding.AxisType.Explicit]
+    if explicit:
+        x = jax.reshard(x, _keep_axes(spec, lambda a: a in explicit))
+    if auto and any(t == jax.sharding.AxisType.Auto for t in types.values()):
+        x = jax.lax.with_sharding_constraint(x, _keep_axes(spec, lambda a: types.get(a) == jax.sharding.AxisType.Auto))
+    return x
+
+
+def constrain(x: jax.Array, logical_names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+    """Shards an activation by logical names under the current mesh (``place``: a sharding constraint).
+
+    Uses the mesh set by ``jax.set_mesh`` and the active rules table (``axis_rules``) unless ``rules``
+    is given; a no-op when no mesh is active (single-device code and tests run unchanged). The
+    size-1 / divisibility / missing-axis fallbacks apply against ``x.shape``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return place(x, logical_to_mesh_spec(logical_names, rules, mesh=mesh, shape=x.shape))

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -96,16 +96,20 @@ def output_paths(out: str) -> tuple[Path, Path, Path]:
 
 
 @contextlib.contextmanager
-def output_lock(out: str) -> Iterator[None]:
-    """Holds OUT.lock (``--out`` + ``.lock``) or refuses at once; cleans up after a killed run to the same OUT."""
+def output_lock(out: str, targets: Sequence[Path] | None = None, *, command: str = "generate") -> Iterator[None]:
+    """Holds OUT.lock (``--out`` + ``.lock``) or refuses at once; cleans up after a killed run to the same OUT.
+
+    ``targets``: the file set published together (default: generate's OUT.mp4, .png, .json); ``command`` names
+    the other run in the refusal (the PyTorch command shares this lock protocol).
+    """
     try:
         with exclusive_lock(str(out) + ".lock"):
-            for line in recover_file_set(output_paths(out)):
+            for line in recover_file_set(output_paths(out) if targets is None else targets):
                 log.warning("a previous run to %s was killed: %s.", out, line)
             yield
     except LockHeldError as e:
         who = f" (pid {e.holder})" if e.holder else ""
-        raise GenerateError(f"another generate{who} is writing {out}: wait for it to finish, or choose another "
+        raise GenerateError(f"another {command}{who} is writing {out}: wait for it to finish, or choose another "
                             f"--out (its lock is {e.path}).") from None
 
 
@@ -147,9 +151,24 @@ def _generate(req: Request, p: Plan, text) -> dict:
         caption_used=bool(cfg.text.conditioning and p.caption),
         chunks=[dict(start=c.start, length=c.length, given_frames=c.given_frames) for c in layout.chunks],
         sr=sr_info,
+        keyframe_psnr_db=keyframe_psnr(lowres, {k["frame"]: p.given[k["frame"]] for k in p.keyframes}),
     )
+    if req.sr and p.full_res_keyframes:
+        settings["sr"]["keyframe_psnr_db"] = keyframe_psnr(frames, p.full_res_keyframes)
     write_outputs(req.out, frames, p, settings, given[0])
     return dict(settings, frames=frames, lowres=lowres)
+
+
+def keyframe_psnr(frames: np.ndarray, keyframes: dict[int, np.ndarray]) -> dict[str, float]:
+    """PSNR (dB, frames in [-1, 1]) of each keyframe's output frame against its image: how well it came back.
+
+    Given frames pass through the VAE, so this is the VAE round trip of the image (100 when exact).
+    """
+    out = {}
+    for frame, image in sorted(keyframes.items()):
+        mse = float(np.mean(np.square(np.clip(frames[frame], -1, 1) - np.asarray(image, np.float32))))
+        out[str(frame)] = round(100.0 if mse == 0 else min(100.0, 10 * math.log10(4.0 / mse)), 2)
+    return out
 
 
 def _one_line(e: BaseException) -> str:

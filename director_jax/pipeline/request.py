@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
-from director_jax.build import step_directory, vae_config_from
+from director_jax.build import saved_config, step_directory, vae_config_from
 from director_jax.data.captions import format_multishot_caption
 from director_jax.errors import GenerateError, UserError
 from director_jax.io_utils import is_remote
@@ -106,7 +107,8 @@ def split_at(arg: str, what: str) -> tuple[str, str]:
     return path, when.strip()
 
 
-def _frame(when: str, fps: float, num_frames: int, what: str) -> int:
+def frame_of(when: str, fps: float, num_frames: int, what: str) -> int:
+    """``TIME`` of ``PATH@TIME`` (seconds ``1.5`` / ``1.5s``, or ``#frame``) as a frame; a one-line error otherwise."""
     text = when[1:] if when.startswith("#") else (when[:-1] if when.endswith("s") else when)
     try:
         value = float(text)
@@ -257,7 +259,7 @@ def _check_scalars(req: Request) -> None:
 
 def _sr_scale(req: Request, height: int, width: int) -> int:
     if not req.sr_ckpt or req.sr_config is None:
-        raise GenerateError("--sr needs --sr_ckpt (a Director-SR trainer workdir) and --sr_config (its config file).")
+        raise GenerateError("--sr needs --sr_ckpt (a Director-SR trainer workdir; its config comes with it).")
     task = req.sr_config.get("task", "sr")
     if task != "sr":
         raise GenerateError(f"--sr_config is a {task!r} config, not a Director-SR one (task = 'sr'): give the config "
@@ -286,6 +288,20 @@ def check_checkpoint(path: str | None, step: int | None, what: str = "--ckpt") -
         raise GenerateError(f"{what}: {e}") from None
 
 
+def run_config(path: str | None, step: int | None, what: str = "--ckpt") -> ml_collections.ConfigDict:
+    """The config the run at ``path`` was trained with: the trainer records it in every checkpoint step.
+
+    So a user passes only ``--ckpt``: the model, its VAE and its sampling defaults come with it.
+    """
+    check_checkpoint(path, step, what)
+    step_dir, _ = step_directory(path, step)
+    saved = saved_config(step_dir)
+    if saved is None:
+        raise GenerateError(f"{what} {path}: step {step_dir.name} records no config (an older run); pass the config "
+                            "it was trained with (--config for generate, --config.model_config for evaluate).")
+    return ml_collections.ConfigDict(saved)
+
+
 def _sampling(req: Request) -> SamplingSettings:
     try:
         return sampling_settings(req.config, sampler=req.sampler, steps=req.steps, shift=req.shift,
@@ -299,7 +315,7 @@ def _read_keyframes(req: Request, fps: float, num_frames: int, height: int, widt
     last = None
     for arg in req.keyframes:
         path, when = split_at(arg, "--keyframe")
-        frame = _frame(when, fps, num_frames, "--keyframe")
+        frame = frame_of(when, fps, num_frames, "--keyframe")
         if last is not None and frame <= last[1]:
             kind = "the same frame as" if frame == last[1] else "before"
             raise GenerateError(f"--keyframe {arg} lands on frame {frame}, {kind} the previous keyframe {last[0]} "
@@ -333,7 +349,7 @@ def _read_videos(req: Request, fps: float, num_frames: int, height: int, width: 
             if start < 0:
                 raise GenerateError(f"--video {arg} has {len(clip)} frames, more than the {num_frames} of the video.")
         else:
-            start = _frame(when, fps, num_frames, "--video")
+            start = frame_of(when, fps, num_frames, "--video")
         if start + len(clip) > num_frames:
             raise GenerateError(f"--video {arg}: its {len(clip)} frames from frame {start} run past the end of the "
                                 f"video ({num_frames} frames = {num_frames / fps:g} s): lengthen the video "

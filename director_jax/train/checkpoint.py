@@ -11,7 +11,8 @@
   steps aside to ``<step>.damaged`` so the run can save those steps again.
 * Retention: the last ``keep_last`` steps, plus every step divisible by ``keep_every`` (0 = none).
 * The state is stored as a flat dict of arrays named by their paths (``params.dit.blocks...``), so
-  a restore can name exactly which arrays differ from the run's config.
+  a restore can name exactly which arrays differ from the run's config. A VAE step written before
+  the task kept latent statistics (``latent_stats.*``) resumes with them empty.
 * Restoring takes target shardings: a checkpoint saved on one mesh restores onto any other mesh
   (other device count or other axis sizes) shard by shard.
 * The data iterator's state (JSON) is written per process, as Grain's own handler does, so
@@ -28,11 +29,13 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
 from director_jax.build import (
+    LATENT_STATS,
     DamagedCheckpointError,
     describe_mismatch,
     first_nonfinite,
@@ -49,6 +52,10 @@ from director_jax.io_utils import is_remote, storage_path
 from director_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+# State added to the train state after runs began: a step written before it restores with it fresh (zeros).
+LATE_ADDED = (f"{LATENT_STATS}.",)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -128,8 +135,12 @@ class Checkpointer:
         if wait:
             self.manager.wait_until_finished()
 
-    def check_compatible(self, step: int, target: dict[str, Any]) -> None:
-        """Raises ``IncompatibleCheckpointError`` naming the arrays whose shape or dtype differ."""
+    def check_compatible(self, step: int, target: dict[str, Any]) -> list[str]:
+        """Raises ``IncompatibleCheckpointError`` naming the arrays whose shape or dtype differ.
+
+        Returns the names of ``target`` the step lacks and that may start fresh (``LATE_ADDED``: state
+        added after the step was written, such as a VAE run's latent statistics).
+        """
         quiet_orbax_reads()
         try:
             found = self.manager.item_metadata(step)["state"]
@@ -138,11 +149,13 @@ class Checkpointer:
             quiet_failed_restore(self.directory / str(step))
             raise DamagedCheckpointError(self.directory / str(step), step, "its array metadata (state/_METADATA) is "
                                          f"missing or unreadable ({short_reason(e)})") from e
-        bad = describe_mismatch(target, found)
+        fresh = [n for n in target if n not in found and n.startswith(LATE_ADDED)]
+        bad = describe_mismatch({n: v for n, v in target.items() if n not in fresh}, found)
         if bad:
             raise IncompatibleCheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit this run's config:\n{bad}\n"
                 "Use the config the checkpoint was trained with, or start a new --workdir.")
+        return fresh
 
     def restore(self, step: int, target: TrainState, *, data: bool = True) -> tuple[TrainState, Any, dict]:
         """The train state at ``step`` placed on ``target``'s shardings, plus the data state and metadata.
@@ -157,8 +170,9 @@ class Checkpointer:
         if missing:
             raise DamagedCheckpointError(step_dir, step, f"it has no {', '.join(m + '/' for m in missing)} item")
         flat_target = flatten_state(target)
-        self.check_compatible(step, flat_target)
-        args = {"state": ocp.args.StandardRestore(flat_target), "meta": ocp.args.JsonRestore()}
+        fresh = self.check_compatible(step, flat_target)
+        saved_target = {n: v for n, v in flat_target.items() if n not in fresh}
+        args = {"state": ocp.args.StandardRestore(saved_target), "meta": ocp.args.JsonRestore()}
         if data:
             args["data"] = IteratorStateRestore()
         try:
@@ -171,7 +185,15 @@ class Checkpointer:
         nonfinite = first_nonfinite(dict(restored["state"]))
         if nonfinite is not None:
             raise DamagedCheckpointError(step_dir, step, f"{nonfinite} holds NaN or infinite values")
-        state = unflatten_state(target, restored["state"])
+        arrays = dict(restored["state"])
+        if fresh:
+            log.warning("checkpoint step %d in %s predates %s: they start empty from this step on.", step,
+                        self.directory, ", ".join(fresh))
+            for n in fresh:
+                t = flat_target[n]
+                arrays[n] = jax.make_array_from_callback(t.shape, t.sharding,
+                                                         lambda i, t=t: np.zeros(t.shape, t.dtype)[i])
+        state = unflatten_state(target, arrays)
         return state, restored["data"] if data else None, restored["meta"]
 
     def restore_latest(self, target: TrainState, *, data: bool = True) -> tuple[int, TrainState, Any, dict] | None:

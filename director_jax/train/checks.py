@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from director_jax.build import RANDOM_VAE
 from director_jax.errors import UserError
 from director_jax.io_utils import writable_dir_problem
 from director_jax.parallel.rules import rules_from_config
@@ -54,12 +55,29 @@ def check_numbers(cfg: ml_collections.ConfigDict) -> None:
         value = _get(cfg, name)
         if value is not None and value >= below:
             raise UserError(f"--config.{name}={value!r}: give a rate below 1.")
+    mode = cfg.get("model_options", {}).get("sequence_parallel")
+    if mode in ("ring", "ulysses") and "mesh" in cfg and int(cfg.mesh.get("sequence", 1)) * int(
+            cfg.mesh.get("dcn_sequence", 1)) == 1:
+        raise UserError(f"--config.model_options.sequence_parallel={mode!r} needs a sequence axis: set "
+                        "--config.mesh.sequence to the devices to split the tokens over, or use 'auto' (local "
+                        "attention when the axis is 1).")
     t = cfg.train
     if int(t.batch_size) % int(t.get("micro_batches", 1)):
         raise UserError(f"--config.train.batch_size={t.batch_size} is not divisible by train.micro_batches="
                         f"{t.micro_batches}: each micro-batch takes an equal share.")
     if t.get("nonfinite", "stop") not in NONFINITE_POLICIES:
         raise UserError(f"--config.train.nonfinite={t.nonfinite!r}: choose one of {NONFINITE_POLICIES}.")
+
+
+def check_frozen_vae(cfg: ml_collections.ConfigDict) -> None:
+    """A Gen / SR run needs a trained frozen VAE: an empty ``vae.init_from`` is refused, with how to get one."""
+    if cfg.get("task") not in ("gen", "sr") or str(cfg.vae.get("init_from", "") or ""):
+        return
+    what = "Director-SR" if cfg.task == "sr" else "Director-Gen"
+    raise UserError(f"--config: vae.init_from is empty: {what} trains on the latents of a frozen VAE, and a random one "
+                    "gives noise in every frame. Train one first (python -m director_jax.train --config "
+                    "configs/vae_tiny.py --workdir runs/vae) and pass --config.vae.init_from runs/vae, or give a "
+                    f"Wan2.1 VAE file (--config.vae.init_from={RANDOM_VAE} runs a smoke test on a random VAE).")
 
 
 def check_training(cfg: ml_collections.ConfigDict, workdir: str | None) -> None:
@@ -71,6 +89,7 @@ def check_training(cfg: ml_collections.ConfigDict, workdir: str | None) -> None:
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise UserError(f"--config: {e}") from e
     if workdir is not None:
+        check_frozen_vae(cfg)
         problem = writable_dir_problem(workdir)
         if problem:
             raise UserError(f"--workdir: {problem}.")

@@ -1,10 +1,12 @@
-"""The train state (parameters, optimizer state, EMA, step, RNG, skip count) and its shardings.
+"""The train state (parameters, optimizer state, EMA, step, RNG, skip count, a VAE run's latent statistics) and
+its shardings.
 
 The state is built by one traceable ``init`` function: ``jax.eval_shape`` of it gives the abstract
 state (shapes for the AOT compile and for restoring a checkpoint onto any mesh), and the same
 function under ``jax.jit(out_shardings=...)`` creates every array directly in its shards.
 Optimizer and EMA leaves take the sharding of the parameter they mirror; everything else is
-replicated.
+replicated. ``latent_stats`` exists only for tasks that keep them (the VAE: ``latent_stats.py``), so
+other runs' checkpoints hold exactly the arrays they always held.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from director_jax.build import path_parts
 from director_jax.parallel import axis_rules, current_rules, param_shardings, validate_rules
 from director_jax.parallel.rules import Rules
+from director_jax.train.latent_stats import init_latent_stats
 
 
 @flax.struct.dataclass
@@ -32,13 +35,16 @@ class TrainState:
     ema: nnx.State | None  # EMA of params (None when optim.ema_decay == 0)
     rng: jax.Array  # uint32 key data of the run's base key; step keys are fold_in(rng, step)
     nonfinite_skips: jax.Array  # int32 scalar: updates skipped because the loss or gradients were not finite
+    # VAE runs: EMA sums of the posterior mean's per-channel moments (train/latent_stats.py); None otherwise
+    latent_stats: dict[str, jax.Array] | None = None
 
 
 def init_fn(build_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
-            use_ema: bool, rules: Rules | None = None) -> Callable[[], TrainState]:
+            use_ema: bool, rules: Rules | None = None, latent_channels: int | None = None) -> Callable[[], TrainState]:
     """A traceable function creating the whole train state from scratch.
 
-    ``rules`` (default: the table active now) is the logical-axis table active while it is traced.
+    ``rules`` (default: the table active now) is the logical-axis table active while it is traced;
+    ``latent_channels``: keep latent statistics over that many channels (the VAE task), None: none.
     """
     table = current_rules() if rules is None else validate_rules(rules)
 
@@ -47,7 +53,8 @@ def init_fn(build_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation
             params = nnx.state(build_fn(), nnx.Param)
         ema = jax.tree.map(jnp.copy, params) if use_ema else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
-                          rng=jax.random.key_data(jax.random.key(seed)), nonfinite_skips=jnp.zeros((), jnp.int32))
+                          rng=jax.random.key_data(jax.random.key(seed)), nonfinite_skips=jnp.zeros((), jnp.int32),
+                          latent_stats=None if latent_channels is None else init_latent_stats(latent_channels))
 
     return init
 
@@ -81,7 +88,8 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules | None = None
     opt_sharding = jax.tree_util.tree_map_with_path(mirror, abstract.opt_state)
     return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
                       ema=None if abstract.ema is None else params_sharding, rng=replicated,
-                      nonfinite_skips=replicated)
+                      nonfinite_skips=replicated,
+                      latent_stats=jax.tree.map(lambda _: replicated, abstract.latent_stats))
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -8,8 +8,9 @@ Micro-batches: the global batch (B, ...) is split into ``m`` micro-batches of B/
 j holding rows j, j + m, j + 2m, ... . With the batch dim sharded in contiguous blocks over the
 devices, every device keeps its own rows in every micro-batch (no data moves), and the loss is the
 mean of the micro-batch means, whatever the mesh. A step whose loss or gradient norm is not finite
-leaves parameters, optimizer state and EMA untouched and counts a skip; the caller decides whether
-that stops the run.
+leaves parameters, optimizer state, EMA and latent statistics untouched and counts a skip; the caller
+decides whether that stops the run. A task that keeps latent statistics (the VAE) reports its
+batch's moments in the loss's aux; they go into the state (``latent_stats.py``), not the metrics.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from director_jax.parallel import axis_rules, constrain, current_rules, logical_to_mesh_spec, validate_rules
 from director_jax.parallel.rules import Rules
+from director_jax.train.latent_stats import DECAY as LATENT_STATS_DECAY
+from director_jax.train.latent_stats import pop_moments, update_latent_stats
 from director_jax.train.optim import ema_update, global_norm
 from director_jax.train.state import TrainState
 from director_jax.train.tasks import BatchField, Task
@@ -43,7 +46,7 @@ def split_micro_batches(x: jax.Array, micro_batches: int, logical: tuple[str | N
 
 def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.GraphDef | None,
                     tx: optax.GradientTransformation, *, micro_batches: int, ema_decay: float,
-                    schedule: optax.Schedule | None = None) -> StepFn:
+                    schedule: optax.Schedule | None = None, latent_stats_decay: float = LATENT_STATS_DECAY) -> StepFn:
     """The pure train step for ``task`` (trace it under a mesh and ``axis_rules`` for activation constraints)."""
     fields = task.batch_fields(1)
 
@@ -85,18 +88,23 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.Gra
             loss = loss * scale
             aux = jax.tree.map(lambda a: a * scale, aux)
 
+        aux, moments = pop_moments(aux)
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = None if state.ema is None else ema_update(state.ema, params, ema_decay)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        ema = None if state.ema is None else ema_update(state.ema, params, ema_decay)
+        stats = state.latent_stats
+        if stats is not None:
+            stats = keep(update_latent_stats(stats, moments, latent_stats_decay), stats)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             ema=None if ema is None else keep(ema, state.ema),
             nonfinite_skips=state.nonfinite_skips + jnp.where(finite, 0, 1).astype(jnp.int32),
+            latent_stats=stats,
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
         if schedule is not None:

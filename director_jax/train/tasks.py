@@ -37,6 +37,7 @@ from director_jax.data.synthetic_loader import SyntheticClipsConfig
 from director_jax.models.lpips import LPIPS
 from director_jax.models.timeline import TEMPORAL_FACTOR, Timeline, TimelineLayout
 from director_jax.pipeline.gen import timeline_latents
+from director_jax.train.latent_stats import with_posterior_moments
 from director_jax.train.losses import drop_keyframes, gen_loss, sr_loss, vae_loss
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Task:
     """Base: subclasses fill in the model, the batch fields and the loss."""
 
     name: str = ""
+    latent_channels: int | None = None  # the VAE task's: keep running latent statistics (train/latent_stats.py)
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
@@ -131,6 +133,7 @@ class VaeTask(Task):
     def __init__(self, cfg: ml_collections.ConfigDict):
         super().__init__(cfg)
         self.vae_config = vae_config_from(cfg.vae)
+        self.latent_channels = self.vae_config.z_dim
         v = cfg.video
         if (v.num_frames - 1) % TEMPORAL_FACTOR:
             raise ValueError(f"config.video.num_frames={v.num_frames}: VAE training clips need 4n+1 frames.")
@@ -148,8 +151,10 @@ class VaeTask(Task):
 
     def loss(self, model, frozen, batch, key):
         t = self.cfg.train
-        return vae_loss(model, batch["video"], key, float(t.kl_weight), bool(t.sample_posterior),
-                        lpips_weight=float(t.get("lpips_weight", 0.0)), lpips=self.lpips)
+        return with_posterior_moments(vae_loss, model, batch["video"], key, float(t.kl_weight),
+                                      bool(t.sample_posterior), lpips_weight=float(t.get("lpips_weight", 0.0)),
+                                      lpips=self.lpips, mse_weight=float(t.get("mse_weight", 0.0)),
+                                      anchor_weight=float(t.get("anchor_weight", 0.0)))
 
     def tokens_per_example(self) -> int:
         v = self.cfg.video
@@ -364,7 +369,7 @@ class SRTask(GenTask):
     (``train.keyframe_dropout``), where every frame is generated. ``train.latents="precomputed"``
     takes both latents from the batch instead (a latent cache). ``config.model`` is the Gen
     architecture; ``init_from`` a Gen or SR checkpoint (``build_director_sr``). The frozen VAE is
-    ``vae.init_from`` (a diffusers directory), whose own latent statistics normalise the latents.
+    ``vae.init_from`` (a diffusers directory or a VAE run), whose own latent statistics normalise the latents.
     """
 
     name = "sr"
