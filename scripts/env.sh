@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Creates (first use) or refreshes (requirements changed) the project's virtual environment in .venv,
-# then installs director_jax in editable mode. Sourced by scripts/demo.sh and scripts/test.sh.
+# then installs director_jax in editable mode, and puts .venv/bin first on the PATH. Sourced by
+# scripts/demo.sh and scripts/test.sh, and by users (`source scripts/env.sh`): the set-up runs in a
+# subshell with its own strict options, so the caller's shell options are left as they were and a
+# failed set-up returns 1 instead of closing an interactive shell.
+_director_jax_setup() (
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${DIRECTOR_JAX_VENV:-$ROOT/.venv}"
+ROOT="$1"
+VENV="$2"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>/dev/null || {
@@ -24,5 +28,18 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; 
   echo "$WANT" > "$STAMP"
   echo "[env] ready" >&2
 fi
-export PATH="$VENV/bin:$PATH"
-export DIRECTOR_JAX_ROOT="$ROOT"
+)
+_DJ_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_DJ_VENV="${DIRECTOR_JAX_VENV:-$_DJ_ROOT/.venv}"
+# Called as a plain command (not in an `if` or `||`, where bash would ignore the subshell's `set -e`): in a
+# script with `set -e` a failed set-up stops the script; in an interactive shell its status is kept.
+_director_jax_setup "$_DJ_ROOT" "$_DJ_VENV"
+_DJ_STATUS=$?
+unset -f _director_jax_setup
+if [ "$_DJ_STATUS" -eq 0 ]; then
+  export PATH="$_DJ_VENV/bin:$PATH"
+  export DIRECTOR_JAX_ROOT="$_DJ_ROOT"
+fi
+unset _DJ_ROOT _DJ_VENV
+[ "$_DJ_STATUS" -eq 0 ] || { unset _DJ_STATUS; return 1 2>/dev/null || exit 1; }
+unset _DJ_STATUS
