@@ -91,6 +91,7 @@ def test_scan_body_flops_counted_once(mesh):
     assert flops(8) == pytest.approx(flops(2), rel=0.05) == pytest.approx(2 * m**3 / 4, rel=0.05)
 
 
+@pytest.mark.slow  # ~40 s AOT compile of the real 1.3B step; CI runs the slow set
 def test_compile_only_train_step_of_gen_1_3b_at_480p_on_v5p():
     """The real 1.3B Director-Gen train step (AdamW, EMA, 480x832 x 81 frames, batch 1) for v5p:2x2x1.
 
