@@ -10,31 +10,12 @@ from typing import Any
 
 import numpy as np
 from bench_common import (
-    REPO,
     RSSMonitor,
     make_log,
     release_free_memory,
 )
 
 log = make_log("dit-bench")
-
-DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
-SECTION = "## DiT"
-
-# Defaults; --quick swaps in the second column. Explicit flags always win.
-DEFAULTS = {
-    "heads": (4, 2),
-    "head_dim": (128, 32),
-    "layers": (4, 2),
-    "ffn_dim": (2048, 256),
-    "text_dim": (4096, 256),
-    "text_len": (512, 32),
-    "frames": (4, 2),
-    "height": (32, 16),
-    "width": (32, 16),
-    "repeats": (5, 1),
-    "warmup": (1, 1),
-}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def _whole(value: Any, what: str) -> int:
     return int(value)
 
 
-def _real(value: Any, what: str) -> float:
+def finite_number(value: Any, what: str) -> float:
     """``value`` as a finite float, or a GenerateError."""
     try:
         x = float(value)
@@ -152,7 +152,7 @@ def _num_frames(req: Request, fps: float) -> int:
             raise GenerateError(f"--frames={req.frames}: a video needs at least one frame.")
         return frames
     if req.duration is not None:
-        duration = _real(req.duration, "--duration")
+        duration = finite_number(req.duration, "--duration")
         if not duration > 0:
             raise GenerateError(f"--duration={req.duration}: give a positive number of seconds.")
         frames = duration * fps
@@ -164,7 +164,7 @@ def _num_frames(req: Request, fps: float) -> int:
 
 def _fps(req: Request) -> float:
     what = "--fps" if req.fps is not None else "the config's video.fps"
-    fps = _real(req.config.video.fps if req.fps is None else req.fps, what)
+    fps = finite_number(req.config.video.fps if req.fps is None else req.fps, what)
     if not MIN_FPS <= fps <= MAX_FPS:
         raise GenerateError(f"{what}={fps:g}: give a frame rate from {MIN_FPS:g} to {MAX_FPS:g} frames per second.")
     return fps

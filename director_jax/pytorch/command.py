@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from director_jax.data.text_embeddings import DEFAULT_MAX_LENGTH, load_text_embe
 from director_jax.errors import UserError
 from director_jax.models.timeline import Timeline, TimelineLayout, place_given_frames
 from director_jax.pipeline.media import read_image, sha256, to_float
-from director_jax.pipeline.request import MAX_FPS, MAX_SEED, MIN_FPS, frame_of, run_config, split_at
+from director_jax.pipeline.request import MAX_FPS, MAX_SEED, MIN_FPS, finite_number, frame_of, run_config, split_at
 from director_jax.pipeline.settings import EMBED_COMMAND, SamplingSettings, sampling_settings, text_inputs
 from director_jax.pytorch.outputs import check_output
 from director_jax.pytorch.pipeline import jax_noise, noise_shape
@@ -123,12 +122,7 @@ def _read_json(directory: str, flag: str) -> dict[str, Any]:
 
 def _number(flag: str, value: Any, *, low: float | None = None, high: float | None = None) -> float:
     """``value`` as a finite float within [low, high], or a UserError naming ``flag``."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{flag}={value!r}: give a number.") from None
-    if isinstance(value, bool) or not math.isfinite(x):
-        raise UserError(f"{flag}={value!r}: give a finite number.")
+    x = finite_number(value, flag)
     if (low is not None and x < low) or (high is not None and x > high):
         raise UserError(f"{flag}={x:g}: give a number from {low:g} to {high:g}.")
     return x
