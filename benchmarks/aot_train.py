@@ -31,8 +31,26 @@ COLUMNS = ("model", "size", "tokens", "topology", "remat", "attention", "args Gi
            "HBM GiB", "fits", "TFLOP/step", "compile s")
 
 
+def apply_overrides(cfg, overrides: list[str]) -> None:
+    """``section.key=value`` settings (Python literals where they parse, else strings), as --config flags give them."""
+    import ast
+
+    for item in overrides:
+        path, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *sections, key = path.split(".")
+        node = cfg
+        for name in sections:
+            node = node[name]
+        node[key] = value
+
+
 def run_one(model: str, size: str, topology: str, remat: str, attention: str = "xla",
-            sequence_parallel: str | None = None, mesh: dict[str, int] | None = None) -> dict:
+            sequence_parallel: str | None = None, mesh: dict[str, int] | None = None,
+            overrides: list[str] | None = None) -> dict:
     """Compiles one case in this process and returns its JSON-able result."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(REPO))
@@ -49,6 +67,7 @@ def run_one(model: str, size: str, topology: str, remat: str, attention: str = "
     cfg.model_options.sequence_parallel = sequence_parallel
     for axis, size_ in (mesh or {}).items():
         setattr(cfg.mesh, axis, size_)
+    apply_overrides(cfg, overrides or [])
     # As compile_train_step does, without check_fits (which raises on a non-fitting step): the report is wanted.
     run = build_run(cfg, devices=topology_devices(topology), materialize_frozen=False)
     state = with_shardings(run.abstract, run.shardings)
@@ -73,6 +92,7 @@ def run_one(model: str, size: str, topology: str, remat: str, attention: str = "
         "total_bytes": report.total_bytes, "hbm_bytes": report.hbm_bytes, "fits": report.fits,
         "analytic_tflop_per_step": tflop, "lower_seconds": report.lower_seconds,
         "compile_seconds": report.compile_seconds, "flops_per_device": report.flops, "status": "ok",
+        "overrides": list(overrides or []), "task": run.task.describe(),
     }
 
 
@@ -157,6 +177,8 @@ def main() -> int:
     p.add_argument("--mesh", default="", help="mesh sizes, e.g. fsdp=2,sequence=2 (default: the config's)")
     p.add_argument("--out", default="aot_train.jsonl", help="JSON lines are appended here as cases complete")
     p.add_argument("--timeout_min", type=float, default=12.0, help="kill a case's compile after this many minutes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.timelines=per_example (repeatable)")
     p.add_argument("--one", action="store_true", help="(internal) compile one case in this process")
     p.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of these result files")
     args = p.parse_args()
@@ -178,7 +200,8 @@ def main() -> int:
         return 0
     mesh = {k: int(v) for k, v in (item.split("=") for item in split(args.mesh))}
     if args.one:
-        result = run_one(models[0], sizes[0], topologies[0], remats[0], args.attention, args.sequence_parallel, mesh)
+        result = run_one(models[0], sizes[0], topologies[0], remats[0], args.attention, args.sequence_parallel, mesh,
+                         args.set)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -191,6 +214,8 @@ def main() -> int:
                "--topologies", topology, "--remat", remat, "--attention", args.attention, "--mesh", args.mesh]
         if args.sequence_parallel:
             cmd += ["--sequence-parallel", args.sequence_parallel]
+        for item in args.set:
+            cmd += ["--set", item]
         t0 = time.perf_counter()
         base = {"model": model, "size": size, "topology": topology, "remat": remat, "attention": args.attention,
                 "sequence_parallel": args.sequence_parallel}

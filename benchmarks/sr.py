@@ -171,7 +171,7 @@ def train_sr(cfg, cache, steps: int, workdir: Path):
     from director_jax.demo.cpu_fit import train_on_cache
 
     cfg = cfg.copy_and_resolve_references()
-    cfg.train.update(dict(latents="precomputed", layouts_in_batch=True, steps=steps, log_every=100))
+    cfg.train.update(dict(latents="precomputed", timelines="per_example", steps=steps, log_every=100))
     cfg.checkpoint.update(dict(every=steps, keep_last=1, async_save=False))
     report = train_on_cache(cfg, [cache], workdir, keyframe_dropout=float(cfg.train.keyframe_dropout))
     log(f"SR training: {report['history'][-1]}")

@@ -5,10 +5,11 @@
 
 The frozen VAE is ``configs/vae_tiny.py``'s architecture: ``vae.init_from`` names a trained one (a
 trainer run of that config, or its export); the train command refuses an empty one (``random``
-runs on a random VAE, for smoke tests only). Video is 32x32 at 8 fps, 17 frames, keyframes at the
-first and last frame, latents encoded in the step. The text encoder is a tiny umT5 (d_model 32, so
-text_dim 32); the walkthrough trains without captions (``text.conditioning=False``). Float32
-compute: bf16 is slow on CPUs and the tests compare meshes at 1e-5.
+runs on a random VAE, for smoke tests only). Video is 32x32 at 8 fps, 17 frames; every example has its
+own timeline (``train.timelines="per_example"``: keyframes anywhere, at shot starts, extensions, drawn
+by ``data.tasks``), latents encoded in the step, rows padded to one bucket of 11 latent frames. The
+text encoder is a tiny umT5 (d_model 32, so text_dim 32); the walkthrough trains without captions
+(``text.conditioning=False``). Float32 compute: bf16 is slow on CPUs and the tests compare meshes at 1e-5.
 """
 
 import ml_collections
@@ -34,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
                       temperal_downsample=(True, True)))
 
     # 2000 steps: ~12 min on 2 CPU cores (the frozen VAE encodes every clip in the step)
-    c.train.update(dict(steps=2000, batch_size=8, log_every=10, keyframes=(0, 16), latents="encode"))
+    c.train.update(dict(steps=2000, batch_size=8, log_every=10, keyframes=(0, 16), latents="encode",
+                        timelines="per_example"))
     c.optim.update(dict(learning_rate=1e-3, warmup_steps=10, ema_decay=0.99))
     c.checkpoint.update(dict(every=500, keep_last=2, keep_every=0))
     c.data.synthetic.fps = c.video.fps

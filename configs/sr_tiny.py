@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # 300 steps: ~6 min on 2 CPU cores (64x64 clips, both encoded in the step); benchmarks/sr.py sets its own budget.
     c.train.update(dict(steps=300, batch_size=8, log_every=10, keyframes=(0, 16), latents="encode",
-                        keyframe_dropout=0.25))
+                        keyframe_dropout=0.25, timelines="per_example"))
     c.optim.update(dict(learning_rate=1e-3, warmup_steps=20, ema_decay=0.99))
     c.checkpoint.update(dict(every=100, keep_last=2))
     c.data.synthetic.fps = c.video.fps

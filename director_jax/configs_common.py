@@ -48,7 +48,12 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
                                                keyframe_guidance=1.0, negative_prompt=""))
     c.vae = ml_collections.ConfigDict(dict(init_from=""))  # the frozen Wan2.1 VAE (architecture defaults)
     add_training(c, task="gen", batch_size=1, steps=10_000, learning_rate=1e-5, warmup_steps=500)
-    c.train.keyframes = (0,)  # frames of the training timeline held clean (keyframes)
+    c.train.keyframes = (0,)  # frames of the training timeline held clean (keyframes), with timelines="fixed"
+    # "per_example": every example its own task and keyframes (data.tasks), what teaches pacing control; rows are
+    # padded to the smallest of latent_buckets (latent frame counts; () = one, the longest timeline's) holding them
+    c.train.timelines = "fixed"
+    c.train.latent_buckets = ()
+    c.train.max_chunks = 0  # chunks a timeline may have (0: data.tasks.max_keyframes + 1, at least 3)
     c.train.latents = "precomputed"  # "encode": the frozen VAE encodes pixels inside the step
     return c
 
@@ -93,6 +98,14 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
             caption_dropout=0.1,  # the probability that a caption becomes "" (classifier-free guidance)
             decode_threads=1,  # FFmpeg threads per decode; parallelism comes from data.worker_count
         )),
+        # a latent cache (data.source="latents"): python -m director_jax.encode --cache_dir DIR
+        latents=ml_collections.ConfigDict(dict(dir="")),
+        # per-example timelines (train.timelines="per_example"): each example's task and keyframes, drawn by the
+        # data source from its window's cuts (data/task_sampling.py)
+        tasks=ml_collections.ConfigDict(dict(
+            task_weights=dict(single_shot=0.4, multi_shot=0.3, extend_forward=0.1, extend_backward=0.1,
+                              in_between=0.1),
+            max_keyframes=4, keyframe_first=0.5, keyframe_middle=0.25, keyframe_last=0.5, min_span=2)),
     ))
     return c
 

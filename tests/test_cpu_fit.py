@@ -1,7 +1,7 @@
 """Training on latent caches (demo/cpu_fit.py) and per-example timelines in the Gen / SR tasks.
 
 The demo trains Director-Gen on every keyframe layout at once: each batch carries its rows' given
-masks and MC-RoPE positions (``train.layouts_in_batch``). With the fixed layout's own mask and
+masks and MC-RoPE positions (``train.timelines='per_example'``). With the fixed layout's own mask and
 positions in the batch the loss must equal the fixed-layout task's, bit for bit; the cache trainer
 must write a checkpoint that ``generate`` / ``evaluate``'s loader reads back.
 """
@@ -32,16 +32,16 @@ from director_jax.train.tasks import make_task
 from tests.test_generate import GEN_CONFIG
 
 
-def _gen_cfg(layouts_in_batch: bool):
+def _gen_cfg(per_example: bool):
     cfg = load_config(GEN_CONFIG)
     cfg.train.latents = "precomputed"
-    cfg.train.layouts_in_batch = layouts_in_batch
+    cfg.train.timelines = "per_example" if per_example else "fixed"
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
     cfg.video.update(dict(height=16, width=16))  # 4x4 latents: small token counts for CPU fits
     return cfg
 
 
-def test_layouts_in_batch_equals_the_fixed_layout():
+def test_per_example_timelines_equal_the_fixed_layout():
     fixed, per_row = make_task(_gen_cfg(False)), make_task(_gen_cfg(True))
     layout = fixed.layout  # keyframes (0, 16) over 17 frames: 6 latents
     model = fixed.build_fn()()
@@ -49,19 +49,21 @@ def test_layouts_in_batch_equals_the_fixed_layout():
     latents = jax.random.normal(jax.random.key(1), (b, length, h, w, z))
     key = jax.random.key(2)
     want, _ = fixed.loss(model, None, {"latents": latents}, key)
-    batch = {"latents": latents, "given": np.broadcast_to(layout.given, (b, length)),
-             "position": np.broadcast_to(layout.position.astype(np.float32), (b, length))}
+    batch = {"latents": latents, "latent_given": np.broadcast_to(layout.given, (b, length)),
+             "latent_valid": np.ones((b, length), bool),
+             "latent_position": np.broadcast_to(layout.position.astype(np.float32), (b, length))}
     got, _ = per_row.loss(model, None, batch, key)
     assert float(got) == float(want)
-    assert set(per_row.batch_fields(b)) == {"latents", "given", "position"}
+    assert set(per_row.batch_fields(b)) == {"latents", "latent_given", "latent_valid", "latent_position"}
     # another layout (keyframes 0, 8, 16: 7 latents) runs through the same task, and the positions matter
     other = Timeline.from_keyframes(17, [0, 8, 16]).layout
     lat7 = jax.random.normal(jax.random.key(3), (b, other.num_latents, h, w, z))
-    batch7 = {"latents": lat7, "given": np.broadcast_to(other.given, (b, 7)),
-              "position": np.broadcast_to(other.position.astype(np.float32), (b, 7))}
+    batch7 = {"latents": lat7, "latent_given": np.broadcast_to(other.given, (b, 7)),
+              "latent_valid": np.ones((b, 7), bool),
+              "latent_position": np.broadcast_to(other.position.astype(np.float32), (b, 7))}
     a, _ = per_row.loss(model, None, batch7, key)
-    shifted, _ = per_row.loss(model, None, {**batch7, "position": batch7["position"] + 0.5}, key)
-    stretched, _ = per_row.loss(model, None, {**batch7, "position": batch7["position"] * 2.0}, key)
+    shifted, _ = per_row.loss(model, None, {**batch7, "latent_position": batch7["latent_position"] + 0.5}, key)
+    stretched, _ = per_row.loss(model, None, {**batch7, "latent_position": batch7["latent_position"] * 2.0}, key)
     assert np.isfinite(float(a))
     assert abs(float(a) - float(shifted)) < 1e-5  # RoPE is relative: a common offset changes nothing
     assert abs(float(a) - float(stretched)) > 1e-4  # other spacings do

@@ -85,7 +85,7 @@ def test_config_files_read_back_as_the_commands_read_them(tmp_path):
     back = load_config(path)
     assert isinstance(back, ml_collections.ConfigDict)
     assert json.dumps(back.to_dict(), sort_keys=True) == json.dumps(gen.to_dict(), sort_keys=True)
-    assert back.video.height == 32 and back.vae.dim_mult == [1, 2, 2] and back.train.layouts_in_batch
+    assert back.video.height == 32 and back.vae.dim_mult == [1, 2, 2] and back.train.timelines == "per_example"
     assert [layout.num_latents for layout in stages.layouts(cfg)][:4] == [5, 6, 6, 6]
     # keyframe guidance needs keyframe dropout in training: both reach the files generate / evaluate / train read
     assert back.train.keyframe_dropout == cfg.gen.keyframe_dropout > 0

@@ -130,7 +130,7 @@ def test_keyframe_dropout_drops_whole_rows_and_reaches_the_gen_loss():
 
     # GenTask applies train.keyframe_dropout in its loss: at 1.0 the loss is gen_loss with no given frames.
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "gen_tiny.py")
-    cfg.train.update(dict(latents="precomputed", keyframe_dropout=1.0))
+    cfg.train.update(dict(latents="precomputed", keyframe_dropout=1.0, timelines="fixed"))
     task = GenTask(cfg)
     model = task.build_fn()()
     latents = jax.random.normal(jax.random.key(6), (2, *task._latent_shape()))

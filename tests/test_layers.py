@@ -24,7 +24,8 @@ FLOORS = {
     "build": 5, "configs_common": 5,
     "pipeline": 6,
     "eval": 7, "train": 7, "curation": 7, "pytorch": 7,
-    "demo": 8, "movies": 8, "curate": 8, "shards": 8, "embed_text": 8, "evaluate": 8, "generate": 8,  # the commands
+    # the commands
+    "demo": 8, "encode": 8, "movies": 8, "curate": 8, "shards": 8, "embed_text": 8, "evaluate": 8, "generate": 8,
 }
 COMMAND_FLOOR = 8  # every package's __main__ is a command
 # The demo drives the trainer's Python API the way a user's script would (train/__main__ is inside train/).

@@ -307,6 +307,7 @@ def test_trainer_uses_the_config_rules_for_state_batch_and_activations():
     assert cfg.mesh.rules is None
     cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
     cfg.mesh.rules = [["embed", "tensor"], ["act_embed", "tensor"], ["batch", "data"]]
+    cfg.train.timelines = "fixed"  # a batch of one field (per-example timelines add per-row arrays)
     run = build_run(cfg, materialize_frozen=False)
     assert run.rules == rules_from_config(cfg)
     kernel = run.shardings.params["dit"]["blocks"]["attn1"]["to_q"]["kernel"]

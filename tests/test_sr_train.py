@@ -15,6 +15,7 @@ from director_jax.configs_common import load_config
 from director_jax.convert.dit import export_transformer
 from director_jax.convert.vae import export_vae
 from director_jax.data.degradations import DegradationConfig, degrade
+from director_jax.data.task_sampling import spans_from_masks
 from director_jax.models.dit import WanDiT, WanDiTConfig
 from director_jax.models.sr import DirectorSR
 from director_jax.models.timeline import Timeline
@@ -37,7 +38,8 @@ def tiny_sr_config(steps: int = 16):
     cfg.vae.update(SMALL_VAE)
     cfg.model.update(dict(in_channels=Z, out_channels=Z))
     cfg.degradation.update(dict(scales=(2,), blur_prob=0.5, noise_prob=0.5, jpeg_prob=0.5, codec_prob=0.5))
-    cfg.train.update(dict(steps=steps, batch_size=8, log_every=1, keyframes=(0, 8), keyframe_dropout=0.5))
+    cfg.train.update(dict(steps=steps, batch_size=8, log_every=1, keyframes=(0, 8), keyframe_dropout=0.5,
+                          timelines="fixed"))
     cfg.optim.update(dict(learning_rate=3e-3, warmup_steps=2, decay_steps=steps))
     cfg.checkpoint.every = steps
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1))
@@ -48,12 +50,12 @@ def test_sr_task_batch_holds_the_degraded_clips_seeded_per_example():
     cfg = tiny_sr_config()
     run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
     assert isinstance(run.task, SRTask) and run.task.scale == 2
-    assert set(run.batch_fields) == {"video", "upsampled", "given"}
+    assert set(run.batch_fields) == {"video", "upsampled", "latent_given"}
     data = make_data(run)
     batch = next(data)
     layout = run.task.layout
     assert batch["video"].shape == (8, 9, 32, 32, 3) and batch["upsampled"].shape == (8, 9, 32, 32, 3)
-    assert batch["lowres"].shape == (8, 9, 16, 16, 3) and batch["given"].shape == (8, layout.num_latents)
+    assert batch["lowres"].shape == (8, 9, 16, 16, 3) and batch["latent_given"].shape == (8, layout.num_latents)
     config = DegradationConfig.from_config(cfg.degradation)
     for row, index in enumerate(batch["index"]):
         pixels = np.clip(np.rint((batch["video"][row] + 1.0) * 127.5), 0, 255).astype(np.uint8)
@@ -62,8 +64,25 @@ def test_sr_task_batch_holds_the_degraded_clips_seeded_per_example():
         np.testing.assert_array_equal(np.rint((batch["upsampled"][row] + 1.0) * 127.5).astype(np.uint8),
                                       direct.upsampled)
         kept = keyframes_kept(int(cfg.seed), int(index), 0.5)
-        np.testing.assert_array_equal(batch["given"][row], layout.given & kept)
-    assert 0 < batch["given"].any(axis=1).sum() < 8  # with dropout 0.5 both kinds are in this batch (seed 0)
+        np.testing.assert_array_equal(batch["latent_given"][row], layout.given & kept)
+        assert batch["keyframes_kept"][row] == kept
+    assert 0 < batch["latent_given"].any(axis=1).sum() < 8  # with dropout 0.5 both kinds are in this batch (seed 0)
+
+
+def test_sr_task_with_per_example_timelines_drops_each_rows_own_keyframes(tmp_path):
+    cfg = tiny_sr_config(steps=1)
+    cfg.train.timelines = "per_example"
+    run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
+    batch = next(make_data(run))
+    assert batch["lowres"].shape == (8, 9, 16, 16, 3) and batch["slot_frames_0"].shape == (8, 9)
+    for row, index in enumerate(batch["index"]):
+        layout = Timeline(9, tuple(spans_from_masks(batch["given"][row], batch["given_start"][row]))).layout
+        kept = keyframes_kept(int(cfg.seed), int(index), 0.5)
+        np.testing.assert_array_equal(batch["latent_given"][row, :layout.num_latents], layout.given & kept)
+    assert len({tuple(g) for g in batch["given"]}) > 1  # rows of one batch with different timelines
+    cfg.vae.init_from = "random"
+    result = train(cfg, tmp_path / "run", devices=jax.devices()[:1], progress=False)
+    assert result.final_step == 1 and np.isfinite(result.losses[1])
 
 
 def test_sr_task_trains_with_the_real_trainer(tmp_path):

@@ -43,6 +43,7 @@ def _cfg(root: Path, steps: int = 3, **overrides):
     cfg.data.curated.dir = str(root)
     cfg.data.curated.caption_dropout = 0.25
     cfg.text.conditioning = True
+    cfg.train.timelines = "fixed"  # the data path of one timeline; per-example ones: tests/test_train_timelines.py
     for path, value in overrides.items():
         section, key = path.split(".")
         cfg[section][key] = value
@@ -84,9 +85,9 @@ def test_configs_the_shards_cannot_feed_are_named(curated, tmp_path):
     root, _ = curated
     cases = [
         ({"train.latents": "precomputed"}, "set --config.train.latents=encode"),
-        ({"train.layouts_in_batch": True}, "set --config.train.layouts_in_batch=False"),
+        ({"train.timelines": "per_frame"}, "choose one of ('fixed', 'per_example')"),
         ({"model.text_dim": 48}, "48"),
-        ({"data.source": "shards"}, "choose one of ('synthetic', 'curated')"),
+        ({"data.source": "shards"}, "choose one of ('synthetic', 'curated', 'latents')"),
     ]
     for overrides, message in cases:
         cfg = _cfg(root, **overrides)
@@ -107,13 +108,14 @@ def test_configs_the_shards_cannot_feed_are_named(curated, tmp_path):
 @pytest.mark.parametrize("config,fields", [
     ("vae_tiny.py", {"video": (8, 5, 32, 32, 3)}),
     # given: one per latent frame, frames 0-15 in 1 + 4 latents and the keyframe 16 in one
-    ("sr_tiny.py", {"video": (8, 17, 64, 64, 3), "upsampled": (8, 17, 64, 64, 3), "given": (8, 6)}),
+    ("sr_tiny.py", {"video": (8, 17, 64, 64, 3), "upsampled": (8, 17, 64, 64, 3), "latent_given": (8, 6)}),
 ])
 def test_vae_and_sr_tasks_take_curated_windows_of_their_size(curated, config, fields):
     root, _ = curated
     cfg = load_config(ROOT / "configs" / config)
     cfg.mesh.update(dict(data=2, fsdp=4, tensor=1))
     cfg.data.source, cfg.data.curated.dir = "curated", str(root)
+    cfg.train.timelines = "fixed"
     run = build_run(cfg, materialize_frozen=False)
     batch = global_batch(run, next(make_data(run)))
     assert {k: tuple(v.shape) for k, v in batch.items()} == fields

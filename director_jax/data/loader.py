@@ -67,8 +67,8 @@ from director_jax.data.task_sampling import DEFAULT_TASK_WEIGHTS, TaskSamplingCo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CuratedLoaderConfig", "make_curated_dataset", "make_iterator", "batch_plan", "nearest_bucket",
-           "resampled_length", "source_frame_indices", "text_metadata"]
+__all__ = ["CuratedLoaderConfig", "curated_loader_config", "make_curated_dataset", "make_iterator", "batch_plan",
+           "nearest_bucket", "resampled_length", "source_frame_indices", "text_metadata"]
 
 VIDEO_DTYPES = ("float32", "uint8")
 _EPS = 1e-9  # keeps j * ratio + 1/2 that is a whole number in exact arithmetic from rounding down
@@ -255,6 +255,20 @@ def decode_frames(data: bytes, indices: np.ndarray, height: int, width: int, thr
         raise ValueError(f"the clip has fewer frames than needed (frame {last} asked, {n + 1} decoded): the stored "
                          "clip and the manifest's num_frames disagree; rebuild the curated directory.")
     return out
+
+
+def curated_loader_config(cfg: Any) -> CuratedLoaderConfig:
+    """A training config's curated-loader settings: windows of its video size, its task draw (``data.tasks``),
+    caption embeddings padded to ``text.max_length`` when the model is text-conditioned."""
+    v, c = cfg.video, cfg.data.curated
+    text = cfg.get("text")
+    conditioned = text is not None and bool(text.get("conditioning", False))
+    tasks = cfg.data.get("tasks")
+    return CuratedLoaderConfig(
+        data_dir=str(c.dir), split=str(c.split), clip_frames=int(v.num_frames), fps=float(c.fps) or None,
+        buckets=((int(v.height), int(v.width)),), caption_dropout=float(c.caption_dropout),
+        text_length=int(text.max_length) if conditioned else None, decode_threads=int(c.decode_threads),
+        seed=int(cfg.seed), **({} if tasks is None else tasks.to_dict()))
 
 
 def text_metadata(cfg: CuratedLoaderConfig) -> dict | None:

@@ -1,15 +1,22 @@
 """A deterministic, resumable, per-host-sharded Grain pipeline of synthetic training clips.
 
 The tiny configs and the tests train on it instead of curated shards (``director_jax.data.loader``),
-with the same input contract: batches of ``{"video": (b, T, H, W, 3) float32 in [-1, 1],
-"index": (b,) int64}``, a checkpointable iterator whose state is plain JSON (``make_iterator``, shared
-with the curated loader in ``director_jax.data.iterators``), and hosts that each read their own rows
-of every global batch.
+with the same input contract: a checkpointable iterator whose state is plain JSON (``make_iterator``,
+shared with the curated loader in ``director_jax.data.iterators``), hosts that each read their own
+rows of every global batch, and batches (``b`` = this host's rows, ``T = clip_frames``)::
+
+    video          (b, T, H, W, 3) float32 in [-1, 1]
+    index          (b,) int64      the example's index
+    given          (b, T) bool     only with ``tasks=True``: as the curated loader's, from
+    given_start    (b, T) bool     ``task_sampling.sample_task`` on the window's true cuts, so
+    task           (b,) int32      multi-shot examples put keyframes on real shot starts
+
+With ``tasks=False`` (the default) a batch holds only ``video`` and ``index``, as it always did.
 
 Pipeline: ``range(num_movies) -> shuffle -> repeat -> host shard -> map(synthetic_clip) -> batch``.
-Example ``i`` is a pure function of ``(cfg.seed, i)``, so it never depends on the order it is read
-in, on the host count or on the worker count. Epochs revisit the same ``num_movies`` examples in a
-new order (Grain reseeds the shuffle each epoch).
+Example ``i`` (its task too) is a pure function of ``(cfg.seed, i)``, so it never depends on the order
+it is read in, on the host count or on the worker count. Epochs revisit the same ``num_movies``
+examples in a new order (Grain reseeds the shuffle each epoch).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from director_jax.data.iterators import (
     mixed_shuffle_seed,
 )
 from director_jax.data.synthetic import random_shot, render_shot
+from director_jax.data.task_sampling import DEFAULT_TASK_WEIGHTS, TaskSamplingConfig, sample_task, task_config_from
 
 __all__ = ["SyntheticClipsConfig", "make_dataset", "make_iterator", "synthetic_clip"]
 
@@ -47,6 +55,14 @@ class SyntheticClipsConfig:
     shots_per_movie: int = 3
     hflip: bool = True
     seed: int = 0
+    tasks: bool = False  # add given / given_start / task (the curated loader's task fields)
+    # TaskSamplingConfig's fields, read only with tasks=True (see director_jax.data.task_sampling).
+    task_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    max_keyframes: int = 4
+    keyframe_first: float = 0.5
+    keyframe_middle: float = 0.25
+    keyframe_last: float = 0.5
+    min_span: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shot_lengths", tuple(int(n) for n in self.shot_lengths))
@@ -62,6 +78,12 @@ class SyntheticClipsConfig:
             raise ValueError(
                 f"A movie of {self.shots_per_movie} shots of >= {lo} frames can be shorter than "
                 f"clip_frames={self.clip_frames}; raise shots_per_movie or shot_lengths[0].")
+        object.__setattr__(self, "task_weights", self.task_config().task_weights)  # validated, all tasks named
+
+    def __hash__(self) -> int:
+        """Hashable as before the ``task_weights`` dict (a frozen config may key a cache)."""
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any, **overrides: Any) -> SyntheticClipsConfig:
@@ -71,6 +93,9 @@ class SyntheticClipsConfig:
         block can serve several consumers; pass ``overrides`` to set fields under other names.
         """
         return config_from(cls, config, **overrides)
+
+    def task_config(self) -> TaskSamplingConfig:
+        return task_config_from(dataclasses.asdict(self))
 
 
 def _example_plan(index: int, cfg: SyntheticClipsConfig) -> tuple[int, list[int], int, bool]:
@@ -84,12 +109,19 @@ def _example_plan(index: int, cfg: SyntheticClipsConfig) -> tuple[int, list[int]
     return movie_seed, lengths, start, flip and cfg.hflip
 
 
+def _window_cuts(lengths: list[int], start: int, clip_frames: int) -> list[int]:
+    """Shot starts strictly inside the window ``[start, start + clip_frames)``, in clip frames."""
+    shot_starts = np.cumsum(lengths)[:-1]
+    return [int(s) - start for s in shot_starts if start < s < start + clip_frames]
+
+
 def synthetic_clip(index: int, cfg: SyntheticClipsConfig) -> dict[str, np.ndarray]:
     """Example ``index``: ``clip_frames`` frames of ``make_movie(movie_seed, lengths)``, maybe flipped.
 
     Equals slicing the full ``make_movie`` output, but only the shots the clip touches are
     rendered, each only up to the clip's last frame: the shot specs are drawn in ``make_movie``'s
-    order from the same generator, so skipped shots still advance it identically.
+    order from the same generator, so skipped shots still advance it identically. With ``cfg.tasks``
+    the task is drawn from its own stream (``sample_task``), so it leaves the frames unchanged.
     """
     movie_seed, lengths, start, flip = _example_plan(index, cfg)
     stop = start + cfg.clip_frames
@@ -110,7 +142,12 @@ def synthetic_clip(index: int, cfg: SyntheticClipsConfig) -> dict[str, np.ndarra
     video = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
     if flip:
         video = video[:, :, ::-1]
-    return {"video": np.ascontiguousarray(video, dtype=np.float32), "index": np.int64(index)}
+    out = {"video": np.ascontiguousarray(video, dtype=np.float32), "index": np.int64(index)}
+    if cfg.tasks:
+        spec = sample_task(cfg.clip_frames, _window_cuts(lengths, start, cfg.clip_frames), seed=cfg.seed,
+                           index=index, cfg=cfg.task_config())
+        out.update(given=spec.given, given_start=spec.given_start, task=np.int32(spec.task_id))
+    return out
 
 
 def make_dataset(cfg: SyntheticClipsConfig, *, global_batch_size: int, process_index: int = 0,

@@ -5,7 +5,7 @@ the frozen VAE in every step would cost more than the step itself. So the VAE is
 (``fit_vae``), every training clip is encoded once per timeline layout (``encode_layouts``), and Gen
 or SR train through the trainer's own jitted step (optimizer, schedule, EMA, non-finite guard) on
 random rows of that cache (``train_on_cache``), with the layout of each row in the batch
-(``train.layouts_in_batch``) so one model learns every keyframe placement. The result is a trainer
+(``train.timelines = "per_example"``) so one model learns every keyframe placement. The result is a trainer
 checkpoint, so ``generate`` and ``evaluate`` read it as they read any run.
 """
 
@@ -166,8 +166,8 @@ def train_on_cache(cfg: ml_collections.ConfigDict, caches: Sequence[LayoutCache]
     to ``workdir/checkpoints`` (read back by ``build`` / ``generate``) and returns the loss log.
     """
     cfg = cfg.copy_and_resolve_references()
-    if cfg.train.latents != "precomputed" or not cfg.train.get("layouts_in_batch", False):
-        raise ValueError("train_on_cache needs train.latents='precomputed' and train.layouts_in_batch=True.")
+    if cfg.train.latents != "precomputed" or cfg.train.get("timelines") != "per_example":
+        raise ValueError("train_on_cache needs train.latents='precomputed' and train.timelines='per_example'.")
     steps, b = int(cfg.train.steps), int(cfg.train.batch_size)
     small = [len(c) for c in caches if len(c) < b]
     if not caches or small:
@@ -186,8 +186,8 @@ def train_on_cache(cfg: ml_collections.ConfigDict, caches: Sequence[LayoutCache]
         given = np.broadcast_to(np.asarray(cache.layout.given), (b, length)).copy()
         if keyframe_dropout > 0:
             given &= (rng.random(b) >= keyframe_dropout)[:, None]
-        batch = {"latents": cache.latents[rows], "given": given,
-                 "position": np.broadcast_to(np.asarray(cache.layout.position, np.float32), (b, length))}
+        batch = {"latents": cache.latents[rows], "latent_given": given, "latent_valid": np.ones((b, length), bool),
+                 "latent_position": np.broadcast_to(np.asarray(cache.layout.position, np.float32), (b, length))}
         if cache.lowres_latents is not None:
             batch["lowres_latents"] = cache.lowres_latents[rows]
         missing = set(place) - set(batch)

@@ -110,7 +110,7 @@ def _common(c: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, sectio
     c.video.num_frames = int(cfg.data.gen_frames)
     c.video.fps = float(cfg.data.fps)
     c.train.update(dict(steps=int(section.steps), batch_size=int(section.batch_size), latents="precomputed",
-                        layouts_in_batch=True, log_every=50))
+                        timelines="per_example", log_every=50))
     c.optim.update(dict(learning_rate=float(section.learning_rate), warmup_steps=int(section.warmup_steps),
                         ema_decay=float(section.ema_decay)))
     c.checkpoint.update(dict(every=int(section.steps), keep_last=1, async_save=False))

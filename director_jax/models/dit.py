@@ -320,7 +320,11 @@ class WanDiT(nnx.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def __call__(self, latents: jax.Array, timestep: jax.Array, text: jax.Array, *,
-                 positions: jax.Array | None = None, text_mask: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, text_mask: jax.Array | None = None,
+                 valid_frames: jax.Array | None = None) -> jax.Array:
+        """``valid_frames`` (B,) int: each row's real latent frames, a prefix (rows padded to one length);
+        the tokens of the frames after it are masked as self-attention keys, so a row's output on its
+        real frames is that of the row alone, unpadded. None: every frame is real."""
         cfg = self.config
         f, h, w = self._grid(latents)
         b = latents.shape[0]
@@ -338,10 +342,13 @@ class WanDiT(nnx.Module):
 
         pad = self._sequence_padding(s)
         kv_len = token_group = None
+        if valid_frames is not None:  # padded latent frames: their tokens are keys no query sees
+            frames = -(-jnp.asarray(valid_frames, jnp.int32) // cfg.patch_size[0])
+            kv_len = jnp.broadcast_to(frames * (h * w), (b,)).astype(jnp.int32)
         if pad:  # sequence parallel with S not divisible by the sequence axis: pad, mask, drop (see above)
             x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
             rope = jnp.pad(rope, ((0, 0), (0, pad), (0, 0)))  # angle 0: identity rotation
-            kv_len = jnp.full((b,), s, jnp.int32)
+            kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len
             g = groups.shape[1]
             if g > 1:  # padded tokens join the last group: any finite modulation will do, they are dropped
                 token_group = np.minimum(np.arange(s + pad) // (s // g), g - 1)
@@ -403,9 +410,10 @@ class DirectorGen(nnx.Module):
         return self.dit.config
 
     def __call__(self, latents: jax.Array, sigma_frames: jax.Array, text: jax.Array, *, positions: jax.Array,
-                 text_mask: jax.Array | None = None) -> jax.Array:
+                 text_mask: jax.Array | None = None, valid_frames: jax.Array | None = None) -> jax.Array:
         sigma_frames = jnp.asarray(sigma_frames, jnp.float32)
         if sigma_frames.shape != latents.shape[:2]:
             raise ValueError(f"sigma_frames has shape {sigma_frames.shape}; it needs one flow time per latent frame, "
                              f"shape {latents.shape[:2]}.")
-        return self.dit(latents, NUM_TRAIN_TIMESTEPS * sigma_frames, text, positions=positions, text_mask=text_mask)
+        return self.dit(latents, NUM_TRAIN_TIMESTEPS * sigma_frames, text, positions=positions, text_mask=text_mask,
+                        valid_frames=valid_frames)

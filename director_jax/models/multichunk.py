@@ -7,7 +7,7 @@ so keyframes come back on exactly their frames.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,3 +82,35 @@ def decode_timeline(
         for k, c in enumerate(chunks):
             frames[c.index] = decoded[k * b:(k + 1) * b, :c.length]
     return _scatter(frames, layout)
+
+
+def encode_slots(
+    vae: WanVAE,
+    video: jax.Array,
+    slot_frames: Sequence[jax.Array],
+    latent_source: jax.Array,
+    encode: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+) -> jax.Array:
+    """Posterior means (B, L, h, w, z) of rows with their own timelines (``data/row_timelines.py``).
+
+    ``slot_frames[i]`` (B, P_i) int: the clip frames chunk slot ``i`` encodes (a chunk, its last
+    frame repeated); slots of one length go through the VAE together. ``latent_source`` (B, L) int
+    picks each row latent out of the slots' latents laid end to end. A row's latents equal
+    ``encode_timeline`` of its own layout: each chunk is encoded on its own, padded the same way.
+    """
+    if video.ndim != 5:
+        raise ValueError(f"video must be (B, T, H, W, C); got {tuple(video.shape)}.")
+    encode = encode or vae.encode
+    b = video.shape[0]
+    groups: dict[int, list[int]] = {}
+    for i, frames in enumerate(slot_frames):
+        groups.setdefault(int(frames.shape[1]), []).append(i)
+    means: dict[int, jax.Array] = {}
+    for slots in groups.values():
+        clips = jnp.concatenate([jnp.take_along_axis(video, slot_frames[i][:, :, None, None, None], axis=1)
+                                 for i in slots], axis=0)
+        mean, _ = encode(clips)
+        for k, i in enumerate(slots):
+            means[i] = mean[k * b:(k + 1) * b]
+    stacked = jnp.concatenate([means[i] for i in range(len(slot_frames))], axis=1)
+    return jnp.take_along_axis(stacked, latent_source[:, :, None, None, None], axis=1)

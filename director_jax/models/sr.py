@@ -100,11 +100,13 @@ class DirectorSR(nnx.Module):
                              "timeline layout, so both lie on one (B, L, h, w) latent grid.")
 
     def __call__(self, noisy_latents: jax.Array, lowres_latents: jax.Array, sigma_frames: jax.Array, text: jax.Array,
-                 *, positions: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
+                 *, positions: jax.Array, text_mask: jax.Array | None = None,
+                 valid_frames: jax.Array | None = None) -> jax.Array:
         self.check_inputs(noisy_latents, lowres_latents)
         sigma_frames = jnp.asarray(sigma_frames, jnp.float32)
         if sigma_frames.shape != noisy_latents.shape[:2]:
             raise ValueError(f"sigma_frames has shape {sigma_frames.shape}; it needs one flow time per latent frame, "
                              f"shape {noisy_latents.shape[:2]}.")
         x = jnp.concatenate([noisy_latents, lowres_latents.astype(noisy_latents.dtype)], axis=-1)
-        return self.dit(x, NUM_TRAIN_TIMESTEPS * sigma_frames, text, positions=positions, text_mask=text_mask)
+        return self.dit(x, NUM_TRAIN_TIMESTEPS * sigma_frames, text, positions=positions, text_mask=text_mask,
+                        valid_frames=valid_frames)

@@ -96,14 +96,15 @@ def drop_keyframes(given: jax.Array, key: jax.Array, rate: float) -> jax.Array:
 
 
 def _flow_loss(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], latents: jax.Array, given: jax.Array,
-               key: jax.Array, *, timestep_sampling: str, logit_mean: float, logit_std: float, shift: float
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               key: jax.Array, *, timestep_sampling: str, logit_mean: float, logit_std: float, shift: float,
+               valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Flow matching on the generated frames of a timeline, given frames clean; shared by Gen and SR.
 
     ``velocity_fn(x_t, sigma_frames)`` is the model with its conditioning bound. One flow time per
     sample is drawn (logit-normal or uniform, then shifted) and shared by all its generated frames,
     as in Wan's training. ``key`` is one key, or one key per example (B,), which the trainer uses
-    so micro-batching does not change the draws.
+    so micro-batching does not change the draws. ``valid`` (B, L) bool: each row's real latent frames
+    (rows padded to one length); padding is out of the loss.
     """
     given = jnp.asarray(given, bool)
     if given.shape != latents.shape[:2]:
@@ -114,49 +115,70 @@ def _flow_loss(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], latents
         t = sample_timesteps(k_time, rows, kind=timestep_sampling, mean=logit_mean, std=logit_std, shift=shift)
         return t, jax.random.normal(k_noise, shape, jnp.float32)
 
+    def draw_example(k):
+        # one noise key per latent frame: a row padded to more frames draws the same noise on its own ones
+        k_time, k_noise = jax.random.split(k)
+        t = sample_timesteps(k_time, 1, kind=timestep_sampling, mean=logit_mean, std=logit_std, shift=shift)
+        frames = jnp.arange(latents.shape[1])
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), latents.shape[2:]))(frames)
+        return t, noise
+
     if key.ndim == 1:  # one key per example
-        t, noise = jax.vmap(lambda k: draw(k, 1, latents.shape[1:]))(key)
+        t, noise = jax.vmap(draw_example)(key)
         t = t[:, 0]
     else:
         t, noise = draw(key, latents.shape[0], latents.shape)
     sigma_frames = jnp.where(given, 0.0, t[:, None])
     x_t = noisy_latents(latents, noise, sigma_frames)
     velocity = velocity_fn(x_t, sigma_frames)
-    loss = flow_matching_loss(velocity, velocity_target(latents, noise), ~given)
+    generated = ~given if valid is None else ~given & jnp.asarray(valid, bool)
+    loss = flow_matching_loss(velocity, velocity_target(latents, noise), generated)
     return loss, {"flow_mse": loss, "t_mean": jnp.mean(t)}
+
+
+def _valid_frames(valid: jax.Array | None) -> jax.Array | None:
+    """(B, L) prefix mask -> (B,) counts, the models' ``valid_frames``."""
+    return None if valid is None else jnp.sum(jnp.asarray(valid, jnp.int32), axis=1)
 
 
 def gen_loss(gen: DirectorGen, latents: jax.Array, given: jax.Array, positions: jax.Array, text: jax.Array,
              key: jax.Array, *, text_mask: jax.Array | None = None, timestep_sampling: str = "logit_normal",
-             logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0
+             logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0, valid: jax.Array | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Flow-matching loss of Director-Gen on one batch of timelines.
 
     ``latents`` (B, L, h, w, C): clean normalized chunk latents; ``given`` (B, L) bool: keyframe /
     video frames, which stay clean (sigma 0) and are left out of the loss; ``positions`` (L,) or
-    (B, L): MC-RoPE positions. ``key``: one key or one per example (see ``_flow_loss``).
+    (B, L): MC-RoPE positions. ``key``: one key or one per example (see ``_flow_loss``). ``valid``
+    (B, L) bool: real latent frames of rows padded to one length (a prefix of each row).
     """
+    valid_frames = _valid_frames(valid)
+
     def velocity(x_t, sigma_frames):
-        return gen(x_t, sigma_frames, text, positions=positions, text_mask=text_mask)
+        return gen(x_t, sigma_frames, text, positions=positions, text_mask=text_mask, valid_frames=valid_frames)
 
     return _flow_loss(velocity, latents, given, key, timestep_sampling=timestep_sampling, logit_mean=logit_mean,
-                      logit_std=logit_std, shift=shift)
+                      logit_std=logit_std, shift=shift, valid=valid)
 
 
 def sr_loss(sr: DirectorSR, latents: jax.Array, lowres_latents: jax.Array, given: jax.Array, positions: jax.Array,
             text: jax.Array, key: jax.Array, *, text_mask: jax.Array | None = None,
             timestep_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
-            shift: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+            shift: float = 1.0, valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Flow-matching loss of Director-SR: ``gen_loss`` with the low-res latents as a second input.
 
     ``latents`` (B, L, h, w, z): the high-res clip's normalized chunk latents, the target;
     ``lowres_latents`` (same shape): the degraded, bicubic-upsampled clip's latents over the same
     layout, never noised (they condition every frame); ``given`` (B, L): high-res keyframe latents
-    held clean and left out of the loss (per example, so keyframe dropout can turn them off).
+    held clean and left out of the loss (per example, so keyframe dropout can turn them off);
+    ``valid`` as for ``gen_loss``.
     """
+    valid_frames = _valid_frames(valid)
+
     def velocity(x_t, sigma_frames):
-        return sr(x_t, lowres_latents, sigma_frames, text, positions=positions, text_mask=text_mask)
+        return sr(x_t, lowres_latents, sigma_frames, text, positions=positions, text_mask=text_mask,
+                  valid_frames=valid_frames)
 
     loss, aux = _flow_loss(velocity, latents, given, key, timestep_sampling=timestep_sampling,
-                           logit_mean=logit_mean, logit_std=logit_std, shift=shift)
+                           logit_mean=logit_mean, logit_std=logit_std, shift=shift, valid=valid)
     return loss, {**aux, "keyframes_given": jnp.mean(jnp.any(jnp.asarray(given, bool), axis=1).astype(jnp.float32))}

@@ -29,7 +29,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from director_jax.data.iterators import make_iterator
+from director_jax.data.latent_cache import latent_cache_config, make_latent_dataset
 from director_jax.data.loader import make_curated_dataset
+from director_jax.data.row_timelines import crop_to_bucket
 from director_jax.data.synthetic_loader import make_dataset
 from director_jax.io_utils import atomic_write, atomic_write_text, dir_path
 from director_jax.parallel import MeshConfig, create_mesh, param_shardings, rules_from_config
@@ -149,7 +151,7 @@ def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_froze
                frozen_sharding, fields, batch_sharding, step_fn)
 
 
-DATA_SOURCES = ("synthetic", "curated")
+DATA_SOURCES = ("synthetic", "curated", "latents")
 
 
 def make_data(run: Run):
@@ -161,6 +163,11 @@ def make_data(run: Run):
         dataset = make_dataset(run.task.clips_config(), **where)
     elif cfg.data.source == "curated":
         dataset = make_curated_dataset(run.task.curated_config(), **where)
+    elif cfg.data.source == "latents":  # a latent cache written by python -m director_jax.encode
+        if cfg.train.latents != "precomputed" or not getattr(run.task, "per_example", False):
+            raise ValueError("data.source='latents' feeds precomputed per-example latents: set "
+                             "--config.train.latents=precomputed --config.train.timelines=per_example.")
+        dataset = make_latent_dataset(latent_cache_config(cfg, max_latents=run.task.buckets[-1]), **where)
     else:
         raise ValueError(f"data.source={cfg.data.source!r}; choose one of {DATA_SOURCES}.")
     transform = run.task.data_transform()
@@ -169,10 +176,41 @@ def make_data(run: Run):
     return make_iterator(dataset, worker_count=int(cfg.data.worker_count))
 
 
-def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host rows -> global arrays sharded as the step expects (no host holds the whole batch)."""
+def batch_bucket(run: Run, local: dict[str, np.ndarray] | None) -> int | None:
+    """The latent bucket of this global batch (per-example timelines), None for one fixed shape.
+
+    The smallest bucket holding the longest row of the global batch: every host computes it from
+    the longest row of every host (one tiny all-gather on pods), so all feed one shape.
+    """
+    if not getattr(run.task, "per_example", False):
+        return None
+    if local is None:  # the run's own batch fields: the largest bucket
+        return run.task.buckets[-1]
+    if "latent_count" in local:
+        longest = int(np.max(local["latent_count"], initial=0))
+    else:  # a latent cache's rows, padded to its own length
+        longest = int(np.asarray(local["latents"]).shape[1])
+    if jax.process_count() > 1:
+        longest = int(np.max(multihost_utils.process_allgather(np.asarray(longest, np.int32))))
+    return run.task.shapes.bucket_for(longest)
+
+
+def fields_for(run: Run, bucket: int | None) -> dict:
+    """The batch fields of a batch in ``bucket`` (the run's own fields for a fixed shape)."""
+    return run.batch_fields if bucket is None else run.task.batch_fields(int(run.cfg.train.batch_size), bucket)
+
+
+def global_batch(run: Run, local: dict[str, np.ndarray], bucket: int | None = None) -> dict[str, jax.Array]:
+    """Host rows -> global arrays sharded as the step expects (no host holds the whole batch).
+
+    Per-example timelines: the rows' latent arrays are cut to ``bucket`` (default: ``batch_bucket``).
+    """
+    if bucket is None:
+        bucket = batch_bucket(run, local)
+    if bucket is not None:
+        local = crop_to_bucket(local, bucket)
     out = {}
-    for name, field in run.batch_fields.items():
+    for name, field in fields_for(run, bucket).items():
         if name not in local:
             raise KeyError(f"the data source gave no {name!r} (it gave {sorted(local)}); the {run.task.name} task "
                            f"needs {sorted(run.batch_fields)}.")
@@ -226,7 +264,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
     if start == 0:
         writer.write_config(cfg.to_dict())
     lowered = run.step_fn.lower(state, run.frozen_state, abstract_batch(run))
-    compiled = lowered.compile()
+    # per latent bucket (per-example timelines: the run's own fields are the largest bucket's), each compiled once
+    compiled = {batch_bucket(run, None): lowered.compile()}
     flops = step_flops(run, lowered)
     tokens = run.task.tokens_per_example() * int(cfg.train.batch_size)
     bar = Progress(total, start, flops_per_step=flops, tokens_per_step=tokens, peak=peak_flops(run.mesh.devices.flat),
@@ -241,7 +280,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
         step = start
         while step < total:
             local = next(data)
-            state, metrics = compiled(state, run.frozen_state, global_batch(run, local))
+            bucket = batch_bucket(run, local)
+            if bucket not in compiled:
+                compiled[bucket] = run.step_fn.lower(state, run.frozen_state, abstract_batch(run, bucket)).compile()
+            state, metrics = compiled[bucket](state, run.frozen_state, global_batch(run, local, bucket))
             step += 1
             if pending is not None:
                 _finish_step(pending, cfg, workdir, writer, bar, losses, indices)
@@ -271,10 +313,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
                        nonfinite_skips=skips)
 
 
-def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as sharded ShapeDtypeStructs (for lowering without data)."""
+def abstract_batch(run: Run, bucket: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as sharded ShapeDtypeStructs (for lowering without data); ``bucket``: its latent length."""
     return {k: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=run.batch_sharding[k])
-            for k, f in run.batch_fields.items()}
+            for k, f in fields_for(run, bucket).items()}
 
 
 def step_flops(run: Run, lowered_or_state) -> float | None:
