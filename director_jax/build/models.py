@@ -6,7 +6,8 @@ turn a config (``configs/*.py``) into a model; they are traceable, so the traine
 from ``config.model_options`` to module arguments. The frozen VAE of a Director-Gen / SR config is
 ``vae.init_from`` read with its own latent statistics (``vae_config_with_checkpoint_stats``), else
 the trainer's random initialisation. ``vae.init_from`` and ``init_from`` may also name a training run
-of this project (a workdir, its checkpoints/ or one step: ``reuse``).
+of this project (a workdir, its checkpoints/ or one step: ``reuse``). Inside ``shard_init.deferred_init_from()``
+(the trainer's traced init) the Gen / SR builders read no ``init_from``: the trainer loads it into the shards.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from flax import nnx
 
 from director_jax.build.reuse import is_trainer_run, read_trainer_vae, trainer_director_gen, trainer_director_sr
 from director_jax.build.sections import architecture_differences, dit_config, model_options, vae_config_from
+from director_jax.build.shard_init import check_gen_source, defer, sr_starts_from_gen
 from director_jax.convert.dit import load_transformer
 from director_jax.convert.vae import load_vae, vae_config
 from director_jax.models.dit import DirectorGen, WanDiT
-from director_jax.models.sr import DirectorSR, sr_config
+from director_jax.models.sr import DirectorSR
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.models.vae_init import initialise_for_fit
 
@@ -81,13 +83,12 @@ def build_director_gen(cfg: ml_collections.ConfigDict, *, seed: int | None = Non
     Director-Gen training run (its EMA weights where it kept them), to continue or fine-tune from."""
     kw = model_options(cfg)
     model_cfg = dit_config(cfg.model)
-    if cfg.init_from and is_trainer_run(cfg.init_from):
+    deferred = defer(cfg.init_from, "gen", model_cfg)  # the trainer's init: read later, into the shards
+    if cfg.init_from and not deferred and is_trainer_run(cfg.init_from):
         return trainer_director_gen(cfg.init_from, model_cfg, kw)
-    if cfg.init_from:
+    if cfg.init_from and not deferred:
         dit = load_transformer(cfg.init_from, **kw)
-        if dit.config != model_cfg:
-            raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}, but the run's config "
-                             f"says {model_cfg}: fix --config.model.* or pick the matching checkpoint.")
+        check_gen_source(cfg.init_from, dit.config, model_cfg)
     else:
         dit = WanDiT(model_cfg, rngs=nnx.Rngs(cfg.seed if seed is None else seed), **kw)
     return DirectorGen(dit)
@@ -103,18 +104,12 @@ def build_director_sr(cfg: ml_collections.ConfigDict) -> DirectorSR:
     """
     kw = model_options(cfg)
     gen_cfg = dit_config(cfg.model)
-    if not cfg.init_from:
+    if not cfg.init_from or defer(cfg.init_from, "sr", gen_cfg):  # deferred: the trainer fills it in its shards
         return DirectorSR.init(gen_cfg, rngs=nnx.Rngs(int(cfg.seed)), **kw)
     if is_trainer_run(cfg.init_from):
         return trainer_director_sr(cfg.init_from, gen_cfg, kw)
     dit = load_transformer(cfg.init_from, **kw)
-    if dit.config == gen_cfg:
-        return DirectorSR.from_gen(dit)
-    if dit.config == sr_config(gen_cfg):
-        return DirectorSR(dit)
-    raise ValueError(f"{cfg.init_from} holds a transformer with config {dit.config}; the run's config.model (the Gen "
-                     f"architecture) is {gen_cfg}, so a Gen checkpoint must match it and an SR one must match "
-                     f"sr_config() of it (in_channels {2 * gen_cfg.in_channels}). Fix --config.model.* or the path.")
+    return DirectorSR.from_gen(dit) if sr_starts_from_gen(cfg.init_from, dit.config, gen_cfg) else DirectorSR(dit)
 
 
 def random_frozen_vae(cfg: ml_collections.ConfigDict) -> WanVAE:

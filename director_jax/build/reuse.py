@@ -92,7 +92,7 @@ def is_trainer_run(path: str | os.PathLike | None) -> bool:
         return False
 
 
-def _run_config(step_dir: epath.Path, step: int) -> dict[str, Any]:
+def recorded_run_config(step_dir: epath.Path, step: int) -> dict[str, Any]:
     """The config a step was trained with; a step without one (its ``meta`` item) is damaged."""
     config = saved_config(step_dir)
     if not isinstance(config, dict) or "task" not in config:
@@ -104,7 +104,7 @@ def _run_config(step_dir: epath.Path, step: int) -> dict[str, Any]:
 Fix = str | Callable[[str], str]  # what to do instead, or a function of the task the run has
 
 
-def _check_task(config: dict[str, Any], want: tuple[str, ...], source: str, fix: Fix) -> str:
+def check_run_task(config: dict[str, Any], want: tuple[str, ...], source: str, fix: Fix) -> str:
     task = config["task"]
     if task not in want:
         instead = fix(task) if callable(fix) else fix
@@ -113,7 +113,7 @@ def _check_task(config: dict[str, Any], want: tuple[str, ...], source: str, fix:
     return task
 
 
-def _newest(path: str | os.PathLike, source: str, read: Callable[[epath.Path, int], Any]
+def newest_step(path: str | os.PathLike, source: str, read: Callable[[epath.Path, int], Any]
             ) -> tuple[Any, LoadedCheckpoint]:
     """``steps.read_newest`` with a missing path, an empty workdir or nothing readable as one line naming ``source``."""
     try:
@@ -194,8 +194,8 @@ def read_trainer_vae(path: str | os.PathLike, expected: WanVAEConfig | None = No
     source = source or os.fspath(path)
 
     def read(step_dir: epath.Path, step: int) -> tuple[WanVAE | None, WanVAEConfig, str]:
-        config = _run_config(step_dir, step)
-        _check_task(config, ("vae",), source, fix)
+        config = recorded_run_config(step_dir, step)
+        check_run_task(config, ("vae",), source, fix)
         saved_cfg = vae_config_from(config["vae"])
         if expected is not None:
             differ = architecture_differences(saved_cfg, expected)
@@ -212,7 +212,7 @@ def read_trainer_vae(path: str | os.PathLike, expected: WanVAEConfig | None = No
                       source=source)
         return vae, vae_cfg, prefix
 
-    (vae, vae_cfg, prefix), loaded = _newest(path, source, read)
+    (vae, vae_cfg, prefix), loaded = newest_step(path, source, read)
     return TrainedVAE(vae_cfg, vae, dataclasses.replace(loaded, weights=prefix))
 
 
@@ -233,8 +233,8 @@ def read_trainer_dit(path: str | os.PathLike, tasks: tuple[str, ...], gen_config
     source = source or os.fspath(path)
 
     def read(step_dir: epath.Path, step: int) -> tuple[nnx.Module, str]:
-        config = _run_config(step_dir, step)
-        task = _check_task(config, tasks, source, fix or f"pass {TASK_NAMES[tasks[0]]} run")
+        config = recorded_run_config(step_dir, step)
+        task = check_run_task(config, tasks, source, fix or f"pass {TASK_NAMES[tasks[0]]} run")
         saved_gen = dit_config(config["model"])
         if gen_config is not None:
             differ = architecture_differences(saved_gen, gen_config)
@@ -250,7 +250,7 @@ def read_trainer_dit(path: str | os.PathLike, tasks: tuple[str, ...], gen_config
         what = f"{TASK_NAMES[task][2:]} of its config"
         return _filled(build, saved, prefix, step_dir, step, what=what, source=source), prefix
 
-    (model, prefix), loaded = _newest(path, source, read)
+    (model, prefix), loaded = newest_step(path, source, read)
     return model, dataclasses.replace(loaded, weights=prefix)
 
 

@@ -245,7 +245,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
     # the newest committed step that restores; a damaged newer one is reported and set aside (Checkpointer)
     resumed = ckpt.restore_latest(state_lib.with_shardings(run.abstract, run.shardings))
     if resumed is None:
-        state = jax.jit(run.init, out_shardings=run.shardings)()
+        state = state_lib.create_state(run.init, run.shardings)  # init_from: read into the shards, per host
         start = 0
         log.info("initialised a new %s run in %s", run.task.name, workdir)
     else:
