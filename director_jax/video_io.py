@@ -17,6 +17,24 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB (H, W even) -> the (3H/2, W) planar yuv420p frame H.264 decoders read: BT.601
+    limited range (what players assume for untagged video), chroma the mean of each 2x2 block, rounded."""
+    x = rgb.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+    h, w = y.shape
+
+    def half(c: np.ndarray) -> np.ndarray:
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [y.reshape(-1), half(cb).reshape(-1), half(cr).reshape(-1)]
+    out = np.clip(np.rint(np.concatenate(planes)), 0, 255).astype(np.uint8)
+    return out.reshape(h * 3 // 2, w)
+
+
 def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return frames if scale == 1 else frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
 
@@ -66,7 +84,9 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, scale: in
             # the machine's load, two encodes of the same frames differed in 10% of their pixels)
             stream.codec_context.thread_count = 1
             for frame in pixels:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                # converted here, not by swscale: its rgb24 -> yuv420p conversion (sliced over threads chosen at
+                # run time) gave two encodes of the same frames different inputs within one process
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
