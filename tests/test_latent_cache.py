@@ -36,7 +36,7 @@ from director_jax.data.latent_cache import (
     latent_cache_config,
     make_latent_dataset,
 )
-from director_jax.data.loader import _MakeExample
+from director_jax.data.loader import ExampleMaker
 from director_jax.data.row_timelines import row_layout
 from director_jax.errors import UserError
 from director_jax.models.vae import WanVAE
@@ -92,7 +92,7 @@ def test_cached_latents_are_the_loaders_windows_encoded_by_the_vae(cache):
     assert manifest["count"] == 24 and len(manifest["shards"]) == 5 and manifest["job"]["latent_dtype"] == "bfloat16"
     records = _records(out)
     job = plan_job(cfg, out, **JOB)
-    make, vae = _MakeExample(job.loader, job.data), frozen_vae(cfg)
+    make, vae = ExampleMaker(job.loader, job.data), frozen_vae(cfg)
     for e in (0, 1, 7, 23):
         rec, k, record = records[e], e % 2, int(job.clips[e // 2])
         assert (int(rec["index"]), int(rec["timeline"])) == (record, k)

@@ -7,7 +7,7 @@ and renamed into place (complete shard files are skipped; this host's leftover t
 deleted first). The host that finds every shard present writes ``manifest.json`` (atomically, the same
 bytes whoever writes it).
 
-An example is the curated loader's own (``loader._MakeExample`` at epoch ``k``, caption dropout off):
+An example is the curated loader's own (``loader.ExampleMaker`` at epoch ``k``, caption dropout off):
 the same window, resize and task draw the trainer would see. Its chunks are encoded as
 ``multichunk.encode_timeline`` encodes them (each chunk padded by repeating its last frame); the
 chunks of ``batch`` examples that share a padded length go through the VAE together, in calls of
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from director_jax.build import frozen_vae
 from director_jax.data import latent_cache as fmt
-from director_jax.data.loader import _MakeExample, curated_loader_config, resampled_length
+from director_jax.data.loader import ExampleMaker, curated_loader_config, resampled_length
 from director_jax.data.row_timelines import row_layout
 from director_jax.data.shards import Shards, read_build_info
 from director_jax.data.text_embeddings import np_dtype
@@ -195,7 +195,7 @@ def _padded(frames: np.ndarray, length: int) -> np.ndarray:
         else frames
 
 
-def _write_shard(job: EncodeJob, shard: int, make: _MakeExample, encoder: ChunkEncoder, pool, on_example) -> None:
+def _write_shard(job: EncodeJob, shard: int, make: ExampleMaker, encoder: ChunkEncoder, pool, on_example) -> None:
     """Encodes shard ``shard``'s examples and writes them as one ArrayRecord file (temp file + rename)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -281,7 +281,7 @@ def write_latent_cache(cfg: ml_collections.ConfigDict, cache_dir: str | os.PathL
     done = sum(len(job.shard_examples(s)) for s in mine if s not in todo)
     log.info("host %d of %d: %d shards, %d complete already, %d to encode", process_index, process_count, len(mine),
              len(mine) - len(todo), len(todo))
-    make = _MakeExample(job.loader, job.data)
+    make = ExampleMaker(job.loader, job.data)
     encoder = ChunkEncoder(vae, batch)
     bar = tqdm(total=sum(len(job.shard_examples(s)) for s in mine), initial=done, unit="example", desc="encode",
                disable=not progress, dynamic_ncols=True)

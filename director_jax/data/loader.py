@@ -67,8 +67,8 @@ from director_jax.data.task_sampling import DEFAULT_TASK_WEIGHTS, TaskSamplingCo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CuratedLoaderConfig", "curated_loader_config", "make_curated_dataset", "make_iterator", "batch_plan",
-           "nearest_bucket", "resampled_length", "source_frame_indices", "text_metadata"]
+__all__ = ["CuratedLoaderConfig", "ExampleMaker", "curated_loader_config", "make_curated_dataset", "make_iterator",
+           "batch_plan", "nearest_bucket", "resampled_length", "source_frame_indices", "text_metadata"]
 
 VIDEO_DTYPES = ("float32", "uint8")
 _EPS = 1e-9  # keeps j * ratio + 1/2 that is a whole number in exact arithmetic from rounding down
@@ -283,8 +283,8 @@ def _to_float(pixels: np.ndarray) -> np.ndarray:
     return np.subtract(out, np.float32(1.0), out=out)
 
 
-class _MakeExample:
-    """(epoch, record) -> one example dict (see the module doc)."""
+class ExampleMaker:
+    """(epoch, record) -> one example dict (see the module doc); the latent-cache writer makes its examples so."""
 
     def __init__(self, cfg: CuratedLoaderConfig, data: Shards):
         self.cfg, self.data = cfg, data
@@ -383,5 +383,5 @@ def make_curated_dataset(cfg: CuratedLoaderConfig, *, global_batch_size: int, pr
                          f"{cfg.clip_frames} frames); lower the batch size or clip_frames, or use fewer buckets.")
     ds = _PlanMapDataset(plan, num_epochs)
     ds = HostRowsMapDataset(ds, local_batch, process_index, process_count)
-    ds = ds.map(_MakeExample(cfg, data))
+    ds = ds.map(ExampleMaker(cfg, data))
     return ds.batch(local_batch, drop_remainder=True)
