@@ -79,14 +79,20 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, scale: in
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height = pixels.shape[2], pixels.shape[1]
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
+            # no lookahead (mbtree, adaptive B-frames, scene cuts, weighted prediction all read it): with it, two
+            # encodes of the same frames in one process differed (x264's low-resolution lookahead planes of small
+            # frames), which breaks "same seed, same file"
+            stream.options = {"crf": str(crf), "x264-params": "rc-lookahead=0:mbtree=0:b-adapt=0:scenecut=0:weightp=0"}
             # one encoder thread: x264's output then depends on the frames only (with the thread count chosen from
             # the machine's load, two encodes of the same frames differed in 10% of their pixels)
             stream.codec_context.thread_count = 1
-            for frame in pixels:
-                # converted here, not by swscale: its rgb24 -> yuv420p conversion (sliced over threads chosen at
-                # run time) gave two encodes of the same frames different inputs within one process
-                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")):
+            stream.codec_context.time_base = Fraction(1, 1) / rate
+            for index, frame in enumerate(pixels):
+                # converted here (the encoder's input is then the frames' alone), with explicit timestamps
+                video_frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+                video_frame.pts = index
+                video_frame.time_base = stream.codec_context.time_base
+                for packet in stream.encode(video_frame):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
