@@ -33,7 +33,7 @@ from director_jax.io_utils import atomic_write_text
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.models.vae_init import inflate_temporal_kernels, scale_conv_kernels
-from director_jax.train.tasks import SRTask
+from director_jax.train.tasks import SRTask, degrade_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VAE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
@@ -184,7 +184,8 @@ def train_sr(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], w
     task = SRTask(scfg)
     rng = np.random.default_rng(int(cfg.seed) + 12)
     clips = training_windows(samples, int(cfg.data.sr_clips), int(cfg.data.gen_frames), rng)
-    batch = task.data_transform()({"video": clips, "index": np.arange(len(clips))})
+    batch = degrade_batch({"video": clips, "index": np.arange(len(clips))}, degradation=task.degradation,
+                          seed=int(scfg.seed), keyframe_dropout=0.0)  # the SR task's own seeded degradations
     chosen = [layouts(cfg)[i] for i in cfg.sr.layouts]
     caches = encode_layouts(vae, clips, chosen, lowres=batch["upsampled"], progress=progress)
     out = workdir / "sr"
