@@ -132,6 +132,7 @@ def test_a_failed_run_resumes_to_byte_identical_files(cache, tmp_path, monkeypat
     assert _files(tmp_path) == _files(out)
 
 
+@pytest.mark.slow  # a second full job (~13 s); the default run keeps the resume test
 def test_two_hosts_write_exactly_what_one_host_writes(cache, tmp_path):
     cfg, out, _, _ = cache
     assert write_latent_cache(cfg, tmp_path, process_index=0, process_count=2, progress=False, **JOB) is None
