@@ -155,11 +155,17 @@ def test_the_command_killed_midway_and_rerun_gives_the_same_files(cache, tmp_pat
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 1 <= len(list(tmp_path.glob("shard-*"))) < 5 and not (tmp_path / MANIFEST_FILE).exists()
+    assert proc.returncode == -signal.SIGKILL, "the job ended before the kill: the test proves nothing"
+    complete = list(tmp_path.glob("shard-*-of-00005.array_record"))
+    assert len(complete) >= 1, "killed before any shard was written: nothing to resume"
+    assert len(complete) < 5, "every shard was written before the kill: nothing to redo"
+    assert not (tmp_path / MANIFEST_FILE).exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in complete}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert "24 examples" in done.stdout
     assert _files(tmp_path) == _files(out)
+    assert {name: (tmp_path / name).stat().st_mtime_ns for name in kept} == kept  # complete shards not rewritten
 
 
 def test_bad_inputs_are_named_before_any_work(cache, tmp_path):
