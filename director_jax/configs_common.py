@@ -105,7 +105,8 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
         tasks=ml_collections.ConfigDict(dict(
             task_weights=dict(single_shot=0.4, multi_shot=0.3, extend_forward=0.1, extend_backward=0.1,
                               in_between=0.1),
-            max_keyframes=4, keyframe_first=0.5, keyframe_middle=0.25, keyframe_last=0.5, min_span=2)),
+            max_keyframes=4, keyframe_first=0.5, keyframe_middle=0.25, keyframe_last=0.5, min_span=2,
+            cuts_keyframed=False)),  # True: a window holding a cut takes multi_shot only
     ))
     return c
 

@@ -5,7 +5,10 @@ Computes the umT5 embedding of every caption in the caption files (``.txt``, one
 the user's Wan2.1 checkpoint (a diffusers pipeline root with ``text_encoder/`` and ``tokenizer/``, or
 one umT5 encoder directory); the empty caption too, unless ``--noempty_caption``. Options:
 ``--dtype bfloat16|float32``, ``--batch_size 8``, ``--device cpu|cuda``, ``--max_length 512``,
-``--tokenizer DIR``, ``--noprogress``. The cache (layout and reader: ``director_jax.data.text_embeddings``)
+``--tokenizer DIR``, ``--noprogress``. Given a curated ``manifest.jsonl`` (lines with ``"cuts"``), it
+also embeds every multi-shot sample's shot-range captions (the captions of windows that show only some
+of its shots), so ``--captions curated/manifest.jsonl`` fills all that ``python -m director_jax.shards
+--text_cache`` needs. The cache (layout and reader: ``director_jax.data.text_embeddings``)
 is read by training, ``generate`` and ``evaluate`` with no PyTorch. Needs the packages of
 ``requirements-test.txt`` (torch, transformers).
 """
@@ -20,7 +23,9 @@ from director_jax.data.text_embeddings import DEFAULT_MAX_LENGTH, DTYPES
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Wan2.1 diffusers pipeline root (text_encoder/, tokenizer/) or a umT5 encoder directory.")
-_CAPTIONS = flags.DEFINE_multi_string("captions", [], "A .txt or .jsonl caption file (repeatable).")
+_CAPTIONS = flags.DEFINE_multi_string(
+    "captions", [], "A .txt or .jsonl caption file (repeatable); a curated manifest.jsonl adds its shot-range "
+    "captions.")
 _CACHE = flags.DEFINE_string("cache", None, "The cache directory to fill (created).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer directory, when it is not beside the encoder.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", f"Encoder dtype: one of {', '.join(DTYPES)}.")

@@ -1,10 +1,12 @@
 """``python -m director_jax.encode --config CONFIG --cache_dir DIR [--timelines_per_clip K] [--config.a.b=value ...]``
 
-Writes the latent cache a Director-Gen run reads with ``--config.data.source=latents
+Writes the latent cache a Director-Gen or Director-SR run reads with ``--config.data.source=latents
 --config.data.latents.dir DIR --config.train.latents=precomputed``: the curated split's clips
 (``data.curated``), each as K seeded per-example timelines (window and task drawn as the curated
 loader draws epochs 0..K-1), encoded by the frozen VAE ``vae.init_from`` at the config's video size,
-with their caption embeddings. Saves the decode and the VAE encode of every training step.
+with their caption embeddings; for an SR config also each clip degraded by the SR task's seeded
+degradations, upsampled and encoded alike. Saves the decode, the degradations and the VAE encodes of
+every training step.
 
 Rerun the same command after a crash: complete shards are kept, partial ones redone, and the files
 come out byte-identical to an uninterrupted run. On a pod run it on every host (``--distributed
@@ -24,7 +26,8 @@ from director_jax.curation.latent_writer import plan_job, write_latent_cache
 from director_jax.errors import UserError
 from director_jax.parallel.distributed import DistributedFlags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A Director-Gen config (get_config()); see configs/.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "A Director-Gen or Director-SR config (get_config()); see configs/.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Where the cache goes (shards, job.json, manifest.json).")
 _K = flags.DEFINE_integer("timelines_per_clip", 1, "Seeded timelines (window + task) per clip.")
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 64, "Examples per shard file (the unit of work and of resume).")

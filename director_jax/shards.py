@@ -2,7 +2,8 @@
 
 Builds the TFDS ArrayRecord shards the training loader reads from a curated directory (after
 ``python -m director_jax.curate --out OUT``): ``OUT/tfds/`` unless ``--data_dir``, with every
-caption's umT5 embedding from ``--text_cache`` (filled by ``python -m director_jax.embed_text``;
+caption's umT5 embedding, and those of every multi-shot sample's shot ranges (window captions), from
+``--text_cache`` (filled by ``python -m director_jax.embed_text --captions OUT/manifest.jsonl``;
 ``--text_max_length`` says which of its encoders). Rebuilt only when the manifest, the clips, the
 validation fraction or the text encoder changed (``--force`` rebuilds anyway); a failed build keeps
 the last good one. Every clip is decoded first: one that does not decode to its recorded frames
@@ -19,7 +20,9 @@ from director_jax.curation.shards import build_curated_dataset
 
 _CURATED = flags.DEFINE_string("curated", None, "The curated directory (manifest.jsonl, clips/).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where to build (default: CURATED/tfds).")
-_TEXT_CACHE = flags.DEFINE_string("text_cache", None, "A text-embedding cache holding every caption.")
+_TEXT_CACHE = flags.DEFINE_string(
+    "text_cache", None, "A text-embedding cache holding every caption and shot-range caption (embed_text --captions "
+    "CURATED/manifest.jsonl fills it).")
 _TEXT_MAX_LENGTH = flags.DEFINE_integer("text_max_length", 512, "The max_length of the cache's encoder to read.")
 _VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.01,
                                           "Share of samples (hashed by id) in the validation split, in [0, 1).")

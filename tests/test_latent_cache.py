@@ -41,8 +41,10 @@ from director_jax.data.row_timelines import row_layout
 from director_jax.errors import UserError
 from director_jax.models.vae import WanVAE
 from director_jax.pipeline.gen import timeline_latents
+from director_jax.train.sr_task import degrade_batch, keyframes_kept
+from director_jax.train.tasks import make_task
 from director_jax.train.trainer import build_run, global_batch, train
-from tests.test_shards import make_curated_dir, make_text_cache
+from tests.test_shards import all_captions, make_curated_dir, make_text_cache, window_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = dict(timelines_per_clip=2, shard_size=5, batch=3)  # 12 clips x 2 = 24 examples in 5 shards
@@ -60,7 +62,7 @@ def cache(tmp_path_factory):
     """(cfg, reference cache dir, manifest, caption -> embedding)."""
     root = tmp_path_factory.mktemp("curated")
     samples = make_curated_dir(root)
-    truth = make_text_cache(root / "cache", [s["caption"] for s, _ in samples], dtype="bfloat16", dim=32,
+    truth = make_text_cache(root / "cache", all_captions([s for s, _ in samples]), dtype="bfloat16", dim=32,
                             max_length=16)
     build_curated_dataset(root, text_cache=root / "cache", text_max_length=16, validation_fraction=0.0,
                           progress=False)
@@ -102,7 +104,9 @@ def test_cached_latents_are_the_loaders_windows_encoded_by_the_vae(cache):
         expected = np.asarray(timeline_latents(vae, example["video"][None], layout))[0]
         assert rec["latents"].dtype.name == "bfloat16" and rec["latents"].shape == expected.shape
         np.testing.assert_allclose(rec["latents"].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
-        caption = job.data.record(record)["caption"].decode()
+        source = job.data.record(record)  # its sample-relative cuts and whole caption: the window's shots' caption
+        line = {"start_frame": 0, "cuts": source["cuts"].tolist(), "caption": source["caption"].decode()}
+        caption, _ = window_truth(line, rec["frame_index"])
         np.testing.assert_array_equal(rec["text"], truth[caption])  # the stored dtype, bit-exact, unpadded
     assert records[0]["timeline"] != records[1]["timeline"] and not np.array_equal(records[0]["given"],
                                                                                     records[2]["given"])
@@ -254,3 +258,57 @@ def test_the_trainer_trains_on_cached_latents(cache, tmp_path):
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.final_step == 2 and all(np.isfinite(v) for v in result.losses.values())
     assert result.data_indices[1] == [int(i) for i in local["index"]]
+
+
+def test_an_sr_cache_holds_the_degraded_clip_encoded_over_the_same_timeline(cache, tmp_path):
+    """An SR config's cache: ``lowres_latents`` are the loader's window degraded as the SR task's data path
+    degrades that record (``degrade_batch``), upsampled and encoded over the row's own timeline; the trainer
+    trains SR on it, its keyframe dropout drawn per row as on pixels."""
+    gen_cfg, _, _, _ = cache
+    cfg = load_config(ROOT / "configs" / "sr_tiny.py")
+    cfg.data.curated.dir = gen_cfg.data.curated.dir
+    cfg.vae.update({k: gen_cfg.vae[k] for k in ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
+                                                 "temperal_downsample", "init_from")})
+    cfg.model.update(dict(in_channels=int(gen_cfg.vae.z_dim), out_channels=int(gen_cfg.vae.z_dim)))
+    cfg.video.update(dict(height=32, width=32, num_frames=9))
+    cfg.degradation.scales = (2,)
+    cfg.train.update(dict(timelines="per_example", latents="precomputed", keyframe_dropout=0.5, batch_size=4,
+                          keyframes=(0, 8)))
+    out = tmp_path / "sr_latents"
+    manifest = write_latent_cache(cfg, out, timelines_per_clip=1, shard_size=8, batch=4, latent_dtype="float32",
+                                  progress=False)
+    assert manifest["job"]["task"] == "sr" and manifest["job"]["degradation"]["scales"] == [2]
+    records = _records(out)
+    job = plan_job(cfg, out, timelines_per_clip=1, shard_size=8, batch=4, latent_dtype="float32")
+    make, vae = ExampleMaker(job.loader, job.data), frozen_vae(cfg)
+    task = make_task(cfg)
+    for e in (0, 5):
+        rec, record = records[e], int(job.clips[e])
+        example = make((0, record))
+        layout = row_layout(example["given"], example["given_start"])
+        pixels = degrade_batch({"video": example["video"][None], "index": np.asarray([record])},
+                               degradation=task.degradation, seed=int(cfg.seed), keyframe_dropout=0.0)
+        for name, video in (("latents", example["video"][None]), ("lowres_latents", pixels["upsampled"])):
+            expected = np.asarray(timeline_latents(vae, video, layout))[0]
+            np.testing.assert_allclose(rec[name], expected, rtol=1e-5, atol=1e-5)
+        assert float(np.abs(rec["latents"] - rec["lowres_latents"]).mean()) > 1e-3  # degraded: not the clip's own
+    cfg.data.source = "latents"
+    cfg.data.latents = ml_collections.ConfigDict(dict(dir=str(out)))
+    cfg.train.update(dict(steps=2, log_every=1))
+    cfg.checkpoint.every = 2
+    run = build_run(cfg)
+    rows = next(make_iterator(make_latent_dataset(latent_cache_config(cfg, max_latents=run.task.buckets[-1]),
+                                                  global_batch_size=4, shuffle_seed=int(cfg.seed))))
+    planned = run.task.data_transform()(rows)
+    kept = [keyframes_kept(int(cfg.seed), int(i), 0.5) for i in rows["index"]]
+    np.testing.assert_array_equal(planned["latent_given"].any(axis=1), kept)  # dropped rows: every frame generated
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.final_step == 2 and all(np.isfinite(v) for v in result.losses.values())
+    gen_cfg = ml_collections.ConfigDict(gen_cfg.to_dict())  # a Gen run refuses the SR cache, and the other way
+    gen_cfg.update(dict(data=ml_collections.ConfigDict({**gen_cfg.data.to_dict(), "latents": {"dir": str(out)}})))
+    gen_cfg.video.update(dict(height=32, width=32, num_frames=9))
+    with pytest.raises(ValueError, match="encoded for task 'sr'"):
+        latent_cache_config(gen_cfg, max_latents=10)
+    cfg.degradation.noise_prob = 0.0
+    with pytest.raises(ValueError, match="degraded with other settings"):
+        latent_cache_config(cfg, max_latents=10)

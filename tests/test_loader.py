@@ -20,6 +20,7 @@ from director_jax.data.loader import (
     make_iterator,
     resampled_length,
     source_frame_indices,
+    window_shots,
 )
 from director_jax.data.task_sampling import (
     DEFAULT_TASK_WEIGHTS,
@@ -28,8 +29,9 @@ from director_jax.data.task_sampling import (
     sample_task,
     spans_from_masks,
 )
+from director_jax.data.text_embeddings import TextEmbeddingCache
 from director_jax.models.timeline import Timeline
-from tests.test_shards import make_curated_dir, make_text_cache, psnr
+from tests.test_shards import all_captions, make_curated_dir, make_text_cache, psnr, window_counts, window_truth
 
 # ------------------------------------------------------------------------------------------------
 # Task sampling
@@ -86,6 +88,24 @@ def test_multi_shot_keyframes_land_on_every_cut():
     assert sample_task(41, [5, 10, 15, 20, 25], seed=0, index=0, cfg=cfg).task == "single_shot"
 
 
+def test_cuts_keyframed_puts_a_keyframe_on_every_cut_of_every_window_that_holds_one():
+    """With cuts_keyframed no window with a cut takes a task that leaves the cut unkeyed; windows without a cut
+    keep every other task; more cuts than max_keyframes allows is an error that names the setting."""
+    cfg = TaskSamplingConfig(max_keyframes=3, cuts_keyframed=True)
+    plain = TaskSamplingConfig(max_keyframes=3)
+    seen_plain, seen_without = Counter(), Counter()
+    for i in range(400):
+        cut = 1 + i % 15
+        spec = sample_task(17, [cut], seed=1, index=i, cfg=cfg)
+        assert spec.task == "multi_shot" and {0, cut} <= set(spec.keyframes), (cut, spec)
+        seen_plain[sample_task(17, [cut], seed=1, index=i, cfg=plain).task] += 1
+        seen_without[sample_task(17, [], seed=1, index=i, cfg=cfg).task] += 1
+    assert len(seen_plain) == 5  # the default leaves every task to a window with a cut
+    assert "multi_shot" not in seen_without and len(seen_without) == 4
+    with pytest.raises(ValueError, match="max_keyframes=3"):
+        sample_task(17, [4, 8, 12], seed=0, index=0, cfg=cfg)
+
+
 def test_specs_are_valid_timelines_and_deterministic():
     seen = set()
     for i in range(400):
@@ -130,7 +150,7 @@ NEAREST = {(48, 64): (32, 48), (32, 64): (32, 48), (64, 48): (48, 32), (48, 48):
 def mixed(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     samples = make_curated_dir(root, MIXED)
-    truth = make_text_cache(root / "cache", [s["caption"] for s, _ in samples], dtype="float32", max_length=16)
+    truth = make_text_cache(root / "cache", all_captions([s for s, _ in samples]), dtype="float32", max_length=16)
     build_curated_dataset(root, text_cache=root / "cache", text_max_length=16, validation_fraction=0.0,
                           progress=False)
     return root, samples, truth
@@ -330,7 +350,7 @@ def test_text_embeddings_and_caption_dropout(mixed):
     dropped = kept = 0
     for batch in batches:
         for b, record in enumerate(batch["index"].tolist()):
-            caption = samples[record][0]["caption"]
+            caption, _ = window_truth(samples[record][0], batch["frame_index"][b])
             want = truth[""] if batch["caption_dropped"][b] else truth[caption]
             assert str(batch["caption"][b]) == ("" if batch["caption_dropped"][b] else caption)
             np.testing.assert_array_equal(batch["text"][b, :len(want)], want)
@@ -342,9 +362,99 @@ def test_text_embeddings_and_caption_dropout(mixed):
     assert dropped and kept
 
 
+def test_window_shots_by_hand():
+    cuts = [5, 9]  # shots [0, 5), [5, 9), [9, ...)
+    for frames, first, counts in [
+        ([5, 6, 7], 1, [3]),  # starts exactly at a cut: the cut's shot only
+        ([2, 3, 4, 5], 0, [3, 1]),  # ends one frame after a cut: the next shot, one frame of it
+        ([2, 3, 4], 0, [3]),  # ends on the frame before a cut
+        ([3, 4, 5, 6, 7, 8, 9, 10], 0, [2, 4, 2]),  # every shot
+        ([9, 10, 11], 2, [3]),  # the last shot, from its first frame
+        ([4], 0, [1]),
+    ]:
+        got_first, got_counts = window_shots(np.asarray(frames), cuts)
+        assert (got_first, got_counts.tolist()) == (first, counts), frames
+    first, counts = window_shots(np.arange(3, 6), [])  # a single-shot sample
+    assert (first, counts.tolist()) == (0, [3])
+    # fps resampling: 24 -> 8 fps shows source frames 0, 3, 6, 9: the one-frame shot [7, 8) falls between two
+    frames = source_frame_indices(0, 4, 24.0, 8.0)
+    assert frames.tolist() == [0, 3, 6, 9]
+    first, counts = window_shots(frames, [7, 8])
+    assert (first, counts.tolist()) == (0, [3, 0, 1])
+    # 8 -> 16 fps shows frames twice: frames 4, 5, 5, 6 with a cut at 5
+    frames = source_frame_indices(8, 4, 8.0, 16.0)
+    assert frames.tolist() == [4, 5, 5, 6]
+    first, counts = window_shots(frames, [5])
+    assert (first, counts.tolist()) == (0, [1, 3])
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # random cuts, windows and rates against the brute-force rule
+        n = int(rng.integers(8, 60))
+        cuts = sorted(rng.choice(np.arange(1, n), size=int(rng.integers(0, 5)), replace=False).tolist())
+        fps, target = float(rng.choice([8.0, 24.0, 25.0, 30.0])), float(rng.choice([4.0, 8.0, 12.0, 16.0]))
+        t = int(rng.integers(1, 10))
+        length = int(resampled_length(n, fps, target))
+        if length < t:
+            continue
+        frames = source_frame_indices(int(rng.integers(0, length - t + 1)), t, fps, target)
+        assert frames.max() < n
+        want_first, _, want = window_counts(cuts, frames)
+        first, counts = window_shots(frames, cuts)
+        assert first == want_first and counts.tolist() == want and counts.sum() == t and counts[-1] >= 1
+
+
+# (seed, shots, height, width, fps, start): samples of 2-4 shots, one with a one-frame shot (frame 5) that 4 fps skips
+SHOTS = [(k, shots, 32, 32, 8.0, 40 * k) for k, shots in enumerate(
+    [[6, 5, 7], [4, 3, 4, 5], [9, 9], [16], [5, 1, 8], [3, 4, 3, 8]])]
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shots")
+    samples = make_curated_dir(root, SHOTS)
+    make_text_cache(root / "cache", all_captions([s for s, _ in samples]), dtype="float32", max_length=16)
+    build_curated_dataset(root, text_cache=root / "cache", text_max_length=16, validation_fraction=0.0,
+                          progress=False)
+    return root, samples
+
+
+@pytest.mark.parametrize(("fps", "t"), [(None, 7), (4.0, 5)])
+def test_window_captions_durations_and_embeddings_over_many_epochs(shots, fps, t):
+    root, samples = shots
+    cache = TextEmbeddingCache(root / "cache", max_length=16)  # the cache itself is the reference
+    cfg = CuratedLoaderConfig(data_dir=str(root), clip_frames=t, fps=fps, buckets=((16, 16),), caption_dropout=0.25,
+                              seed=3)
+    it = make_iterator(make_curated_dataset(cfg, global_batch_size=3, shuffle_seed=1))
+    ranges, dropped, zero_middle = set(), 0, 0
+    for batch in _take(it, 24):  # 12 epochs of 6 samples
+        assert batch["shot_frames"].shape == (3, t) and batch["shot_frames"].dtype == np.int32
+        for b, record in enumerate(batch["index"].tolist()):
+            line = samples[record][0]
+            caption, counts = window_truth(line, batch["frame_index"][b])
+            assert batch["shot_frames"][b].tolist() == counts + [0] * (t - len(counts))
+            assert batch["shot_frames"][b].sum() == t
+            if batch["caption_dropped"][b]:
+                assert str(batch["caption"][b]) == ""
+                caption, dropped = "", dropped + 1
+            else:
+                assert str(batch["caption"][b]) == caption
+            want = cache.read(caption)
+            np.testing.assert_array_equal(batch["text"][b, :len(want)], want)
+            assert not batch["text"][b, len(want):].any()
+            assert batch["text_mask"][b].tolist() == [True] * len(want) + [False] * (16 - len(want))
+            first, last, _ = window_counts(line["cuts"], batch["frame_index"][b], line["start_frame"])
+            ranges.add((len(line["cuts"]) + 1, first, last))
+            zero_middle += 0 in counts
+    assert 0 < dropped < 72
+    proper = {(n, a, z) for n, a, z in ranges if (a, z) != (0, n - 1)}
+    assert len(proper) >= 5 and any(a > 0 for _, a, _ in proper) and any(z < n - 1 for n, _, z in proper)
+    assert any((a, z) == (0, n - 1) and n > 1 for n, a, z in ranges)  # whole multi-shot samples too
+    if fps == 4.0:  # the one-frame shot at frame 5 of [5, 1, 8] is on no window frame: in the caption with 0 frames
+        assert zero_middle > 0
+
+
 def test_dropped_caption_without_empty_embedding_is_masked_out(tmp_path):
     samples = make_curated_dir(tmp_path, MIXED[:4])
-    make_text_cache(tmp_path / "cache", [s["caption"] for s, _ in samples], dtype="float32", empty=False)
+    make_text_cache(tmp_path / "cache", all_captions([s for s, _ in samples]), dtype="float32", empty=False)
     build_curated_dataset(tmp_path, text_cache=tmp_path / "cache", text_max_length=16, validation_fraction=0.0,
                           progress=False)
     cfg = _cfg(tmp_path, clip_frames=5, caption_dropout=1.0, buckets=((16, 16),), text_length=20)

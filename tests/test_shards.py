@@ -22,7 +22,7 @@ import pytest
 
 from director_jax.curation.shards import build_curated_dataset
 from director_jax.curation.text_embeddings import write_entry
-from director_jax.data.captions import format_multishot_caption
+from director_jax.data.captions import format_multishot_caption, parse_multishot_caption
 from director_jax.data.shards import BUILD_FILE, EMPTY_CAPTION_FILE, index_file
 from director_jax.data.synthetic import make_movie
 from director_jax.data.text_embeddings import ENCODER_FILE, MissingTextEmbeddingsError, TextEmbeddingCache, entry_hash
@@ -31,6 +31,10 @@ from director_jax.video_io import write_mp4
 # (seed, shot lengths, height, width, fps, source start frame): 12 samples of 20..40 frames, 48x64
 DEFAULT_SPECS = [(k, shots, 48, 64, 8.0, 100 * k + 7) for k, shots in enumerate(
     [[20], [12, 14], [30], [10, 10, 12], [25], [16, 24], [40], [8, 12], [22], [14, 6, 10], [33], [18, 18]])]
+
+
+# The documented order of a sample's proper shot ranges (first, last), written out by hand per shot count.
+PROPER_RANGES = {1: [], 2: [(0, 0), (1, 1)], 3: [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)]}
 
 
 def make_curated_dir(root: Path, specs=DEFAULT_SPECS, frames_fn=None) -> list[tuple[dict, np.ndarray]]:
@@ -57,6 +61,38 @@ def make_curated_dir(root: Path, specs=DEFAULT_SPECS, frames_fn=None) -> list[tu
         write_mp4(root / line["clip"], frames, fps)
         out.append((line, frames))
     write_manifest(root, [line for line, _ in out])
+    return out
+
+
+def range_caption(caption: str, first: int, last: int) -> str:
+    """The caption of shots first..last (0-based, inclusive), built here from the caption's shots: the caption
+    itself for all of them, else those shots' captions re-numbered from Shot 1 (the documented rule)."""
+    shots = parse_multishot_caption(caption)
+    return caption if (first, last) == (0, len(shots) - 1) else format_multishot_caption(shots[first:last + 1])
+
+
+def window_truth(line: dict, frame_index) -> tuple[str, list[int]]:
+    """A window's caption and its frames per shot, from the manifest line alone (``window_counts``)."""
+    first, last, counts = window_counts(line["cuts"], frame_index, line["start_frame"])
+    return range_caption(line["caption"], first, last), counts
+
+
+def window_counts(cuts, frame_index, start: int = 0) -> tuple[int, int, list[int]]:
+    """The first and last shot a window shows and its frames in each: frame f is in shot k = the number of cuts at
+    or before f; the window shows the shots from its first frame's to its last frame's."""
+    frames = [int(f) for f in frame_index]
+    assert frames == sorted(frames)
+    shot_of = [sum(c - start <= f for c in cuts) for f in frames]
+    first, last = shot_of[0], shot_of[-1]
+    return first, last, [shot_of.count(k) for k in range(first, last + 1)]
+
+
+def all_captions(lines: list[dict]) -> list[str]:
+    """Every caption a text cache must hold for these manifest lines: each caption and all its shot ranges'."""
+    out = []
+    for line in lines:
+        n = len(line["cuts"]) + 1
+        out += [range_caption(line["caption"], a, b) for a in range(n) for b in range(a, n)]
     return out
 
 
@@ -121,7 +157,7 @@ def _copy(curated, tmp_path) -> tuple[Path, list]:
 
 def test_build_reads_back_every_field_and_frame(curated, tmp_path):
     out, samples = _copy(curated, tmp_path)
-    truth = make_text_cache(tmp_path / "cache", [s["caption"] for s, _ in samples])
+    truth = make_text_cache(tmp_path / "cache", all_captions([s for s, _ in samples]))
     builder = build_curated_dataset(out, text_cache=tmp_path / "cache", text_max_length=16, validation_fraction=0.25,
                                     progress=False)
     version = out / "tfds" / "curated_clips" / "1.0.0"
@@ -129,6 +165,7 @@ def test_build_reads_back_every_field_and_frame(curated, tmp_path):
     want_val = [s["id"] for s, _ in samples if _in_validation(s["id"], 0.25)]
     assert 0 < len(want_val) < len(samples)  # both splits exercised
     by_id = {s["id"]: (s, f) for s, f in samples}
+    assert {len(s["cuts"]) + 1 for s, _ in samples} == {1, 2, 3}  # every stored layout of ranges exercised
     seen = []
     for split in ("train", "validation"):
         ds = builder.as_data_source(split)
@@ -153,6 +190,14 @@ def test_build_reads_back_every_field_and_frame(curated, tmp_path):
             emb = truth[line["caption"]]
             assert rec["text_embedding"].dtype == emb.dtype and rec["text_length"] == len(emb)
             np.testing.assert_array_equal(rec["text_embedding"].view(np.uint16), emb.view(np.uint16))  # bit-exact
+            # the proper shot ranges' embeddings, end to end in the documented order (by first shot, then last)
+            ranges = PROPER_RANGES[len(line["cuts"]) + 1]
+            want = [truth[range_caption(line["caption"], a, b)] for a, b in ranges]
+            assert rec["range_text_lengths"].tolist() == [len(w) for w in want]
+            got = rec["range_text_embedding"]
+            assert got.dtype == emb.dtype and got.shape == (sum(len(w) for w in want), 8)
+            if want:
+                np.testing.assert_array_equal(got.view(np.uint16), np.concatenate(want).view(np.uint16))
             decoded = decode_all(rec["clip"])
             assert decoded.shape == frames.shape
             assert psnr(decoded, frames) > 25.0  # H.264 4:2:0 of saturated synthetic colours: 27..33 dB
@@ -190,7 +235,7 @@ def _all(ds):
 
 def test_failed_build_keeps_the_last_good_one(curated, tmp_path):
     out, samples = _copy(curated, tmp_path)
-    make_text_cache(tmp_path / "cache", [s["caption"] for s, _ in samples], dtype="float32")
+    make_text_cache(tmp_path / "cache", all_captions([s for s, _ in samples]), dtype="float32")
     build_curated_dataset(out, text_cache=tmp_path / "cache", text_max_length=16, progress=False)
     version = out / "tfds" / "curated_clips" / "1.0.0"
     inode = os.stat(version).st_ino
@@ -223,7 +268,7 @@ def test_validation_split_is_deterministic_and_disjoint(curated, tmp_path):
 
 def test_clear_errors_for_missing_inputs(curated, tmp_path):
     out, samples = _copy(curated, tmp_path)
-    make_text_cache(tmp_path / "cache", [s["caption"] for s, _ in samples[1:]])
+    make_text_cache(tmp_path / "cache", all_captions([s for s, _ in samples[1:]]))
     with pytest.raises(MissingTextEmbeddingsError) as e:
         build_curated_dataset(out, text_cache=tmp_path / "cache", text_max_length=16, progress=False)
     assert e.value.missing == [samples[0][0]["caption"]]
@@ -235,6 +280,60 @@ def test_clear_errors_for_missing_inputs(curated, tmp_path):
     assert not (out / "tfds").exists()
 
 
+def test_a_missing_shot_range_caption_is_named_with_the_command(curated, tmp_path):
+    out, samples = _copy(curated, tmp_path)
+    three = samples[3][0]  # shots [10, 10, 12]
+    gone = range_caption(three["caption"], 1, 2)
+    assert gone.startswith("The video features 2 shots. Shot 1: shot 1 of movie 3")
+    make_text_cache(tmp_path / "cache", [c for c in all_captions([s for s, _ in samples]) if c != gone])
+    with pytest.raises(MissingTextEmbeddingsError) as e:
+        build_curated_dataset(out, text_cache=tmp_path / "cache", text_max_length=16, progress=False)
+    assert e.value.missing == [gone]
+    message = str(e.value)
+    assert message.startswith("1 caption(s) have no text embedding") and repr(gone)[:60] in message
+    assert f"python -m director_jax.embed_text --checkpoint 'none (test)' --captions {out / 'manifest.jsonl'} " \
+           f"--cache {tmp_path / 'cache'}" in message
+    assert not (out / "tfds").exists()
+
+
+def test_a_caption_that_disagrees_with_the_cuts_refuses_the_build(curated, tmp_path):
+    out, samples = _copy(curated, tmp_path)
+    lines = [dict(s) for s, _ in samples]
+    cases = [
+        (1, {"caption": "A plain caption of two shots."}, "the caption describes 1 shot(s) but the video has 2"),
+        (0, {"caption": format_multishot_caption(["a.", "b."])}, "the caption describes 2 shot(s) but the video has 1"),
+        (3, {"caption": "The video features 3 shots. Shot 1: a. Shot 3: b."}, "its shot markers are Shot 1:, Shot 3:"),
+        (5, {"cuts": [lines[5]["start_frame"] + 24, lines[5]["start_frame"] + 16]}, "must be increasing"),
+        (7, {"cuts": [lines[7]["start_frame"]]}, "strictly between start_frame"),
+    ]
+    for i, change, fragment in cases:
+        broken = [dict(line) for line in lines]
+        broken[i].update(change)
+        write_manifest(out, broken)
+        with pytest.raises(ValueError) as e:
+            build_curated_dataset(out, progress=False)
+        message = str(e.value)
+        assert f"manifest.jsonl:{i + 1}: sample {lines[i]['id']}" in message and fragment in message, message
+        assert "\n" not in message
+        assert not (out / "tfds").exists()
+
+
+def test_shards_of_the_old_format_are_refused_with_the_rebuild_command(curated, tmp_path):
+    from director_jax.data.shards import FORMAT, Shards
+
+    out, _ = _copy(curated, tmp_path)
+    build_curated_dataset(out, validation_fraction=0.0, progress=False)
+    version = out / "tfds" / "curated_clips" / "1.0.0"
+    assert len(Shards(out, "train")) == 12
+    meta = version / "metadata.json"
+    data = json.loads(meta.read_text())
+    assert data["format"] == FORMAT == 2
+    meta.write_text(json.dumps({**data, "format": 1}))
+    with pytest.raises(ValueError, match=r"holds shards of format 1, this loader reads format 2 .* rebuild them: "
+                                         r"`python -m director_jax.shards --curated CURATED_DIR`"):
+        Shards(out, "train")
+
+
 def _shards_cli(*args: str) -> subprocess.CompletedProcess:
     repo = Path(__file__).resolve().parents[1]
     return subprocess.run([sys.executable, "-m", "director_jax.shards", *args], cwd=repo, capture_output=True,
@@ -243,7 +342,7 @@ def _shards_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_command_builds_and_reports_user_errors_in_one_line(curated, tmp_path):
     out, samples = _copy(curated, tmp_path)
-    make_text_cache(tmp_path / "cache", [s["caption"] for s, _ in samples], dtype="float32")
+    make_text_cache(tmp_path / "cache", all_captions([s for s, _ in samples]), dtype="float32")
     done = _shards_cli("--curated", str(out), "--text_cache", str(tmp_path / "cache"), "--text_max_length", "16",
                        "--validation_fraction", "0.25", "--noprogress")
     assert done.returncode == 0, done.stderr

@@ -227,6 +227,50 @@ def test_cli_txt_and_jsonl(ckpt, tmp_path):
                     "bad.jsonl:2: expected an object with a \"caption\" string")
 
 
+def test_a_curated_manifest_gives_every_shot_range_caption(tmp_path):
+    shots = ["a woman opens a door.", "a dark corridor.", "her face, lit by a torch."]
+    three, two, one = (format_multishot_caption(shots), format_multishot_caption(shots[:2]),
+                       format_multishot_caption(["a cat sleeps."]))
+    lines = [{"id": "a", "caption": three, "cuts": [110, 120]}, {"id": "b", "caption": one, "cuts": []},
+             {"id": "c", "caption": two, "cuts": [7]}, {"caption": "no cuts: a plain caption file's line"}]
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # each caption, then its proper ranges by first shot, then last: (0,0) (0,1) (1,1) (1,2) (2,2); then (0,0) (1,1)
+    assert tw.read_captions(path) == [
+        three,
+        "The video features 1 shot. Shot 1: a woman opens a door.",
+        two,
+        "The video features 1 shot. Shot 1: a dark corridor.",
+        "The video features 2 shots. Shot 1: a dark corridor. Shot 2: a hard cut to her face, lit by a torch.",
+        "The video features 1 shot. Shot 1: her face, lit by a torch.",
+        one,
+        two,
+        "The video features 1 shot. Shot 1: a woman opens a door.",
+        "The video features 1 shot. Shot 1: a dark corridor.",
+        lines[3]["caption"],
+    ]
+    lines[2]["cuts"] = [7, 9]  # three shots, a caption of two: refused with its line, before any model loads
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match=r"manifest.jsonl:3: curated sample c \(a line with cuts\): the caption "
+                                         r"describes 2 shot\(s\) but the video has 3"):
+        tw.read_captions(path)
+
+
+def test_embedding_a_manifest_fills_what_the_shards_need(encoder, tmp_path):
+    from director_jax.curation.shards import build_curated_dataset, cached_captions
+    from tests.test_shards import make_curated_dir
+
+    samples = make_curated_dir(tmp_path / "curated", [(0, [6, 5, 7], 32, 32, 8.0, 0), (1, [9], 32, 32, 8.0, 50)])
+    captions = tw.read_captions(tmp_path / "curated" / "manifest.jsonl")
+    assert len(captions) == 1 + 5 + 1
+    tw.compute_text_embeddings([*captions, ""], tmp_path / "cache", encoder, progress=False)
+    builder = build_curated_dataset(tmp_path / "curated", text_cache=tmp_path / "cache", text_max_length=MAX_LEN,
+                                    validation_fraction=0.0, progress=False)
+    rec = builder.as_data_source("train")[0]
+    assert rec["range_text_lengths"].tolist() == [_byte_tokens(c) for c in captions[1:6]]
+    assert set(cached_captions([s for s, _ in samples])) == set(captions)
+
+
 def test_cli_missing_required_flag(ckpt, tmp_path):
     _one_line_error(_cli("--captions", str(tmp_path / "caps.txt"), "--cache", str(tmp_path / "cache")),
                     "--checkpoint is required")

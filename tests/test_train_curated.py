@@ -16,7 +16,7 @@ from director_jax.configs_common import load_config
 from director_jax.curation.shards import build_curated_dataset
 from director_jax.data.loader import make_curated_dataset, make_iterator
 from director_jax.train.trainer import build_run, global_batch, make_data, train
-from tests.test_shards import make_curated_dir, make_text_cache
+from tests.test_shards import all_captions, make_curated_dir, make_text_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def curated(tmp_path_factory):
     """12 clips of 20-40 frames at 48x64, captions embedded (dim 32 = gen_tiny's text_dim, up to 16 tokens)."""
     root = tmp_path_factory.mktemp("curated")
     samples = make_curated_dir(root)
-    truth = make_text_cache(root / "cache", [s["caption"] for s, _ in samples], dtype="float32", dim=32,
+    truth = make_text_cache(root / "cache", all_captions([s for s, _ in samples]), dtype="float32", dim=32,
                             max_length=16)
     build_curated_dataset(root, text_cache=root / "cache", text_max_length=16, validation_fraction=0.0,
                           progress=False)

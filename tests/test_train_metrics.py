@@ -257,6 +257,21 @@ def test_progress_reset_window_and_every_k_steps():
     progress.close()
 
 
+def test_progress_rates_of_steps_of_different_sizes():
+    """Per-example timelines: each step passes its bucket's own tokens and FLOPs; the rates divide the work done
+    in the window by its time (a big step and a small one are not two average steps)."""
+    clock = ScriptedClock([10.0, 11.0, 12.0, 14.0])
+    progress = Progress(100, 0, flops_per_step=9e12, tokens_per_step=900, peak=1e13, enabled=False, window=2,
+                        clock=clock)
+    progress.update(1, 1.0, tokens=900, flops=9e12)  # the starting point: its own work is before the window
+    progress.update(2, 1.0, tokens=500, flops=5e12)
+    progress.update(3, 1.0, tokens=700, flops=7e12)
+    assert progress.rates() == pytest.approx({"steps_per_sec": 1.0, "tokens_per_sec": 600.0, "mfu": 60.0})
+    progress.update(4, 1.0)  # no figures given: the fixed per-step ones (900 tokens, 9e12 FLOPs) in 2 s
+    assert progress.rates() == pytest.approx({"steps_per_sec": 2 / 3, "tokens_per_sec": 1600 / 3, "mfu": 16 / 0.3})
+    progress.close()
+
+
 def test_peak_flops():
     assert peak_flops(jax.devices("cpu")) is None
     v5e = types.SimpleNamespace(device_kind="TPU v5 lite")

@@ -12,12 +12,18 @@ the same window, resize and task draw the trainer would see. Its chunks are enco
 ``multichunk.encode_timeline`` encodes them (each chunk padded by repeating its last frame); the
 chunks of ``batch`` examples that share a padded length go through the VAE together, in calls of
 ``batch`` chunks (the last padded), so each padded length compiles once.
+
+A Director-SR config (``task="sr"``) also stores ``lowres_latents``: the clip degraded by the SR
+task's seeded data path (``degrade_float(clip, degradation, (seed, record))``, what
+``train.sr_task.degrade_batch`` gives the same example), upsampled back and encoded over the same
+timeline, so SR trains on the cache as on pixels, minus the degradations and both VAE encodes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +42,7 @@ from tqdm import tqdm
 
 from director_jax.build import frozen_vae
 from director_jax.data import latent_cache as fmt
+from director_jax.data.degradations import DegradationConfig, degrade_float
 from director_jax.data.loader import ExampleMaker, curated_loader_config, resampled_length
 from director_jax.data.row_timelines import row_layout
 from director_jax.data.shards import Shards, read_build_info
@@ -45,6 +52,8 @@ from director_jax.io_utils import atomic_write, atomic_write_text, writable_dir_
 from director_jax.models.vae import WanVAE, normalize_latents
 
 log = logging.getLogger(__name__)
+
+TASKS = ("gen", "sr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +68,9 @@ class EncodeJob:
     shard_size: int
     batch: int
     latent_dtype: str
+    task: str = "gen"
+    degradation: DegradationConfig | None = None  # task "sr": the SR task's seeded degradations
+    seed: int = 0
 
     @property
     def num_examples(self) -> int:
@@ -78,8 +90,10 @@ class EncodeJob:
 def plan_job(cfg: ml_collections.ConfigDict, cache_dir: str | os.PathLike, *, timelines_per_clip: int = 1,
              shard_size: int = 64, batch: int = 4, latent_dtype: str = "bfloat16") -> EncodeJob:
     """Checks the inputs (one-line ``UserError``s, before any work) and fixes the job's examples."""
-    if cfg.get("task") != "gen":
-        raise UserError(f"config.task={cfg.get('task')!r}: the latent cache feeds Director-Gen; use a gen config.")
+    task = cfg.get("task")
+    if task not in TASKS:
+        raise UserError(f"config.task={task!r}: the latent cache feeds Director-Gen or Director-SR; use a gen or sr "
+                        "config.")
     if str(cfg.train.get("timelines", "fixed")) != "per_example":
         raise UserError("the latent cache holds per-example timelines: set --config.train.timelines=per_example.")
     if min(timelines_per_clip, shard_size, batch) < 1:
@@ -104,7 +118,13 @@ def plan_job(cfg: ml_collections.ConfigDict, cache_dir: str | os.PathLike, *, ti
     if len(clips) == 0:
         raise UserError(f"{data.path} split {loader.split!r} has no clip of {loader.clip_frames} frames at "
                         f"{loader.fps or 'their own'} fps: lower video.num_frames.")
-    return EncodeJob(Path(cache_dir), loader, data, clips, timelines_per_clip, shard_size, batch, latent_dtype)
+    degradation = None
+    if task == "sr":
+        degradation = DegradationConfig.from_config(cfg.degradation)
+        if len(degradation.scales) != 1:
+            raise UserError(f"degradation.scales={degradation.scales}: an SR model upsamples by one factor.")
+    return EncodeJob(Path(cache_dir), loader, data, clips, timelines_per_clip, shard_size, batch, latent_dtype,
+                     task, degradation, int(cfg.seed))
 
 
 def vae_fingerprint(vae: WanVAE) -> str:
@@ -130,7 +150,8 @@ def job_spec(job: EncodeJob, cfg: ml_collections.ConfigDict, vae: WanVAE, finger
         "timelines_per_clip": job.timelines_per_clip, "shard_size": job.shard_size, "batch": job.batch,
         "num_examples": job.num_examples, "num_shards": job.num_shards, "latent_dtype": job.latent_dtype,
         "latent_shape": [loader.buckets[0][0] // f, loader.buckets[0][1] // f, vae.config.z_dim],
-        "vae": {"init_from": str(cfg.vae.init_from), "fingerprint": fingerprint},
+        "vae": {"init_from": str(cfg.vae.init_from), "fingerprint": fingerprint}, "task": job.task,
+        "degradation": None if job.degradation is None else dataclasses.asdict(job.degradation),
         "text": job.data.text, "config": json.loads(cfg.to_json_best_effort()),
     }
     return json.loads(json.dumps(spec, sort_keys=True, default=str))  # as job.json reads back (lists, not tuples)
@@ -173,9 +194,10 @@ class ChunkEncoder:
         return np.concatenate(out)
 
 
-def encode_examples(examples: list[dict[str, np.ndarray]], encoder: Callable[[np.ndarray], np.ndarray]
-                    ) -> list[np.ndarray]:
-    """Each example's normalized latents (L, h, w, z) over its own timeline, as ``encode_timeline`` lays them out."""
+def encode_examples(examples: list[dict[str, np.ndarray]], encoder: Callable[[np.ndarray], np.ndarray],
+                    pixels: str = "video") -> list[np.ndarray]:
+    """Each example's normalized latents (L, h, w, z) of ``example[pixels]`` over its own timeline, as
+    ``encode_timeline`` lays them out."""
     layouts = [row_layout(e["given"], e["given_start"]) for e in examples]
     groups: dict[int, list[tuple[int, Any]]] = {}
     for i, layout in enumerate(layouts):
@@ -183,10 +205,16 @@ def encode_examples(examples: list[dict[str, np.ndarray]], encoder: Callable[[np
             groups.setdefault(c.padded_length, []).append((i, c))
     per_chunk: dict[tuple[int, int], np.ndarray] = {}
     for length in sorted(groups):
-        clips = np.stack([_padded(examples[i]["video"][c.start:c.end], length) for i, c in groups[length]])
+        clips = np.stack([_padded(examples[i][pixels][c.start:c.end], length) for i, c in groups[length]])
         for (i, c), latent in zip(groups[length], encoder(clips), strict=True):
             per_chunk[i, c.index] = latent
     return [np.concatenate([per_chunk[i, c.index] for c in layout.chunks]) for i, layout in enumerate(layouts)]
+
+
+def _with_upsampled(example: dict[str, np.ndarray], *, job: EncodeJob) -> dict[str, np.ndarray]:
+    """Adds the SR input: the clip degraded as the SR task's data path does for this record, upsampled back."""
+    out = degrade_float(example["video"], job.degradation, (job.seed, int(example["index"])))
+    return {**example, "upsampled": out.upsampled}
 
 
 def _padded(frames: np.ndarray, length: int) -> np.ndarray:
@@ -207,10 +235,17 @@ def _write_shard(job: EncodeJob, shard: int, make: ExampleMaker, encoder: ChunkE
     for start in range(0, len(ids), job.batch):
         group = ids[start:start + job.batch]
         examples = list(pool.map(make, [(e % k_of, int(job.clips[e // k_of])) for e in group]))
-        for e, example, latents in zip(group, examples, encode_examples(examples, encoder), strict=True):
+        lowres = None
+        if job.task == "sr":
+            examples = list(pool.map(functools.partial(_with_upsampled, job=job), examples))
+            lowres = encode_examples(examples, encoder, "upsampled")
+        for n, (e, example, latents) in enumerate(zip(group, examples, encode_examples(examples, encoder),
+                                                      strict=True)):
             rec = {"latents": latents.astype(out_dtype), "given": example["given"],
                    "given_start": example["given_start"], "task": example["task"], "index": example["index"],
                    "timeline": np.int32(e % k_of), "frame_index": example["frame_index"]}
+            if lowres is not None:
+                rec["lowres_latents"] = lowres[n].astype(out_dtype)
             if text_dtype is not None:
                 rec["text"] = example["text"][example["text_mask"]].astype(text_dtype)
             records.append(fmt.encode_record(rec))

@@ -3,8 +3,16 @@
 ``build_curated_dataset(OUT)`` reads ``OUT/manifest.jsonl`` and ``OUT/clips/*.mp4`` (what
 ``python -m director_jax.curate --out OUT`` writes) and writes the TFDS ArrayRecord dataset that
 ``director_jax.data.shards`` describes (features, splits, index files; the loader reads it) into
-``OUT/tfds/`` or ``data_dir``. With a text-embedding cache every caption must be cached; its
-embeddings are stored in the examples, the empty caption's beside them.
+``OUT/tfds/`` or ``data_dir``. With a text-embedding cache every caption must be cached, and for a
+multi-shot sample also the caption of every proper shot range (what a loader window showing only
+some of the shots is captioned with; ``captions.shot_range_captions``): ``python -m
+director_jax.embed_text --captions OUT/manifest.jsonl`` computes them all. The embeddings are stored in
+the examples, the empty caption's beside them.
+
+A sample's caption must describe its shots: ``len(cuts) + 1`` of them (a plain caption is one
+shot), with the cuts increasing and inside the sample. A sample that breaks this refuses the whole
+build with one line naming it, since its windows could not be captioned; curation never writes one
+(it checks every caption's shot count), so such a line was written or edited by hand.
 
 Splits: ``validation`` holds the samples whose id hashes below ``validation_fraction``
 (``sha256("validation:" + id)``), ``train`` the rest. A sample's split depends on its id only, so it
@@ -47,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from director_jax.data.captions import checked_shots, shot_range_captions
 from director_jax.data.shards import (
     BUILD_FILE,
     DESCRIPTION,
@@ -65,7 +74,8 @@ from director_jax.io_utils import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-_RELEASE_NOTE = "clips (mp4 bytes), caption, cuts, keyframe candidates, optional text embeddings"
+_RELEASE_NOTE = ("clips (mp4 bytes), caption, cuts, keyframe candidates, optional text embeddings (the caption's "
+                 "and its shot ranges')")
 _REQUIRED = {"id": str, "source": str, "start_frame": int, "end_frame": int, "fps": (int, float), "cuts": list,
              "kind": str, "caption": str, "clip": str, "width": int, "height": int, "num_frames": int,
              "keyframe_candidates": dict}
@@ -108,6 +118,7 @@ def read_manifest(curated_dir: str | os.PathLike) -> tuple[list[dict], bytes]:
         if clip.is_absolute() or ".." in clip.parts or not clip.parts:
             raise ValueError(f"{path}:{n}: clip {s['clip']!r} is not a path inside {curated_dir} (absolute or "
                              "with '..'); is this a manifest.jsonl written by `python -m director_jax.curate`?")
+        _check_shots(s, f"{path}:{n}")
         if min(s["width"], s["height"]) < 1 or not math.isfinite(s["fps"]) or s["fps"] <= 0:
             raise ValueError(f"{path}:{n}: width, height and fps must be finite and positive; got "
                              f"{s['width']}x{s['height']} at {s['fps']} fps.")
@@ -119,6 +130,27 @@ def read_manifest(curated_dir: str | os.PathLike) -> tuple[list[dict], bytes]:
     if not samples:
         raise ValueError(f"{path} holds no samples; curation kept nothing (see {curated_dir / 'skipped.jsonl'}).")
     return samples, raw
+
+
+def _check_shots(s: dict, where: str) -> None:
+    """The sample's cuts lie inside it in order, and its caption has one shot per cut + 1 (module doc)."""
+    cuts = s["cuts"]
+    bounds = [s["start_frame"], *cuts, s["end_frame"]]
+    whole = all(isinstance(c, int) and not isinstance(c, bool) for c in cuts)
+    if not whole or any(a >= b for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
+        raise ValueError(f"{where}: sample {s['id']} has cuts {cuts}, which must be increasing whole frames strictly "
+                         f"between start_frame {s['start_frame']} and end_frame {s['end_frame']}; rerun curation.")
+    try:
+        checked_shots(s["caption"], len(cuts) + 1)
+    except ValueError as e:
+        raise ValueError(f"{where}: sample {s['id']}: {e}. A window's caption is cut from the caption's shots, so "
+                         "the caption needs one 'Shot k:' per shot (format_multishot_caption of one caption per "
+                         "shot); fix the line or rerun curation for its source.") from None
+
+
+def cached_captions(samples: list[dict]) -> list[str]:
+    """Every caption the text cache must hold for ``samples``: each caption and its proper shot ranges'."""
+    return [c for s in samples for c in (s["caption"], *shot_range_captions(s["caption"], proper=True))]
 
 
 def _clip_problem(path: Path, sample: dict) -> str | None:
@@ -235,6 +267,10 @@ def _example(s: dict, curated_dir: Path, cache) -> dict[str, Any]:
         emb = cache.read(s["caption"])
         ex["text_embedding"] = np.ascontiguousarray(emb.astype(np_dtype(cache.info["dtype"])))
         ex["text_length"] = np.int32(emb.shape[0])
+        ranges = [cache.read(c) for c in shot_range_captions(s["caption"], proper=True)]
+        ex["range_text_embedding"] = np.ascontiguousarray(
+            np.concatenate(ranges) if ranges else np.zeros((0, cache.dim)), dtype=np_dtype(cache.info["dtype"]))
+        ex["range_text_lengths"] = np.asarray([len(r) for r in ranges], np.int32)
     return ex
 
 
@@ -277,7 +313,8 @@ def build_curated_dataset(curated_dir: str | os.PathLike, *, data_dir: str | os.
     """Builds (or keeps, if its inputs are unchanged) the dataset of ``curated_dir``; returns its builder.
 
     ``data_dir`` defaults to ``curated_dir/tfds``. ``text_cache`` is a TextEmbeddingCache or its
-    directory (read with ``text_max_length``); every caption must be in it. The returned builder is
+    directory (read with ``text_max_length``); every caption and shot-range caption must be in it
+    (``cached_captions``; a ``MissingTextEmbeddingsError`` lists the others). The returned builder is
     ``tfds.builder_from_directory`` of the build: ``.as_data_source(split)`` reads it.
     """
     import tensorflow_datasets as tfds
@@ -291,9 +328,9 @@ def build_curated_dataset(curated_dir: str | os.PathLike, *, data_dir: str | os.
     samples, manifest = read_manifest(curated_dir)
     cache = _open_text_cache(text_cache, text_max_length)
     if cache is not None:
-        missing = cache.missing([s["caption"] for s in samples])
+        missing = cache.missing(cached_captions(samples))
         if missing:
-            raise cache._missing_error(missing)
+            raise cache._missing_error(missing, manifest=curated_dir / "manifest.jsonl")
         if "" not in cache:
             log.warning("the text cache %s has no embedding of the empty caption: dropped captions will get a "
                         "masked-out zero embedding (compute it with `python -m director_jax.embed_text`, "

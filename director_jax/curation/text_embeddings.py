@@ -6,6 +6,13 @@ Nothing is downloaded. Caption files are ``.txt`` (one caption per line, blank l
 ``.jsonl`` (one object with a ``"caption"`` string per line). The empty caption, used for dropped
 captions and as the negative prompt, is always computed too (unless ``--noempty_caption``).
 
+A ``.jsonl`` line that also carries ``"cuts"`` (a list) is a curated sample (a line of
+``curate``'s ``manifest.jsonl``): its proper shot ranges' captions are read too
+(``captions.shot_range_captions``, after the caption), since a loader window that shows only some of
+the sample's shots is captioned with them and the shards store their embeddings. So
+``--captions curated/manifest.jsonl`` computes everything ``python -m director_jax.shards
+--text_cache`` needs. Such a line's caption must have ``len(cuts) + 1`` shots.
+
 Embeddings follow diffusers' ``WanPipeline._get_t5_prompt_embeds`` exactly: prompt cleaning, the
 tokenizer padding to ``max_length`` with truncation, the encoder run with the attention mask, each
 embedding trimmed to its true token count. The cache stores the trimmed ``(L, D)`` embedding (the
@@ -37,6 +44,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from director_jax.data.captions import shot_range_captions
 from director_jax.data.text_embeddings import (
     DEFAULT_MAX_LENGTH,
     DTYPES,
@@ -342,7 +350,8 @@ def compute_text_embeddings(captions: Sequence[str], cache_dir: str | os.PathLik
 
 
 def read_captions(path: str | os.PathLike) -> list[str]:
-    """Captions of a ``.txt`` (one per line, blank lines skipped) or ``.jsonl`` (``{"caption": ...}``) file."""
+    """Captions of a ``.txt`` (one per line, blank lines skipped) or ``.jsonl`` (``{"caption": ...}``) file;
+    a ``.jsonl`` line with ``"cuts"`` (a curated sample) adds its proper shot ranges' captions (module doc)."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"caption file {path} must be .txt (one caption per line) or .jsonl (a \"caption\" per line).")
@@ -361,6 +370,12 @@ def read_captions(path: str | os.PathLike) -> list[str]:
         if not isinstance(obj, dict) or not isinstance(obj.get("caption"), str):
             raise ValueError(f"{path}:{n}: expected an object with a \"caption\" string, got {line[:100]!r}.")
         captions.append(obj["caption"])
+        if isinstance(obj.get("cuts"), list):
+            try:
+                captions += shot_range_captions(obj["caption"], num_shots=len(obj["cuts"]) + 1, proper=True)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: curated sample {obj.get('id', '?')} (a line with cuts): {e}; fix its "
+                                 "caption or rerun curation.") from None
     return captions
 
 

@@ -22,6 +22,15 @@ Choices made here (the paper shows the form but not every detail):
   one-caption-per-line files). Case and punctuation are not touched, so ``parse`` inverts
   ``format`` exactly; captioners should write shot captions that read well after "a hard cut to"
   and end like sentences.
+
+**Window captions.** A training window cut from a multi-shot sample shows a contiguous run of its
+shots, first..last; its caption is the caption of those shots alone (``shot_range_caption``:
+re-numbered from Shot 1, the header's count right), so it never names a shot the window lacks. The
+whole run is the sample's caption verbatim (whatever its spacing), so its stored embedding serves.
+Every range has an index in one canonical order (``shot_ranges``): by first shot, then by last,
+``(0, 0), (0, 1), .., (0, n-1), (1, 1), .., (n-1, n-1)`` (0-based, inclusive); the *proper* ranges
+are the same list without the whole ``(0, n-1)``: ``n (n + 1) / 2 - 1`` of them, none for one shot.
+The shards store the proper ranges' embeddings in that order (``director_jax.curation.shards``).
 """
 
 from __future__ import annotations
@@ -92,3 +101,43 @@ def parse_multishot_caption(text: str) -> list[str]:
             raise ValueError(f"shot {i + 1} of the caption is empty: {text[:200]!r}")
         shots.append(shot)
     return shots
+
+
+def shot_ranges(num_shots: int, *, proper: bool = False) -> list[tuple[int, int]]:
+    """Every contiguous shot range ``(first, last)`` (0-based, inclusive) in the canonical order (module doc);
+    ``proper=True`` leaves out the whole range ``(0, num_shots - 1)``."""
+    if isinstance(num_shots, bool) or not isinstance(num_shots, int) or num_shots < 1:
+        raise ValueError(f"a video has at least one shot: got num_shots={num_shots!r}.")
+    return [(a, b) for a in range(num_shots) for b in range(a, num_shots)
+            if not (proper and (a, b) == (0, num_shots - 1))]
+
+
+def checked_shots(caption: str, num_shots: int | None = None) -> list[str]:
+    """``parse_multishot_caption(caption)``, which must give ``num_shots`` shots when that is given."""
+    shots = parse_multishot_caption(caption)
+    if num_shots is not None and len(shots) != num_shots:
+        raise ValueError(f"the caption describes {len(shots)} shot(s) but the video has {num_shots}: "
+                         f"{_normalize(caption)[:200]!r}")
+    return shots
+
+
+def shot_range_caption(caption: str, first: int, last: int, *, num_shots: int | None = None) -> str:
+    """The caption of shots ``first..last`` (0-based, inclusive) of a structured caption: those shots'
+    captions through ``format_multishot_caption``, or ``caption`` itself when the range is every shot.
+
+    ``num_shots`` (the video's shot count, e.g. ``len(cuts) + 1``), when given, must be the caption's.
+    """
+    shots = checked_shots(caption, num_shots)
+    if not 0 <= first <= last < len(shots):
+        raise ValueError(f"shot range {first}..{last} is outside the caption's {len(shots)} shot(s).")
+    if (first, last) == (0, len(shots) - 1):
+        return caption
+    return format_multishot_caption(shots[first:last + 1])
+
+
+def shot_range_captions(caption: str, *, num_shots: int | None = None, proper: bool = False) -> list[str]:
+    """The captions of ``shot_ranges(n, proper=proper)`` in that order (``n``: the caption's shot count)."""
+    shots = checked_shots(caption, num_shots)
+    whole = (0, len(shots) - 1)
+    return [caption if r == whole else format_multishot_caption(shots[r[0]:r[1] + 1])
+            for r in shot_ranges(len(shots), proper=proper)]

@@ -1,4 +1,4 @@
-"""The latent cache: Director-Gen's examples as normalized chunk latents, so training skips decode + VAE.
+"""The latent cache: Director-Gen / SR examples as normalized chunk latents, so training skips decode + VAE.
 
 ``python -m director_jax.encode`` (``director_jax.curation.latent_writer``) writes it from the curated
 shards; ``make_latent_dataset`` reads it with the same contract as the other loaders
@@ -19,8 +19,10 @@ little-endian header (JSON: name -> dtype, shape) and the raw arrays, in a fixed
 reruns). Fields: ``latents`` (L, h, w, z) at the row's own latent count L in ``latent_dtype``
 (bfloat16 by default: half of float32, and the DiT computes in bf16 anyway), ``given`` /
 ``given_start`` (T,) bool, ``task`` int32, ``index`` int64 (the curated record), ``timeline`` int32,
-``frame_index`` (T,) int32 and, with caption embeddings, ``text`` (Lt, D) in the shards' text dtype
-(unpadded, before caption dropout: the reader drops captions per epoch).
+``frame_index`` (T,) int32, for a Director-SR cache ``lowres_latents`` (L, h, w, z) (the degraded,
+upsampled clip's, same timeline) and, with caption embeddings, ``text`` (Lt, D) in the shards' text dtype
+(the window's caption, of the shots it shows, as the loader gives it; unpadded, before caption
+dropout: the reader drops captions per epoch).
 
 **Reading**: reader epoch ``e`` shows every usable clip once, timeline ``e % K``, shuffled and cut into
 global batches (the remainder is dropped); rows are padded to ``max_latents`` with ``latent_valid``
@@ -41,6 +43,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from director_jax.data.degradations import DegradationConfig
 from director_jax.data.iterators import HostRowsMapDataset, check_host_batch, config_from, mixed_shuffle_seed
 from director_jax.data.row_timelines import row_layout
 from director_jax.data.text_embeddings import np_dtype
@@ -141,6 +144,15 @@ def latent_cache_config(cfg: Any, *, max_latents: int) -> LatentCacheConfig:
     if got != want:
         raise ValueError(f"the latent cache {directory} holds {got}; the run wants {want}: encode the cache with "
                          "this run's config.")
+    task = str(cfg.get("task"))
+    if job.get("task", "gen") != task:
+        raise ValueError(f"the latent cache {directory} was encoded for task {job.get('task', 'gen')!r}; this run "
+                         f"trains {task!r}: encode a cache with this run's config (`{CLI} --config ...`).")
+    if task == "sr":
+        degradation = json.loads(json.dumps(dataclasses.asdict(DegradationConfig.from_config(cfg.degradation))))
+        if job.get("degradation") != degradation:
+            raise ValueError(f"the latent cache {directory} holds clips degraded with other settings than this "
+                             "run's degradation section: encode a cache with this run's config.")
     conditioned = bool(cfg.text.get("conditioning", False))
     if conditioned and not job.get("text"):
         raise ValueError(f"the latent cache {directory} holds no caption embeddings but text.conditioning is on: "
@@ -233,6 +245,9 @@ class _ReadRow:
                "index": np.int64(rec["index"]), "timeline": np.int32(k)}
         out["latent_given"][:n], out["latent_valid"][:n], out["latent_position"][:n] = (
             layout.given, True, layout.position)
+        if "lowres_latents" in rec:  # a Director-SR cache: the degraded clip's latents, laid out alike
+            out["lowres_latents"] = np.zeros_like(latents)
+            out["lowres_latents"][:n] = rec["lowres_latents"]
         if self.cfg.text_length is not None:
             drop = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, int(epoch), int(clip), 2]))
             dropped = bool(drop.random() < self.cfg.caption_dropout)

@@ -21,7 +21,11 @@ global batch holds one bucket, so one shape.
 3. a window of ``clip_frames`` resampled frames at a uniformly drawn start;
 4. resize (swscale bicubic, keeping the aspect ratio) to cover the bucket, then center crop;
 5. a task and its given frames (``director_jax.data.task_sampling``) from the window's cuts;
-6. caption dropout: with probability ``caption_dropout`` the caption becomes ``""``.
+6. the window's caption: the caption of the shots it shows (``window_shots``: every shot from the one
+   of its first frame to the one of its last), re-numbered from Shot 1
+   (``captions.shot_range_caption``; all of the sample's shots: its caption as it is), with that
+   caption's embedding (the shards hold one per shot range);
+7. caption dropout: with probability ``caption_dropout`` the caption becomes ``""``.
 
 A batch (``b`` = this host's rows, ``T = clip_frames``)::
 
@@ -34,11 +38,14 @@ A batch (``b`` = this host's rows, ``T = clip_frames``)::
     task           (b,) int32      index into task_sampling.TASKS
     index          (b,) int64      the record's index in the split
     frame_index    (b, T) int32    the clip frame each output frame shows
-    caption        (b,) str        the caption after dropout
+    caption        (b,) str        the window's caption after dropout
     caption_dropped (b,) bool
+    shot_frames    (b, T) int32    the window's frames in each shot it shows, in order, then zeros (T frames show at
+                                   most T shots, so T entries always suffice); sums to T; the last shot's entry is
+                                   >= 1, so the shot count is the position of the last non-zero entry + 1
     text           (b, L, D) float32, text_mask (b, L) bool   only when the shards hold text embeddings
 
-``text`` is the caption's cached umT5 embedding zero-padded to ``L`` (``cfg.text_length``, default the
+``text`` is the window caption's cached umT5 embedding zero-padded to ``L`` (``cfg.text_length``, default the
 cache's ``max_length``). A dropped caption gets the empty caption's embedding when the cache held it
 at build time, else zeros with an all-False mask (the cross-attention then sees no text).
 """
@@ -55,6 +62,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from director_jax.data.captions import shot_range_caption
 from director_jax.data.iterators import (
     HostRowsMapDataset,
     check_host_batch,
@@ -62,13 +70,13 @@ from director_jax.data.iterators import (
     make_iterator,
     mixed_shuffle_seed,
 )
-from director_jax.data.shards import Shards
+from director_jax.data.shards import Shards, range_embedding
 from director_jax.data.task_sampling import DEFAULT_TASK_WEIGHTS, TaskSamplingConfig, sample_task, task_config_from
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CuratedLoaderConfig", "ExampleMaker", "curated_loader_config", "make_curated_dataset", "make_iterator",
-           "batch_plan", "nearest_bucket", "resampled_length", "source_frame_indices", "text_metadata"]
+           "batch_plan", "nearest_bucket", "resampled_length", "source_frame_indices", "text_metadata", "window_shots"]
 
 VIDEO_DTYPES = ("float32", "uint8")
 _EPS = 1e-9  # keeps j * ratio + 1/2 that is a whole number in exact arithmetic from rounding down
@@ -89,6 +97,7 @@ class CuratedLoaderConfig:
     keyframe_middle: float = 0.25
     keyframe_last: float = 0.5
     min_span: int = 2
+    cuts_keyframed: bool = False
     caption_dropout: float = 0.1
     text_length: int | None = None  # pad text embeddings to this many tokens (default: the cache's max_length)
     decode_threads: int = 1  # FFmpeg threads per decode (0: FFmpeg chooses); parallelism comes from workers
@@ -148,6 +157,20 @@ def source_frame_indices(start: int, length: int, fps: float, target_fps: float 
     """Source frames of resampled frames ``start .. start + length - 1`` (nearest frame in time)."""
     j = np.arange(start, start + length, dtype=np.float64)
     return np.floor(j * _ratio(fps, target_fps) + 0.5 + _EPS).astype(np.int64)
+
+
+def window_shots(frames: np.ndarray, cuts: np.ndarray | list[int]) -> tuple[int, np.ndarray]:
+    """The shots a window shows: its first shot (0-based) and the count of its frames in each shot first..last.
+
+    ``frames`` are the window's source frames (``source_frame_indices``; a frame shown twice counts twice),
+    ``cuts`` the sample-relative shot starts, increasing. Frame ``f`` is in shot ``k`` = the number of cuts
+    ``<= f``: a window that starts on a cut starts in that cut's shot. The range runs from the shot of the
+    first frame to the shot of the last; a shot shorter than the resampling step that no window frame lands
+    on is still in it (the window's time passes through it), with a count of 0. Counts sum to ``len(frames)``.
+    """
+    shot = np.searchsorted(np.asarray(cuts, np.int64), np.asarray(frames, np.int64), side="right")
+    first = int(shot.min())
+    return first, np.bincount(shot - first, minlength=int(shot.max()) - first + 1)
 
 
 class _Plan:
@@ -310,26 +333,38 @@ class ExampleMaker:
         frames = source_frame_indices(start, t, float(idx["fps"][record]), cfg.fps)
         h, w = cfg.buckets[int(self.bucket[record])]
         pixels = decode_frames(rec["clip"], frames, h, w, threads=cfg.decode_threads)
-        cuts = [int(np.searchsorted(frames, c, side="left")) for c in np.asarray(rec["cuts"]).tolist()]
+        sample_cuts = np.asarray(rec["cuts"]).tolist()
+        cuts = [int(np.searchsorted(frames, c, side="left")) for c in sample_cuts]
         spec = sample_task(t, [j for j in cuts if 0 < j < t], seed=cfg.seed, index=(int(epoch), int(record)),
                            cfg=self.task_cfg)
         drop_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, int(epoch), int(record), 2]))
         dropped = bool(drop_rng.random() < cfg.caption_dropout)
-        caption = "" if dropped else (rec["caption"].decode() if isinstance(rec["caption"], bytes) else rec["caption"])
+        first, counts = window_shots(frames, sample_cuts)
+        shots = (first, first + len(counts) - 1, len(sample_cuts) + 1)  # first, last, the sample's shot count
+        whole = rec["caption"].decode() if isinstance(rec["caption"], bytes) else str(rec["caption"])
+        try:
+            caption = shot_range_caption(whole, *shots[:2], num_shots=shots[2])
+        except ValueError as e:
+            raise ValueError(f"record {record} ({rec_id}) of {self.data.path}: {e}; rebuild the shards (the build "
+                             "checks every caption against its cuts).") from None
+        shot_frames = np.zeros(t, np.int32)
+        shot_frames[:len(counts)] = counts
         out = {
             "video": pixels if cfg.video_dtype == "uint8" else _to_float(pixels),
             "given": spec.given, "given_start": spec.given_start,
             "task": np.int32(spec.task_id), "index": np.int64(record),
             "frame_index": frames.astype(np.int32),
-            "caption": np.asarray(caption), "caption_dropped": np.bool_(dropped),
+            "caption": np.asarray("" if dropped else caption), "caption_dropped": np.bool_(dropped),
+            "shot_frames": shot_frames,
         }
         if self.text_length is not None:
-            out["text"], out["text_mask"] = self._text(rec, dropped)
+            out["text"], out["text_mask"] = self._text(rec, None if dropped else shots)
         return out
 
-    def _text(self, rec: dict, dropped: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _text(self, rec: dict, shots: tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The padded embedding of shots ``(first, last, num_shots)``' caption; None: the dropped caption's."""
         n, dim = self.text_length, int(self.data.text["dim"])
-        emb = self.data.empty_caption if dropped else np.asarray(rec["text_embedding"]).astype(np.float32)
+        emb = self.data.empty_caption if shots is None else range_embedding(rec, *shots).astype(np.float32)
         text, mask = np.zeros((n, dim), np.float32), np.zeros(n, bool)
         if emb is not None:
             if len(emb) > n:

@@ -17,7 +17,16 @@ ArrayRecord files (random access; no TensorFlow needed). Read it with
   bfloat16, stored bit-exact) and ``text_length`` (= L). The empty caption's embedding (for caption
   dropout) is stored beside the shards as ``empty_caption_embedding.npy`` (float32) when the cache
   holds it; the dataset's metadata ``text`` says which encoder made them (fingerprint, dtype,
-  max_length, dim, empty_caption).
+  max_length, dim, empty_caption);
+- with a text-embedding cache, the embeddings of the caption's *proper shot ranges* (the captions of
+  a window that shows only some of the shots: ``director_jax.data.captions.shot_range_captions``), in
+  the canonical order of ``captions.shot_ranges(len(cuts) + 1, proper=True)``, laid end to end:
+  ``range_text_embedding`` ``(sum L_r, D)`` and ``range_text_lengths`` ``(R,)`` int32 (``L_r`` each).
+  A single-shot sample has none (``(0, D)`` and ``(0,)``). Every caption's shot count is
+  ``len(cuts) + 1``: the build refuses a sample whose caption disagrees.
+
+``FORMAT`` is the layout's version, recorded in the dataset's metadata; ``Shards`` refuses another
+one with the command that rebuilds it (a plain rerun: the format is part of the build digest).
 
 Splits: ``train`` and ``validation`` (a split with no samples is not written). Records keep manifest
 order within a split (the loader shuffles). Beside the shards, ``index-<split>.npz`` lists per record
@@ -29,16 +38,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from director_jax.data.captions import shot_ranges
 from director_jax.data.text_embeddings import np_dtype
 
 NAME = "curated_clips"
 VERSION = "1.0.0"
-FORMAT = 1  # bump when the features or the build digest change
+FORMAT = 2  # bump when the features or the build digest change (2: the shot ranges' embeddings)
 BUILD_FILE = "build.json"
 EMPTY_CAPTION_FILE = "empty_caption_embedding.npy"
 SPLITS = ("train", "validation")
@@ -92,7 +103,25 @@ def features(text_dim: int | None = None, text_dtype: str = "float32"):
         spec["text_embedding"] = f.Tensor(shape=(None, text_dim), dtype=np_dtype(text_dtype),
                                           encoding=f.Encoding.BYTES)
         spec["text_length"] = f.Tensor(shape=(), dtype=np.int32)
+        spec["range_text_embedding"] = f.Tensor(shape=(None, text_dim), dtype=np_dtype(text_dtype),
+                                                encoding=f.Encoding.BYTES)
+        spec["range_text_lengths"] = f.Tensor(shape=(None,), dtype=np.int32)
     return f.FeaturesDict(spec)
+
+
+def range_embedding(rec: Mapping[str, Any], first: int, last: int, num_shots: int) -> np.ndarray:
+    """A record's embedding of the caption of shots ``first..last`` (0-based, inclusive) of its ``num_shots``:
+    ``text_embedding`` for all of them, else that range's slice of ``range_text_embedding`` (module doc)."""
+    if (first, last) == (0, num_shots - 1):
+        return np.asarray(rec["text_embedding"])
+    ranges = shot_ranges(num_shots, proper=True)
+    lengths = np.asarray(rec["range_text_lengths"], np.int64)
+    if len(lengths) != len(ranges):
+        raise ValueError(f"a record of {num_shots} shots holds {len(lengths)} shot-range embeddings, not "
+                         f"{len(ranges)}: the shards are damaged; rebuild them.")
+    k = ranges.index((first, last))
+    start = int(lengths[:k].sum())
+    return np.asarray(rec["range_text_embedding"])[start:start + int(lengths[k])]
 
 
 class Shards:
@@ -108,6 +137,12 @@ class Shards:
 
         self.path, self.split = dataset_dir(path), split
         info = tfds.builder_from_directory(str(self.path)).info
+        built = (info.metadata or {}).get("format")
+        if built != FORMAT:
+            raise ValueError(f"{self.path} holds shards of format {built}, this loader reads format {FORMAT} (window "
+                             f"captions and their embeddings); rebuild them: `{CLI} --curated CURATED_DIR` (with the "
+                             "same --text_cache, filled by `python -m director_jax.embed_text --captions "
+                             "CURATED_DIR/manifest.jsonl`).")
         if split not in info.splits:
             raise ValueError(f"{self.path} has no split {split!r}; it has {sorted(info.splits)} (an empty split is "
                              "not written: raise --validation_fraction or add samples).")

@@ -63,6 +63,7 @@ class SyntheticClipsConfig:
     keyframe_middle: float = 0.25
     keyframe_last: float = 0.5
     min_span: int = 2
+    cuts_keyframed: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shot_lengths", tuple(int(n) for n in self.shot_lengths))

@@ -12,10 +12,17 @@ Tasks (``TASKS``; ``task_id`` is the position in that tuple, the ``task`` field 
   (never on those three), up to a uniformly drawn count.
 * ``multi_shot``: a keyframe at frame 0 and at every cut (shot start) inside the clip, plus a
   uniformly drawn number of extra keyframes on other frames, ``max_keyframes`` in all. Eligible only
-  when the clip holds a cut and 1 + cuts <= ``max_keyframes``.
+  when the clip holds a cut and 1 + cuts <= ``max_keyframes``. With ``cuts_keyframed`` a clip that
+  holds a cut takes this task only (see below).
 * ``extend_forward``: a given video span at the start (generate what follows).
 * ``extend_backward``: a given video span at the end (generate what came before).
 * ``in_between``: given video spans at both ends (generate the middle).
+
+``cuts_keyframed`` (default off): every cut inside a clip is a keyframe, so a clip holding a cut
+always takes ``multi_shot``. Without captions nothing tells a model where an unkeyed cut goes, and
+training on such windows teaches it that shots may change anywhere between two keyframes (the CPU
+demo's Gen, trained without captions, turns it on). A text-conditioned model reads the cut from the
+shot-structured caption, so the default keeps every task for those windows.
 
 Given video spans hold ``min_span``..``T - 1`` frames (in-between: both ends together leave at least
 one generated frame). Tasks an example cannot take are dropped and the weights of the others are
@@ -50,6 +57,7 @@ class TaskSamplingConfig:
     keyframe_middle: float = 0.25  # ... that frame (T - 1) // 2 is
     keyframe_last: float = 0.5  # ... that frame T - 1 is
     min_span: int = 2  # frames of a given video span (extension tasks)
+    cuts_keyframed: bool = False  # a clip holding a cut takes multi_shot only (a keyframe at every shot start)
 
     def __post_init__(self) -> None:
         weights = dict(self.task_weights)
@@ -128,8 +136,15 @@ def spans_from_masks(given: np.ndarray, given_start: np.ndarray) -> list[tuple[i
 def eligible_tasks(num_frames: int, cuts: Sequence[int], cfg: TaskSamplingConfig) -> list[str]:
     """The tasks a clip of ``num_frames`` frames with these cuts can take (weights not considered)."""
     inside = [c for c in cuts if 0 < c < num_frames]
+    fits = 1 + len(set(inside)) <= cfg.max_keyframes
+    if inside and cfg.cuts_keyframed:
+        if not fits:
+            raise ValueError(f"a clip of {num_frames} frames holds {len(set(inside))} cuts, so with cuts_keyframed it "
+                             f"needs {1 + len(set(inside))} keyframes, more than max_keyframes={cfg.max_keyframes}: "
+                             "raise data.tasks.max_keyframes or use shorter clips.")
+        return ["multi_shot"]
     out = ["single_shot"]
-    if inside and 1 + len(set(inside)) <= cfg.max_keyframes:
+    if inside and fits:
         out.append("multi_shot")
     if num_frames >= cfg.min_span + 1:
         out += ["extend_forward", "extend_backward"]

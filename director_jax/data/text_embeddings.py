@@ -169,22 +169,29 @@ class TextEmbeddingCache:
             with safe_open(str(path), framework="np") as f:
                 yield (f.metadata() or {})["caption"], path
 
-    def _missing_error(self, missing: list[str]) -> MissingTextEmbeddingsError:
+    def _missing_error(self, missing: list[str], manifest=None) -> MissingTextEmbeddingsError:
         return missing_error(missing, self.root, self.info.get("checkpoint"), self.info["dtype"], self.max_length,
-                             f"for encoder {_describe_encoder(self.info)}")
+                             f"for encoder {_describe_encoder(self.info)}", manifest=manifest)
 
 
-def missing_error(missing: list[str], cache_root, checkpoint, dtype, max_length,
-                  where: str) -> MissingTextEmbeddingsError:
+def missing_error(missing: list[str], cache_root, checkpoint, dtype, max_length, where: str, *,
+                  manifest=None) -> MissingTextEmbeddingsError:
+    """The error naming the missing captions and the command that computes them (from ``manifest``, a curated
+    ``manifest.jsonl``, when the captions are a curated directory's)."""
     shown = "\n".join(f"  {short_caption(c)}" for c in missing[:20])
     more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
     checkpoint = shlex.quote(str(checkpoint)) if checkpoint else "UMT5_CHECKPOINT"
-    command = (f"{CLI} --checkpoint {checkpoint} --captions CAPTIONS.jsonl --cache {shlex.quote(str(cache_root))} "
+    captions = "CAPTIONS.jsonl" if manifest is None else shlex.quote(str(manifest))
+    command = (f"{CLI} --checkpoint {checkpoint} --captions {captions} --cache {shlex.quote(str(cache_root))} "
                f"--dtype {dtype} --max_length {max_length}")
+    if manifest is None:
+        what = ("where CAPTIONS.jsonl holds one {\"caption\": ...} per line (or a .txt file with one caption per "
+                "line).")
+    else:
+        what = "(from the manifest it computes every sample's caption and the captions of its shot ranges)."
     return MissingTextEmbeddingsError(
         f"{len(missing)} caption(s) have no text embedding in {cache_root} {where}:\n{shown}{more}\n"
-        f"Compute them with\n  {command}\nwhere CAPTIONS.jsonl holds one {{\"caption\": ...}} per line "
-        "(or a .txt file with one caption per line).", missing)
+        f"Compute them with\n  {command}\n{what}", missing)
 
 
 def load_text_embeddings(cache_dir: str | os.PathLike, captions: Sequence[str], *,

@@ -177,19 +177,20 @@ class GenTask(Task):
 
     # -- sizes -----------------------------------------------------------------------------
 
-    def tokens_per_example(self) -> int:
-        """Tokens of one row at the largest bucket (per-example timelines: padded tokens included)."""
-        length, h, w, _ = self._latent_shape()
+    def tokens_per_example(self, bucket: int | None = None) -> int:
+        """Tokens of one row at ``bucket`` latent frames (default: the largest bucket), padded tokens included."""
+        length, h, w, _ = self._latent_shape(bucket)
         _, ph, pw = self.cfg.model.patch_size
         return length * (h // ph) * (w // pw)
 
-    def train_flops_per_example(self) -> float:
-        """3x the DiT forward: per block 12 D^2 + 4 D F per token (self/cross projections, FFN),
-        4 S^2 D (self-attention scores and values), 4 S T D + 4 T D^2 (cross-attention over T text
-        tokens), plus patch embedding and head. The frozen VAE encode is not counted (not trained)."""
+    def train_flops_per_example(self, bucket: int | None = None) -> float:
+        """3x the DiT forward of a row at ``bucket`` latent frames (default: the largest): per block
+        12 D^2 + 4 D F per token (self/cross projections, FFN), 4 S^2 D (self-attention scores and
+        values), 4 S T D + 4 T D^2 (cross-attention over T text tokens), plus patch embedding and head.
+        The frozen VAE encode is not counted (not trained)."""
         m = self.cfg.model
         d, ffn, layers = m.num_attention_heads * m.attention_head_dim, m.ffn_dim, m.num_layers
-        s = self.tokens_per_example()
+        s = self.tokens_per_example(bucket)
         t = int(self.cfg.text.max_length) if self.cfg.text.conditioning else 1
         patch = math.prod(m.patch_size) * m.in_channels
         per_block = s * (12 * d * d + 4 * d * ffn) + 4 * s * s * d + 4 * s * t * d + 4 * t * d * d

@@ -271,6 +271,8 @@ class Progress:
     of an SPMD program counts one device's share, so multiply that by the device count). ``peak`` is the sum of
     the peak FLOP/s of the same devices (:func:`peak_flops`). ``tokens_per_step`` is global too (whole batch).
     MFU = flops_per_step * steps/s / peak, reported in percent, and only when both figures are known.
+    Steps of different sizes (per-example timelines: each batch in its own latent bucket) pass their own
+    ``tokens`` and ``flops`` to :meth:`update`; the rates then divide the work done by the time it took.
     """
 
     def __init__(
@@ -294,8 +296,10 @@ class Progress:
         self.tokens_per_step = tokens_per_step
         self.peak = peak
         self._clock = clock
-        self._marks: deque[tuple[int, float]] = deque(maxlen=window + 1)  # (step, clock) at recent update() calls
+        # (step, clock, tokens so far, FLOPs so far) at recent update() calls
+        self._marks: deque[tuple[int, float, float, float]] = deque(maxlen=window + 1)
         self._step = initial_step
+        self._tokens = self._flops = 0.0  # work done since the start (or since this process resumed)
         self._bar = tqdm(
             total=total_steps,
             initial=initial_step,
@@ -308,15 +312,22 @@ class Progress:
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
         )
 
-    def update(self, step: int, loss: float, extra: Mapping[str, Any] | None = None) -> None:
+    def update(self, step: int, loss: float, extra: Mapping[str, Any] | None = None, *, tokens: float | None = None,
+               flops: float | None = None) -> None:
         """Moves the bar to ``step`` (steps completed so far) and shows ``loss``, the rates and ``extra``.
 
         Pass ``loss`` as a host float: fetching it waits for the step to finish, so the clock reading here is
         when the step really ended, not when it was dispatched. Calling this every k steps is fine.
+        ``tokens`` / ``flops``: the work of the steps since the last call (default: the fixed per-step figures).
         """
         now = self._clock()
+        done = step - self._step
+        if done > 0:
+            self._tokens += self.tokens_per_step * done if tokens is None else float(tokens)
+            if self.flops_per_step is not None or flops is not None:
+                self._flops += (self.flops_per_step or 0.0) * done if flops is None else float(flops)
         if not self._marks or step > self._marks[-1][0]:
-            self._marks.append((step, now))
+            self._marks.append((step, now, self._tokens, self._flops))
         parts = [f"loss={_fmt(float(loss))}"]
         r = self.rates()
         if r:
@@ -345,13 +356,13 @@ class Progress:
         """
         if len(self._marks) < 2:
             return {}
-        (s0, t0), (s1, t1) = self._marks[0], self._marks[-1]
+        (s0, t0, k0, f0), (s1, t1, k1, f1) = self._marks[0], self._marks[-1]
         if t1 <= t0:
             return {}
         sps = (s1 - s0) / (t1 - t0)
-        out = {"steps_per_sec": sps, "tokens_per_sec": sps * self.tokens_per_step}
+        out = {"steps_per_sec": sps, "tokens_per_sec": (k1 - k0) / (t1 - t0)}
         if self.flops_per_step is not None and self.peak:
-            out["mfu"] = 100.0 * self.flops_per_step * sps / self.peak
+            out["mfu"] = 100.0 * (f1 - f0) / (t1 - t0) / self.peak
         return out
 
     def close(self) -> None:

@@ -7,7 +7,8 @@ one over the same timeline (the fixed ``train.keyframes`` one or each row's own,
 Director-Gen, ``gen_task.py``), so both lie on one latent grid; the high-res given latents stay
 clean (sigma 0) and out of the loss, except in examples whose keyframes are dropped
 (``train.keyframe_dropout``, drawn per example on the host), where every frame is generated.
-``train.latents="precomputed"`` takes both latents from the batch instead (a latent cache).
+``train.latents="precomputed"`` takes both latents from the batch instead (a latent cache written
+by ``python -m director_jax.encode`` with an SR config: the same degradations, seeded alike).
 ``config.model`` is the Gen architecture; ``init_from`` a Gen or SR checkpoint
 (``build_director_sr``). The frozen VAE is ``vae.init_from``, whose own latent statistics
 normalise the latents.
@@ -57,6 +58,12 @@ def degrade_batch(batch: dict[str, np.ndarray], *, degradation: DegradationConfi
         kept.append(keyframes_kept(seed, int(index), keyframe_dropout))
     return {**batch, "lowres": np.stack(lowres), "upsampled": np.stack(upsampled),
             "keyframes_kept": np.asarray(kept, bool)}
+
+
+def keyframe_draw(batch: dict[str, np.ndarray], *, seed: int, keyframe_dropout: float) -> dict[str, np.ndarray]:
+    """``degrade_batch``'s ``keyframes_kept`` alone, for rows whose degraded latents come from a latent cache."""
+    kept = [keyframes_kept(seed, int(index), keyframe_dropout) for index in batch["index"]]
+    return {**batch, "keyframes_kept": np.asarray(kept, bool)}
 
 
 def fixed_given(batch: dict[str, np.ndarray], *, given: np.ndarray) -> dict[str, np.ndarray]:
@@ -119,12 +126,12 @@ class SRTask(GenTask):
                             **self.flow_options())
         return loss, {**aux, **self.padding_metrics(valid)}
 
-    def train_flops_per_example(self) -> float:
+    def train_flops_per_example(self, bucket: int | None = None) -> float:
         """Gen's count plus the patch embedding's extra z low-res input channels."""
         m = self.cfg.model
         d = m.num_attention_heads * m.attention_head_dim
-        extra = 2 * self.tokens_per_example() * math.prod(m.patch_size) * m.in_channels * d
-        return super().train_flops_per_example() + 3.0 * extra
+        extra = 2 * self.tokens_per_example(bucket) * math.prod(m.patch_size) * m.in_channels * d
+        return super().train_flops_per_example(bucket) + 3.0 * extra
 
     def describe(self) -> str:
         return (f"{super().describe()}, {self.scale}x SR from "
@@ -132,8 +139,11 @@ class SRTask(GenTask):
                 f"keyframe dropout {self.keyframe_dropout:g}")
 
     def data_transform(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-        degrade = functools.partial(degrade_batch, degradation=self.degradation, seed=int(self.cfg.seed),
-                                    keyframe_dropout=self.keyframe_dropout)
+        if self.cfg.train.latents == "precomputed":  # a latent cache's rows: degraded and encoded by its writer
+            degrade = functools.partial(keyframe_draw, seed=int(self.cfg.seed), keyframe_dropout=self.keyframe_dropout)
+        else:
+            degrade = functools.partial(degrade_batch, degradation=self.degradation, seed=int(self.cfg.seed),
+                                        keyframe_dropout=self.keyframe_dropout)
         if self.per_example:
             plan = functools.partial(plan_batch, shapes=self.shapes, slots=self.cfg.train.latents == "encode")
         else:

@@ -80,10 +80,11 @@ class Task:
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         raise NotImplementedError
 
-    def tokens_per_example(self) -> int:
+    def tokens_per_example(self, bucket: int | None = None) -> int:
+        """Tokens of one example (``bucket``: its latent frames, for tasks with per-example timelines)."""
         raise NotImplementedError
 
-    def train_flops_per_example(self) -> float | None:
+    def train_flops_per_example(self, bucket: int | None = None) -> float | None:
         """Analytic training FLOPs of one example (3x forward), or None to use XLA's count."""
         return None
 

@@ -287,7 +287,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, devices=None, 
             step += 1
             if pending is not None:
                 _finish_step(pending, cfg, workdir, writer, bar, losses, indices)
-            pending = (step, metrics, local)
+            pending = (step, metrics, local, step_work(run, bucket))
             want_save = step % int(cfg.checkpoint.every) == 0 or step == total
             if flag.check(step):
                 preempted = True
@@ -341,9 +341,19 @@ def step_flops(run: Run, lowered_or_state) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def step_work(run: Run, bucket: int | None) -> tuple[float | None, float | None]:
+    """(tokens, FLOPs) of one step of a batch in ``bucket`` (per-example timelines: the bucket's own sizes,
+    padded tokens included); (None, None) for a fixed shape, whose figures the progress bar already has."""
+    if bucket is None:
+        return None, None
+    b = int(run.cfg.train.batch_size)
+    flops = run.task.train_flops_per_example(bucket)
+    return float(run.task.tokens_per_example(bucket) * b), None if flops is None else float(flops * b)
+
+
 def _finish_step(pending, cfg, workdir: Path, writer, bar, losses: dict[int, float],
                  indices: dict[int, list[int]]) -> None:
-    step, metrics, local = pending
+    step, metrics, local, (tokens, flops) = pending
     host = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
     loss = float(host["loss"])
     losses[step] = loss
@@ -357,7 +367,7 @@ def _finish_step(pending, cfg, workdir: Path, writer, bar, losses: dict[int, flo
                 f"metrics are in {where}; the last checkpoint is intact. Lower optim.learning_rate, check the data, "
                 "or set --config.train.nonfinite=skip to drop such updates.")
         log.warning("step %d: non-finite loss %s, update skipped", step, loss)
-    bar.update(step, loss)
+    bar.update(step, loss, tokens=tokens, flops=flops)
     if step % int(cfg.train.log_every) == 0 or step == int(cfg.train.steps):
         scalars = {k: float(v) for k, v in host.items()}
         if step in indices:  # which examples this step saw: audits of data order across restarts

@@ -47,7 +47,7 @@ class VaeTask(Task):
                                       lpips=self.lpips, mse_weight=float(t.get("mse_weight", 0.0)),
                                       anchor_weight=float(t.get("anchor_weight", 0.0)))
 
-    def tokens_per_example(self) -> int:
+    def tokens_per_example(self, bucket: int | None = None) -> int:
         v = self.cfg.video
         f = self.vae_config.spatial_factor
         return ((v.num_frames - 1) // TEMPORAL_FACTOR + 1) * (v.height // f) * (v.width // f)
