@@ -156,7 +156,7 @@ def example_batch(task, indices) -> dict[str, np.ndarray]:
 
 def build_cache(task, vae, count: int):
     """Normalized latents of ``count`` SR examples (high-res and upsampled low-res) over the task's layout."""
-    from director_jax.demo.cpu_fit import encode_layouts
+    from layout_cache import encode_layouts
 
     batch = example_batch(task, range(count))
     (cache,) = encode_layouts(vae, batch["video"], [task.layout], lowres=batch["upsampled"])
@@ -166,9 +166,9 @@ def build_cache(task, vae, count: int):
 def train_sr(cfg, cache, steps: int, workdir: Path):
     """The trainer's step (task ``sr``) on random batches of the cache; returns the EMA model from its checkpoint."""
     import jax
+    from layout_cache import train_on_cache
 
     from director_jax.build import load_director_sr
-    from director_jax.demo.cpu_fit import train_on_cache
 
     cfg = cfg.copy_and_resolve_references()
     cfg.train.update(dict(latents="precomputed", timelines="per_example", steps=steps, log_every=100))

@@ -23,7 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
         train_movies=40, train_max_shapes=2,
         heldout_first_seed=7_000_000,  # the evaluation suite's movies (one shape per shot: exact trajectories)
         gen_frames=17, sr_scale=2,
-        gen_clips=384, sr_clips=96,  # training windows of the curated clips, each encoded over every layout
     ))
 
     # Wan2.1's VAE blocks at base width 16; 4x spatial, 4x temporal; fitted on frames and 17-frame clips.
@@ -43,15 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
         inflate=True, anchor_weight=0.1,
     ))
 
-    # Timelines Gen trains on (keyframe frame sets and conditioning videos as (start, length)), 17 frames; windows
-    # of single shots, except for a layout with a cut (windows whose shot changes at that frame).
-    c.layouts = (
-        dict(keyframes=(0,)), dict(keyframes=(8,)), dict(keyframes=(16,)), dict(keyframes=(0, 16)),
-        dict(keyframes=(0, 8)), dict(keyframes=(0, 8, 16)), dict(keyframes=(0, 4, 16)), dict(keyframes=(0, 12, 16)),
-        dict(keyframes=(), videos=((0, 5),)), dict(keyframes=(), videos=((12, 5),)),
-        dict(keyframes=(), videos=((0, 5), (12, 5))),
-        dict(keyframes=(0, 8), cut=8),  # one keyframe per shot: trained on windows with their cut at frame 8
-    )
+    # Every training example's task and keyframes (data/task_sampling.py), for Gen and SR: keyframes on drawn frames
+    # (first, middle and last often: the held-out suite asks for those), extensions forward / backward / in between,
+    # and in a window that holds a cut a keyframe at each shot start (cuts_keyframed: trained without captions,
+    # nothing else could tell Gen where a cut goes). 17-frame windows hold at most one cut, so 3 keyframes suffice.
+    c.tasks = ml_collections.ConfigDict(dict(
+        task_weights=dict(single_shot=0.7, multi_shot=0.1, extend_forward=0.1, extend_backward=0.1, in_between=0.1),
+        max_keyframes=3, keyframe_first=0.7, keyframe_middle=0.5, keyframe_last=0.7, min_span=2, cuts_keyframed=True))
 
     # Director-Gen: gen_tiny's architecture (2 layers, width 64) at 32x32.
     # Uniform flow timesteps: logit-normal ones rarely train t near 0 (trajectory error 10.3 vs 9.3 px, measured
@@ -60,14 +57,18 @@ def get_config() -> ml_collections.ConfigDict:
     # of the examples): unguided, this Gen lets an object fade into the background midway between two keyframes
     # (8.3% of generated frames lost it, trajectory error 6.3 px); guided at 10, 0.7% (3.1 px vs cross-fade 3.3).
     # Measured: benchmarks/RESULTS.md, "CPU demo".
+    # The latent cache (python -m director_jax.encode): timelines_per_clip seeded windows + tasks of each curated clip.
+    # Rows are padded to the smallest latent bucket holding a batch's longest row: most batches' longest row has 8
+    # latent frames, a step at 10 costs twice one at 8 (one bucket of 10: 66 ms a step vs ~35 with these).
     c.gen = ml_collections.ConfigDict(dict(steps=8000, batch_size=8, learning_rate=1e-3, warmup_steps=100,
                                            ema_decay=0.995, sampler_steps=20, timestep_sampling="uniform",
-                                           keyframe_dropout=0.1, keyframe_guidance=10.0))
-    # Director-SR: sr_tiny's architecture (2 layers, width 128), 2x from 32x32 to 64x64, trained on the layouts
-    # listed (indices into c.layouts: SR works locally, on the low-res frames, so a few layouts cover the rest).
+                                           keyframe_dropout=0.1, keyframe_guidance=10.0, timelines_per_clip=12,
+                                           latent_buckets=(7, 8, 10)))
+    # Director-SR: sr_tiny's architecture (2 layers, width 128), 2x from 32x32 to 64x64, on its own latent cache
+    # (each clip degraded by the SR task's seeded degradations, both encoded).
     c.sr = ml_collections.ConfigDict(dict(steps=600, batch_size=4, learning_rate=1e-3, warmup_steps=50,
                                           ema_decay=0.99, keyframe_dropout=0.25, sampler_steps=4,
-                                          layouts=(3, 5, 8)))
+                                          timelines_per_clip=2, latent_buckets=(7, 8, 10)))
 
     # 16 held-out movies (48 cases): with 8 the trajectory error of one Gen moved by >1 px between movie sets
     c.eval = ml_collections.ConfigDict(dict(movies=16, fvd=True))

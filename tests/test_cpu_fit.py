@@ -1,9 +1,8 @@
-"""Training on latent caches (demo/cpu_fit.py) and per-example timelines in the Gen / SR tasks.
+"""The demo's VAE fit (demo/cpu_fit.py) and per-example timelines in the Gen / SR tasks.
 
-The demo trains Director-Gen on every keyframe layout at once: each batch carries its rows' given
-masks and MC-RoPE positions (``train.timelines='per_example'``). With the fixed layout's own mask and
-positions in the batch the loss must equal the fixed-layout task's, bit for bit; the cache trainer
-must write a checkpoint that ``generate`` / ``evaluate``'s loader reads back.
+With per-example timelines each batch carries its rows' given masks and MC-RoPE positions
+(``train.timelines='per_example'``); with the fixed layout's own mask and positions in the batch the
+loss must equal the fixed-layout task's, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,18 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from director_jax.build import load_director_gen
 from director_jax.configs_common import load_config
-from director_jax.demo.cpu_fit import (
-    LayoutCache,
-    encode_layouts,
-    fit_vae,
-    train_on_cache,
-    with_latent_stats,
-)
-from director_jax.models.multichunk import encode_timeline
+from director_jax.demo.cpu_fit import fit_vae, with_latent_stats
 from director_jax.models.timeline import Timeline
-from director_jax.models.vae import WanVAE, WanVAEConfig, normalize_latents
+from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.models.vae_init import inflate_temporal_kernels, scale_conv_kernels
 from director_jax.train.losses import temporal_anchor_loss
 from director_jax.train.tasks import make_task
@@ -72,48 +63,6 @@ def test_per_example_timelines_equal_the_fixed_layout():
 def _tiny_vae() -> WanVAE:
     return WanVAE(WanVAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, attn_scales=(),
                                temperal_downsample=(True, True)), rngs=nnx.Rngs(0))
-
-
-@pytest.mark.slow  # ~40 s: three layouts encoded twice; the demo (slow set) runs the same path; CI runs it
-def test_encode_layouts_matches_the_timeline_encoder():
-    vae = _tiny_vae()
-    clips = np.asarray(jax.random.uniform(jax.random.key(0), (3, 17, 16, 16, 3), minval=-1, maxval=1))
-    with_latent_stats(vae, clips)
-    layouts = [Timeline.from_keyframes(17, [0, 16]).layout, Timeline.from_keyframes(17, [], [(12, 5)]).layout,
-               Timeline.from_keyframes(17, [0, 8, 16]).layout]  # shares the span of frame 16 with the first
-    caches = encode_layouts(vae, clips, layouts, batch=2, progress=False)
-    assert [c.latents.shape for c in caches] == [(3, 6, 4, 4, 16), (3, 6, 4, 4, 16), (3, 7, 4, 4, 16)]
-    for cache, layout in zip(caches, layouts, strict=True):
-        mean, _ = encode_timeline(vae, jnp.asarray(clips), layout)
-        np.testing.assert_allclose(cache.latents, normalize_latents(mean, vae.config), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="17 frames"):
-        encode_layouts(vae, clips[:, :9], layouts[:1], progress=False)
-
-
-def test_train_on_cache_learns_and_writes_a_loadable_checkpoint(tmp_path):
-    cfg = _gen_cfg(True)
-    cfg.train.update(dict(steps=60, batch_size=4, log_every=20))
-    cfg.optim.update(dict(learning_rate=3e-3, warmup_steps=5, ema_decay=0.9))
-    task = make_task(cfg)
-    _, h, w, z = task._latent_shape()
-    rng = np.random.default_rng(0)
-    caches = []
-    for keyframes in ([0, 16], [0, 8, 16], [0]):  # 6, 7 and 5 latents: three compiles, one model
-        layout = Timeline.from_keyframes(17, keyframes).layout
-        base = rng.normal(size=(1, 1, h, w, z)).astype(np.float32)  # one pattern to learn, plus a little noise
-        latents = np.broadcast_to(base, (8, layout.num_latents, h, w, z)) + 0.1 * rng.normal(
-            size=(8, layout.num_latents, h, w, z)).astype(np.float32)
-        caches.append(LayoutCache(layout, latents))
-    report = train_on_cache(cfg, caches, tmp_path, progress=False)
-    losses = [e["loss"] for e in report["history"]]
-    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], losses
-    model, loaded = load_director_gen(cfg, tmp_path, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    assert loaded.step == 60 and loaded.weights == "ema"
-    init = jax.tree.leaves(nnx.state(task.build_fn()(), nnx.Param))
-    trained = jax.tree.leaves(nnx.state(model, nnx.Param))
-    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(init, trained, strict=True)) > 1e-3
-    with pytest.raises(ValueError, match="batch_size"):
-        train_on_cache(cfg, [LayoutCache(caches[0].layout, caches[0].latents[:2])], tmp_path / "x", progress=False)
 
 
 def test_inflated_vae_starts_as_an_image_vae():
@@ -202,8 +151,8 @@ def test_a_fitted_vae_reads_back_with_its_own_latent_statistics(tmp_path):
     np.testing.assert_allclose(loaded.config.latents_mean, vae.config.latents_mean, rtol=1e-6)
     np.testing.assert_allclose(loaded.config.latents_std, vae.config.latents_std, rtol=1e-6)
     layout = Timeline.from_keyframes(17, [0, 16]).layout
-    (cache,) = encode_layouts(vae, clips, [layout], progress=False)
-    np.testing.assert_allclose(cache.latents, timeline_latents(loaded, jnp.asarray(clips), layout), atol=1e-5)
+    np.testing.assert_allclose(timeline_latents(vae, jnp.asarray(clips), layout),
+                               timeline_latents(loaded, jnp.asarray(clips), layout), atol=1e-5)
     cfg.train.latents = "encode"  # the trainer's frozen VAE (Gen tasks that encode in the step) reads them alike
     assert make_task(cfg).frozen_model().config.latents_mean == vae.config.latents_mean
     cfg.vae.base_dim = 16  # a config describing another VAE than the directory's is refused

@@ -86,7 +86,15 @@ def test_config_files_read_back_as_the_commands_read_them(tmp_path):
     assert isinstance(back, ml_collections.ConfigDict)
     assert json.dumps(back.to_dict(), sort_keys=True) == json.dumps(gen.to_dict(), sort_keys=True)
     assert back.video.height == 32 and back.vae.dim_mult == [1, 2, 2] and back.train.timelines == "per_example"
-    assert [layout.num_latents for layout in stages.layouts(cfg)][:4] == [5, 6, 6, 6]
+    # both train through the trainer on their own latent cache of the curated shards, every row its own task
+    sr = stages.sr_config(cfg, tmp_path)
+    for c, task in ((back, "gen"), (sr, "sr")):
+        assert (c.task, c.data.source, c.train.latents) == (task, "latents", "precomputed")
+        assert c.data.latents.dir == str((tmp_path / "latents" / task).resolve())
+        assert c.data.curated.dir == str((tmp_path / "curated").resolve())
+        assert c.data.tasks.cuts_keyframed and c.data.tasks.max_keyframes == cfg.tasks.max_keyframes
+    assert tuple(back.train.latent_buckets) == tuple(cfg.gen.latent_buckets)
+    assert (sr.video.height, back.video.height) == (cfg.data.size, cfg.data.size // cfg.data.sr_scale)
     # keyframe guidance needs keyframe dropout in training: both reach the files generate / evaluate / train read
     assert back.train.keyframe_dropout == cfg.gen.keyframe_dropout > 0
     assert back.sampler.keyframe_guidance == cfg.gen.keyframe_guidance > 1

@@ -7,8 +7,10 @@ Stages (timed, in ``WORKDIR/report.json``):
 1. synthetic movies as real mp4 files (training movies; held-out showcase movies with ground truth);
 2. curation of the training movies by ``director_jax.curate``'s pipeline (shots, filters, samples);
 3. the tiny Wan-architecture VAE fitted on the curated clips (``WORKDIR/vae``);
-4. Director-Gen and Director-SR trained through the trainer's step on latent caches of the curated
-   clips, every timeline layout of the config (``WORKDIR/gen``, ``WORKDIR/sr``: trainer checkpoints);
+4. the curated clips as TFDS shards (``WORKDIR/curated/tfds``), then Director-Gen and Director-SR
+   trained by ``python -m director_jax.train``'s trainer with per-example timelines (every row its own
+   task and keyframes), each on the latent cache ``python -m director_jax.encode`` writes for it
+   (``WORKDIR/latents/gen``, ``WORKDIR/latents/sr``; ``WORKDIR/gen``, ``WORKDIR/sr``: trainer runs);
 5. the showcase through ``generate`` (``WORKDIR/showcase``);
 6. ``evaluate``'s synthetic suite on held-out movies, and the cross-fade baseline (``WORKDIR/eval*``);
 7. PyTorch export: the Gen DiT and VAE as diffusers directories, one showcase video re-made by the
@@ -54,10 +56,10 @@ SHOWCASE_SEED = 8_000_000
 
 def quick(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Budgets for a smoke run of every stage."""
-    cfg.data.update(dict(train_movies=6, gen_clips=16, sr_clips=8))
+    cfg.data.train_movies = 6
     cfg.vae.steps = 40
-    cfg.gen.update(dict(steps=20, sampler_steps=2))
-    cfg.sr.update(dict(steps=10, sampler_steps=1))
+    cfg.gen.update(dict(steps=20, sampler_steps=2, timelines_per_clip=2))
+    cfg.sr.update(dict(steps=10, sampler_steps=1, timelines_per_clip=1))
     cfg.eval.update(dict(movies=2, fvd=False))
     return cfg
 
@@ -136,6 +138,7 @@ def main(_) -> None:
     summary = t.run("curate", curate, movies, workdir / "curated",
                     data.curation_config(progress))
     samples = data.read_curated(workdir / "curated")
+    t.run("shards", stages.build_shards, workdir, progress=progress)
     reuse = set(_REUSE.value)
     if reuse - {"vae", "gen", "sr"}:
         raise app.UsageError(f"--reuse {sorted(reuse)}: choose among vae, gen, sr.")
@@ -146,12 +149,11 @@ def main(_) -> None:
     if "gen" in reuse:
         gen_cfg, gen_log = stages.reused(workdir / "gen")
     else:
-        gen_cfg, gen_log = t.run("train Director-Gen", stages.train_gen, cfg, vae, samples, workdir,
-                                 progress=progress)
+        gen_cfg, gen_log = t.run("train Director-Gen", stages.train_gen, cfg, vae, workdir, progress=progress)
     if "sr" in reuse:
         sr_cfg, sr_log = stages.reused(workdir / "sr")
     else:
-        sr_cfg, sr_log = t.run("train Director-SR", stages.train_sr, cfg, vae, samples, workdir, progress=progress)
+        sr_cfg, sr_log = t.run("train Director-SR", stages.train_sr, cfg, vae, workdir, progress=progress)
 
     out = workdir / "showcase"
     shutil.rmtree(out, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -21,19 +22,15 @@ from director_jax.configs_common import load_config
 from director_jax.convert.state_dict import write_diffusers_dir
 from director_jax.convert.vae import load_vae
 from director_jax.convert.vae_weights import export_diffusers_state_dict
-from director_jax.demo.cpu_fit import (
-    LayoutCache,
-    encode_layouts,
-    fit_vae,
-    train_on_cache,
-    with_latent_stats,
-)
+from director_jax.curation.latent_writer import write_latent_cache
+from director_jax.curation.shards import build_curated_dataset
+from director_jax.demo.cpu_fit import fit_vae, with_latent_stats
 from director_jax.demo.data import downscale, training_windows
+from director_jax.errors import UserError
 from director_jax.io_utils import atomic_write_text
-from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.models.vae_init import inflate_temporal_kernels, scale_conv_kernels
-from director_jax.train.tasks import SRTask, degrade_batch
+from director_jax.train.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VAE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample")
@@ -41,12 +38,6 @@ VAE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", 
 
 def vae_section(cfg: ml_collections.ConfigDict) -> dict:
     return {k: cfg.vae[k] for k in VAE_FIELDS}
-
-
-def layouts(cfg: ml_collections.ConfigDict) -> list[TimelineLayout]:
-    n = int(cfg.data.gen_frames)
-    return [Timeline.from_keyframes(n, list(t["keyframes"]), [tuple(v) for v in t.get("videos", ())]).layout
-            for t in cfg.layouts]
 
 
 def write_config_file(path: Path, cfg: ml_collections.ConfigDict, what: str) -> Path:
@@ -98,19 +89,25 @@ def fit_demo_vae(cfg: ml_collections.ConfigDict, samples: list[dict], workdir: P
 
 
 # ------------------------------------------------------------------------------------------------
-# Director-Gen and Director-SR configs
+# Director-Gen and Director-SR: configs and runs of the trainer
 
 
 def _common(c: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
             workdir: Path) -> ml_collections.ConfigDict:
+    """What Gen and SR share: the demo's VAE, clips, curated shards, per-example tasks and training budget."""
     c.seed = int(cfg.seed)
     c.vae.update(vae_section(cfg))
     c.model.update(dict(in_channels=int(cfg.vae.z_dim), out_channels=int(cfg.vae.z_dim)))  # the DiT over its latents
     c.vae.init_from = str((workdir / "vae").resolve())
     c.video.num_frames = int(cfg.data.gen_frames)
     c.video.fps = float(cfg.data.fps)
-    c.train.update(dict(steps=int(section.steps), batch_size=int(section.batch_size), latents="precomputed",
-                        timelines="per_example", log_every=50))
+    c.data.curated.update(dict(dir=str((workdir / "curated").resolve()), fps=float(cfg.data.fps)))
+    c.data.source = "latents"  # python -m director_jax.encode's cache of the curated clips
+    c.data.latents.dir = str((workdir / "latents" / c.task).resolve())
+    c.train.latents = "precomputed"
+    c.data.tasks.update(cfg.tasks.to_dict())
+    c.train.update(dict(steps=int(section.steps), batch_size=int(section.batch_size), timelines="per_example",
+                        latent_buckets=tuple(section.get("latent_buckets", ())), log_every=50))
     c.optim.update(dict(learning_rate=float(section.learning_rate), warmup_steps=int(section.warmup_steps),
                         ema_decay=float(section.ema_decay)))
     c.checkpoint.update(dict(every=int(section.steps), keep_last=1, async_save=False))
@@ -119,7 +116,7 @@ def _common(c: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, sectio
 
 
 def gen_config(cfg: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
-    """``configs/gen_tiny.py`` at the demo's size, VAE and training budget."""
+    """``configs/gen_tiny.py`` at the demo's size, VAE and budget."""
     c = _common(load_config(CONFIGS / "gen_tiny.py"), cfg, cfg.gen, workdir)
     size = int(cfg.data.size) // int(cfg.data.sr_scale)
     c.video.update(dict(height=size, width=size))
@@ -139,61 +136,70 @@ def sr_config(cfg: ml_collections.ConfigDict, workdir: Path) -> ml_collections.C
     return c
 
 
-# ------------------------------------------------------------------------------------------------
-# Training on latent caches
+def build_shards(workdir: Path, *, progress: bool = True) -> Path:
+    """The curated clips as TFDS shards (``WORKDIR/curated/tfds``), what the trainer and the encoder read."""
+    build_curated_dataset(workdir / "curated", progress=progress)
+    return workdir / "curated" / "tfds"
 
 
-def gen_caches(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], *, progress: bool = True
-               ) -> list[LayoutCache]:
-    """Latent caches of Gen's training windows (32x32), one per layout of ``cfg.layouts``, in that order.
+def encode_latents(run_cfg: ml_collections.ConfigDict, timelines_per_clip: int, vae: WanVAE, *,
+                   progress: bool = True) -> dict:
+    """``python -m director_jax.encode``'s job for ``run_cfg``: seeded timelines of every curated clip.
 
-    Layouts without a ``cut`` share single-shot windows; a layout with ``cut=k`` gets windows of
-    multi-shot samples whose cut is at frame k (a cut anywhere else in a window would teach Gen that
-    shots change between keyframes, which no timeline asks for).
+    A cache left by an earlier run is kept when it is this job's (same VAE, clips, tasks), else rewritten.
+    Returns what the report shows: examples, megabytes, seconds.
     """
-    rng = np.random.default_rng(int(cfg.seed) + 11)
-    count, frames, factor = int(cfg.data.gen_clips), int(cfg.data.gen_frames), int(cfg.data.sr_scale)
-    groups: dict[int | None, list[int]] = {}
-    for i, t in enumerate(cfg.layouts):
-        groups.setdefault(t.get("cut"), []).append(i)
-    all_layouts, out = layouts(cfg), {}
-    for cut, members in groups.items():
-        windows = training_windows(samples, count, frames, rng, multi_shot_fraction=0.0, cut_at=cut)
-        caches = encode_layouts(vae, downscale(windows, factor), [all_layouts[i] for i in members], progress=progress)
-        out.update(zip(members, caches, strict=True))
-    return [out[i] for i in range(len(all_layouts))]
+    cache = Path(run_cfg.data.latents.dir)
+    kw = dict(timelines_per_clip=int(timelines_per_clip), shard_size=64, batch=8, latent_dtype="float32",
+              decode_workers=2, vae=vae, progress=progress)
+    t0 = time.perf_counter()
+    try:
+        manifest = write_latent_cache(run_cfg, cache, **kw)
+    except UserError as e:
+        if "another job's cache" not in str(e):
+            raise
+        shutil.rmtree(cache)
+        manifest = write_latent_cache(run_cfg, cache, **kw)
+    return {"examples": manifest["count"], "megabytes": round(manifest["bytes"] / 1e6, 1),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def train_gen(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], workdir: Path, *,
-              progress: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
-    """Director-Gen on 32x32 windows of the curated clips, over every layout of ``cfg.layouts``."""
-    gcfg = gen_config(cfg, workdir)
-    caches = gen_caches(cfg, vae, samples, progress=progress)
-    out = workdir / "gen"
+def _trainer_run(run_cfg: ml_collections.ConfigDict, out: Path, what: str, *, progress: bool) -> dict:
+    """``python -m director_jax.train --config OUT/config.py --workdir OUT`` (a fresh run); returns its loss log."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh model: no steps of an earlier run mixed in
-    report = train_on_cache(gcfg, caches, out, progress=progress)
-    write_config_file(out / "config.py", gcfg, "Director-Gen of the CPU demo")
+    out.mkdir(parents=True)
+    write_config_file(out / "config.py", run_cfg, what)
+    t0 = time.perf_counter()
+    result = train(run_cfg, out, devices=jax.devices()[:1], progress=progress)
+    seconds = round(time.perf_counter() - t0, 1)
+    every = int(run_cfg.train.log_every)
+    steps = sorted(result.losses)
+    history = [{"step": steps[min(i + every, len(steps)) - 1],
+                "loss": float(np.mean([result.losses[k] for k in steps[i:i + every]]))}
+               for i in range(0, len(steps), every)]
+    report = {"history": history, "nonfinite_skips": result.nonfinite_skips, "seconds": seconds,
+              "steps_per_second": round(len(steps) / seconds, 2)}
     atomic_write_text(out / "train_log.json", json.dumps(report))
-    return gcfg, report
+    return report
 
 
-def train_sr(cfg: ml_collections.ConfigDict, vae: WanVAE, samples: list[dict], workdir: Path, *,
-             progress: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
-    """Director-SR on 64x64 windows, degraded and upsampled by the SR task's own seeded data path."""
+def train_gen(cfg: ml_collections.ConfigDict, vae: WanVAE, workdir: Path, *, progress: bool = True
+              ) -> tuple[ml_collections.ConfigDict, dict]:
+    """Director-Gen through the trainer on the latent cache of the curated clips (per-example timelines)."""
+    gcfg = gen_config(cfg, workdir)
+    encode = encode_latents(gcfg, int(cfg.gen.timelines_per_clip), vae, progress=progress)
+    report = _trainer_run(gcfg, workdir / "gen", "Director-Gen of the CPU demo", progress=progress)
+    return gcfg, {**report, "latent_cache": encode}
+
+
+def train_sr(cfg: ml_collections.ConfigDict, vae: WanVAE, workdir: Path, *, progress: bool = True
+             ) -> tuple[ml_collections.ConfigDict, dict]:
+    """Director-SR through the trainer on its latent cache: the curated clips degraded by the SR task's seeded
+    data path, both encoded per example."""
     scfg = sr_config(cfg, workdir)
-    task = SRTask(scfg)
-    rng = np.random.default_rng(int(cfg.seed) + 12)
-    clips = training_windows(samples, int(cfg.data.sr_clips), int(cfg.data.gen_frames), rng)
-    batch = degrade_batch({"video": clips, "index": np.arange(len(clips))}, degradation=task.degradation,
-                          seed=int(scfg.seed), keyframe_dropout=0.0)  # the SR task's own seeded degradations
-    chosen = [layouts(cfg)[i] for i in cfg.sr.layouts]
-    caches = encode_layouts(vae, clips, chosen, lowres=batch["upsampled"], progress=progress)
-    out = workdir / "sr"
-    shutil.rmtree(out, ignore_errors=True)
-    report = train_on_cache(scfg, caches, out, keyframe_dropout=float(cfg.sr.keyframe_dropout), progress=progress)
-    write_config_file(out / "config.py", scfg, "Director-SR of the CPU demo")
-    atomic_write_text(out / "train_log.json", json.dumps(report))
-    return scfg, report
+    encode = encode_latents(scfg, int(cfg.sr.timelines_per_clip), vae, progress=progress)
+    report = _trainer_run(scfg, workdir / "sr", "Director-SR of the CPU demo", progress=progress)
+    return scfg, {**report, "latent_cache": encode}
 
 
 def reused_vae(workdir: Path) -> WanVAE:
