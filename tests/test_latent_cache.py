@@ -95,7 +95,7 @@ def test_cached_latents_are_the_loaders_windows_encoded_by_the_vae(cache):
     records = _records(out)
     job = plan_job(cfg, out, **JOB)
     make, vae = ExampleMaker(job.loader, job.data), frozen_vae(cfg)
-    for e in (0, 1, 7, 23):
+    for e in (0, 23):  # timeline 0 of the first clip and timeline 1 of the last (other shards, windows, tasks)
         rec, k, record = records[e], e % 2, int(job.clips[e // 2])
         assert (int(rec["index"]), int(rec["timeline"])) == (record, k)
         example = make((k, record))  # the loader's epoch-k window and task of this record, decoded afresh

@@ -204,7 +204,8 @@ def test_cloud_storage_workdir_survives_kill_9_like_a_local_one(uninterrupted, g
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mesh,devices", [({"data": 4}, 4), ({"data": 8}, 8), ({"tensor": 2, "fsdp": 2}, 4)])
+@pytest.mark.parametrize("mesh,devices", [({"data": 4}, 4), pytest.param({"data": 8}, 8, marks=pytest.mark.slow),
+                                          ({"tensor": 2, "fsdp": 2}, 4)])
 def test_restore_onto_another_mesh_gives_identical_parameters(uninterrupted, mesh, devices):
     """Saved as fsdp=4 x data=2 on 8 devices; restored on 4 devices or as pure data parallel."""
     ref_dir, _ = uninterrupted
