@@ -151,7 +151,8 @@ USER_MESHES = {
 
 
 @pytest.mark.parametrize("mode", ["ring", "ulysses"])
-@pytest.mark.parametrize("name", list(USER_MESHES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sequence=8" else n
+                                  for n in USER_MESHES])  # sequence=8 in the slow set: the 2 x 4 meshes cover it
 def test_user_meshes_match_unsharded_attention(name, mode):
     """The README example: a mesh without the project's fsdp / tensor axes (its rules drop them), inputs not
     placed beforehand. 8 heads so that Ulysses splits them over sequence=8 too."""

@@ -40,8 +40,9 @@ def _clip(frames, seed, h=32, w=24):
     return np.random.RandomState(seed).uniform(-1, 1, (2, frames, h, w, 3)).astype(np.float32)
 
 
-# 9 frames (3 latents) in the slow set: 5 and 13 cover a second latent and the causal cache across several
-@pytest.mark.parametrize("frames", [1, 5, pytest.param(9, marks=pytest.mark.slow), 13])
+# 1 and 9 frames (3 latents: the causal cache across two chunks) by default; 5 and 13 in the slow set
+@pytest.mark.parametrize("frames", [1, pytest.param(5, marks=pytest.mark.slow), 9,
+                                    pytest.param(13, marks=pytest.mark.slow)])
 def test_matches_diffusers(pair, frames):
     cfg, ref, vae = pair
     video = _clip(frames, seed=frames)
