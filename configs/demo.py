@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Measured: benchmarks/RESULTS.md, "CPU demo".
     # The latent cache (python -m director_jax.encode): timelines_per_clip seeded windows + tasks of each curated clip.
     # Rows are padded to the smallest latent bucket holding a batch's longest row: most batches' longest row has 8
-    # latent frames, a step at 10 costs twice one at 8 (one bucket of 10: 66 ms a step vs ~35 with these).
+    # latent frames, and on the CPU a step at 10 costs about twice one at 8.
     c.gen = ml_collections.ConfigDict(dict(steps=8000, batch_size=8, learning_rate=1e-3, warmup_steps=100,
                                            ema_decay=0.995, sampler_steps=20, timestep_sampling="uniform",
                                            keyframe_dropout=0.1, keyframe_guidance=10.0, timelines_per_clip=12,

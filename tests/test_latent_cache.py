@@ -191,7 +191,7 @@ def test_bad_inputs_are_named_before_any_work(cache, tmp_path):
         plan_job(cfg, tmp_path / "c", timelines_per_clip=0)
     other = ml_collections.ConfigDict(cfg.to_dict())
     other.seed = 7  # other windows: refused, not mixed into the existing cache
-    with pytest.raises(UserError, match="another job's cache"):
+    with pytest.raises(latent_writer.OtherJobError, match="another job's cache"):
         write_latent_cache(other, out, progress=False, **JOB)
     cp = subprocess.run([sys.executable, "-m", "director_jax.encode", "--config", str(ROOT / "configs" / "gen_tiny.py"),
                          "--cache_dir", str(tmp_path / "c"), f"--config.vae.init_from={cfg.vae.init_from}"],

@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 TASKS = ("gen", "sr")
 
 
+class OtherJobError(UserError):
+    """The cache directory holds another job's cache (other config, VAE, clips or K): nothing is written."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodeJob:
     """What one cache holds, fixed before any work: the same on every host and every rerun."""
@@ -165,7 +169,7 @@ def _check_or_write_spec(job: EncodeJob, spec: dict[str, Any]) -> None:
         return
     differ = sorted(k for k in set(old) | set(spec) if k != "config" and old.get(k) != spec.get(k))
     if differ:
-        raise UserError(f"{job.cache_dir} holds another job's cache ({', '.join(differ)} differ); use a new "
+        raise OtherJobError(f"{job.cache_dir} holds another job's cache ({', '.join(differ)} differ); use a new "
                         "--cache_dir or delete the old one.")
 
 

@@ -70,38 +70,28 @@ def read_curated(curated: Path) -> list[dict]:
 
 
 def training_windows(samples: list[dict], count: int, frames: int, rng: np.random.Generator, *,
-                     multi_shot_fraction: float = 0.25, cut_at: int | None = None) -> np.ndarray:
-    """``count`` random ``frames``-long windows of curated samples, horizontally flipped half the time.
+                     multi_shot_fraction: float = 0.25) -> np.ndarray:
+    """``count`` random ``frames``-long windows of curated samples, horizontally flipped half the time
+    (the demo's VAE fit; Gen and SR read the curated shards through the trainer).
 
     About ``multi_shot_fraction`` of them come from multi-shot samples and contain a cut somewhere.
-    With ``cut_at`` every window comes from a multi-shot sample and has its cut at frame ``cut_at``:
-    the keyframe-per-shot timelines put each shot's keyframe at the start of a chunk, so the model
-    learns that the content before a given frame may belong to another shot.
     """
     single = [s for s in samples if s["kind"] != "multi_shot" and len(s["frames"]) >= frames]
     multi = [s for s in samples if s["kind"] == "multi_shot" and len(s["frames"]) >= frames and s["cuts"]]
-    if cut_at is not None:
-        starts = [(s, c - cut_at) for s in multi for c in s["cuts"]
-                  if c - cut_at >= 0 and c - cut_at + frames <= len(s["frames"])]
-        if not starts:
-            raise RuntimeError(f"no curated multi-shot sample has a cut with {cut_at} frames before it and "
-                               f"{frames - cut_at} from it: lengthen data.shot_lengths or move the layout's cut.")
-        picks = [starts[i] for i in rng.integers(len(starts), size=count)]
-    else:
-        if not single:
-            raise RuntimeError(f"no curated single-shot sample has {frames} frames: lengthen data.shot_lengths.")
-        picks = []
-        for _ in range(count):
-            if multi and rng.random() < multi_shot_fraction:
-                s = multi[rng.integers(len(multi))]
-                cut = s["cuts"][rng.integers(len(s["cuts"]))]
-                lo, hi = max(0, cut - frames + 2), min(len(s["frames"]) - frames, cut - 1)
-                last = len(s["frames"]) - frames
-                start = int(rng.integers(lo, hi + 1)) if hi >= lo else int(rng.integers(0, last + 1))
-            else:
-                s = single[rng.integers(len(single))]
-                start = int(rng.integers(0, len(s["frames"]) - frames + 1))
-            picks.append((s, start))
+    if not single:
+        raise RuntimeError(f"no curated single-shot sample has {frames} frames: lengthen data.shot_lengths.")
+    picks = []
+    for _ in range(count):
+        if multi and rng.random() < multi_shot_fraction:
+            s = multi[rng.integers(len(multi))]
+            cut = s["cuts"][rng.integers(len(s["cuts"]))]
+            lo, hi = max(0, cut - frames + 2), min(len(s["frames"]) - frames, cut - 1)
+            last = len(s["frames"]) - frames
+            start = int(rng.integers(lo, hi + 1)) if hi >= lo else int(rng.integers(0, last + 1))
+        else:
+            s = single[rng.integers(len(single))]
+            start = int(rng.integers(0, len(s["frames"]) - frames + 1))
+        picks.append((s, start))
     out = []
     for s, start in picks:
         clip = s["frames"][start:start + frames]

@@ -22,11 +22,10 @@ from director_jax.configs_common import load_config
 from director_jax.convert.state_dict import write_diffusers_dir
 from director_jax.convert.vae import load_vae
 from director_jax.convert.vae_weights import export_diffusers_state_dict
-from director_jax.curation.latent_writer import write_latent_cache
+from director_jax.curation.latent_writer import OtherJobError, write_latent_cache
 from director_jax.curation.shards import build_curated_dataset
 from director_jax.demo.cpu_fit import fit_vae, with_latent_stats
 from director_jax.demo.data import downscale, training_windows
-from director_jax.errors import UserError
 from director_jax.io_utils import atomic_write_text
 from director_jax.models.vae import WanVAE, WanVAEConfig
 from director_jax.models.vae_init import inflate_temporal_kernels, scale_conv_kernels
@@ -155,9 +154,7 @@ def encode_latents(run_cfg: ml_collections.ConfigDict, timelines_per_clip: int, 
     t0 = time.perf_counter()
     try:
         manifest = write_latent_cache(run_cfg, cache, **kw)
-    except UserError as e:
-        if "another job's cache" not in str(e):
-            raise
+    except OtherJobError:  # an earlier demo run's (another VAE fit, other settings): the demo's own to replace
         shutil.rmtree(cache)
         manifest = write_latent_cache(run_cfg, cache, **kw)
     return {"examples": manifest["count"], "megabytes": round(manifest["bytes"] / 1e6, 1),

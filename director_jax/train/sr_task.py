@@ -50,14 +50,13 @@ def degrade_batch(batch: dict[str, np.ndarray], *, degradation: DegradationConfi
     upsample without anchors, as ``super_resolve(keyframes=None)`` asks). Pure in the batch: a
     resumed run or another host makes the same pairs.
     """
-    lowres, upsampled, kept = [], [], []
+    lowres, upsampled = [], []
     for clip, index in zip(batch["video"], batch["index"], strict=True):
         out = degrade_float(clip, degradation, (int(seed), int(index)))
         lowres.append(out.lowres)
         upsampled.append(out.upsampled)
-        kept.append(keyframes_kept(seed, int(index), keyframe_dropout))
-    return {**batch, "lowres": np.stack(lowres), "upsampled": np.stack(upsampled),
-            "keyframes_kept": np.asarray(kept, bool)}
+    return keyframe_draw({**batch, "lowres": np.stack(lowres), "upsampled": np.stack(upsampled)}, seed=seed,
+                         keyframe_dropout=keyframe_dropout)
 
 
 def keyframe_draw(batch: dict[str, np.ndarray], *, seed: int, keyframe_dropout: float) -> dict[str, np.ndarray]:
