@@ -10,8 +10,10 @@ or ``1.5s``, or a frame ``#12``, in increasing order) puts keyframes anywhere, a
 times set the pacing (the same keyframes further apart: slower). ``--video PATH@START`` gives a
 conditioning video segment (START as TIME, or ``end``): at the start, the video is extended
 forward; at the end, backward; two videos, in between. ``--shot_caption`` (repeated) builds the
-shot-structured caption of multi-shot videos (``--caption``: one caption as it is); models trained
-without captions (``text.conditioning=False``) ignore them, with a note. ``--keyframe_guidance S``
+shot-structured caption of multi-shot videos (``--caption``: one caption as it is), embedded by the
+umT5 encoder in JAX (``--text_encoder``: a Wan diffusers or official release; no PyTorch needed) or read
+from a text-embedding cache (``--text_cache``); models trained without captions
+(``text.conditioning=False``) ignore them, with a note. ``--keyframe_guidance S``
 (default the config's ``sampler.keyframe_guidance``; 1 = off) pushes the generated frames toward
 what the keyframes imply, for models trained with keyframe dropout (two model calls per step).
 
@@ -65,7 +67,15 @@ def define_flags() -> dict:
             resize=d.DEFINE_bool("resize", False, "Resize keyframes / videos of another size (bicubic), not refuse."),
             caption=d.DEFINE_string("caption", None, "The caption, as it is."),
             shot_caption=d.DEFINE_multi_string("shot_caption", [], "One caption per shot, repeated (multi-shot)."),
-            text_cache=d.DEFINE_string("text_cache", None, "Text-embedding cache holding the caption (conditioned)."),
+            text_encoder=d.DEFINE_string("text_encoder", None,
+                                         "umT5 text encoder to embed the caption with (text-conditioned models): a "
+                                         "Wan diffusers pipeline root, a UMT5EncoderModel directory or an official "
+                                         "Wan release root / models_t5_*.pth. Runs in JAX."),
+            tokenizer=d.DEFINE_string("tokenizer", None,
+                                      "The encoder's tokenizer directory (tokenizer.json), if not beside it."),
+            text_dtype=d.DEFINE_enum("text_dtype", "bfloat16", ["bfloat16", "float32"], "Text encoder precision."),
+            text_cache=d.DEFINE_string("text_cache", None,
+                                       "Text-embedding cache holding the caption (instead of --text_encoder)."),
             seed=d.DEFINE_integer("seed", 0, "Noise seed: the same seed gives the same video."),
             steps=d.DEFINE_integer("steps", None, "Sampler steps (default the config's sampler.steps)."),
             guidance=d.DEFINE_float("guidance", None, "Classifier-free guidance scale (default the config's)."),
@@ -110,7 +120,8 @@ def request_from_flags() -> Request:
     return Request(
         config=config, ckpt=v["ckpt"], out=v["out"], keyframes=tuple(v["keyframe"]), videos=tuple(v["video"]),
         duration=v["duration"], frames=v["frames"], fps=v["fps"], height=v["height"], width=v["width"],
-        caption=v["caption"], shot_captions=tuple(v["shot_caption"]), text_cache=v["text_cache"], seed=v["seed"],
+        caption=v["caption"], shot_captions=tuple(v["shot_caption"]), text_cache=v["text_cache"],
+        text_encoder=v["text_encoder"], tokenizer=v["tokenizer"], text_dtype=v["text_dtype"], seed=v["seed"],
         steps=v["steps"], guidance=v["guidance"], keyframe_guidance=v["keyframe_guidance"], shift=v["shift"],
         sampler=v["sampler"], resize=v["resize"],
         step=v["step"], weights=v["weights"], sr=v["sr"], sr_ckpt=v["sr_ckpt"], sr_config=sr_config,

@@ -40,9 +40,14 @@ KEYFRAMES = {0: (230, 40, 40), 8: (40, 200, 60), 16: (40, 60, 230)}  # frame -> 
 _SHARED: dict[str, Path] = {}
 
 
-def save_gen_checkpoint(workdir: Path, transform=None) -> Path:
-    """gen_tiny's random train state (every array through ``transform`` if given) saved by the trainer at step 0."""
+def save_gen_checkpoint(workdir: Path, transform=None, configure=None) -> Path:
+    """gen_tiny's random train state (every array through ``transform`` if given) saved by the trainer at step 0.
+
+    ``configure(cfg)``: edits gen_tiny's config first (e.g. text conditioning on).
+    """
     cfg = load_config(GEN_CONFIG)
+    if configure is not None:
+        configure(cfg)
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
     run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
     state = jax.jit(run.init, out_shardings=run.shardings)()

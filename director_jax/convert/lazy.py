@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from director_jax.convert.checkpoint import Checkpoint, ModelFormat, _read_json, _strip, check_class_name, parse_config
-from director_jax.convert.state_dict import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, _index_shards, to_numpy
+from director_jax.convert.state_dict import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, _index_shards, safetensors_view
 
-FLOAT_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64}  # None: read through torch
+FLOAT_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64}  # None: read from a memory map
 
 
 class LazyTensor:
@@ -39,10 +39,11 @@ class LazyTensor:
         from safetensors import safe_open
 
         index = tuple(slice(None) for _ in self.shape) if index is None else tuple(index)
-        framework = "pt" if FLOAT_DTYPES[self.header_dtype] is None else "np"
-        with safe_open(str(self.path), framework=framework) as f:
+        if FLOAT_DTYPES[self.header_dtype] is None:  # bfloat16: not every safetensors reads it into NumPy
+            return np.asarray(safetensors_view(self.path, self.key)[index], np.float32)
+        with safe_open(str(self.path), framework="np") as f:
             part = f.get_slice(self.key)[index] if self.shape else f.get_tensor(self.key)
-        return np.asarray(to_numpy(part.float() if framework == "pt" else part), np.float32)
+        return np.asarray(part, np.float32)
 
 
 def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:

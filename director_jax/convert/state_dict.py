@@ -1,7 +1,9 @@
 """Reading and writing PyTorch-style state dicts safely, and checking them against a model.
 
 Shared by every converter (VAE, DiT, SR): weight files from users are untrusted, so ``.pth`` goes
-only through ``torch.load(..., weights_only=True)``; safetensors is preferred and written. A file
+only through ``pth.load_pth`` (plain tensors only, never a full unpickle); safetensors is preferred
+and written. Reading needs no torch (bfloat16 safetensors are parsed here where safetensors' NumPy
+API cannot return bfloat16), so inference runs where torch is not installed. A file
 that cannot be read (truncated, damaged, not a weight file) is a ``ValueError`` naming it in one
 line; a sharded index's shard names must stay inside the index's directory (no absolute paths, no
 ``..``; symlinked shards, as in the Hugging Face cache, are fine). ``check_weight_values`` refuses
@@ -10,16 +12,19 @@ tensors that are not floating point and, unless asked to allow them, NaN or infi
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
-import pickle
 import struct
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from director_jax.convert.pth import load_pth
 from director_jax.io_utils import atomic_write, atomic_write_text
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -102,11 +107,73 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a ``.safetensors`` file, a sharded safetensors index, or a ``.pth``/``.pt`` file.
+def _bf16_as_f32(value: np.ndarray) -> np.ndarray:
+    return np.asarray(value, np.float32) if value.dtype == ml_dtypes.bfloat16 else value
 
-    ``.pth`` files are read with ``weights_only=True`` (no arbitrary unpickling); a top-level
-    ``state_dict`` / ``model`` / ``module`` wrapper holding a dict of tensors is unwrapped.
+
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+                      "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], int]:
+    """(name -> {"dtype", "shape", "data_offsets"}, where the data starts), every entry checked.
+
+    Parsed here (8-byte little-endian length, then a JSON header) because safetensors' NumPy API
+    refuses bfloat16 in older versions and without ml_dtypes; cached per file version, since lazy
+    reads ask once per slice.
+    """
+    stat = os.stat(path)
+    return _safetensors_header(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _safetensors_header(path: str, _mtime_ns: int, size: int) -> tuple[dict[str, dict[str, Any]], int]:
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {length} does not fit the file of {size} bytes")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        for key, entry in header.items():
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{key!r} has dtype {dtype}, which is not supported")
+            if not all(type(n) is int and n >= 0 for n in [*shape, begin, end]) or not (
+                    begin <= end <= size - 8 - length
+                    and end - begin == math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize):
+                raise ValueError(f"{key!r} has a bad shape {shape} or data offsets {[begin, end]}")
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, KeyError,
+            AttributeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({_one_line(e)}).") from e
+    return header, 8 + length
+
+
+def safetensors_view(path: str | os.PathLike, key: str, mapped: np.ndarray | None = None) -> np.ndarray:
+    """Tensor ``key`` of a safetensors file as a read-only memory map (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    header, start = safetensors_header(path)
+    entry = header[key]
+    mapped = np.memmap(path, np.uint8, "r") if mapped is None else mapped
+    begin, end = entry["data_offsets"]
+    return mapped[start + begin: start + end].view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, copied out of a memory map; bfloat16 as float32."""
+    header, _ = safetensors_header(path)
+    mapped = np.memmap(path, np.uint8, "r")
+    return {key: _bf16_as_f32(np.array(safetensors_view(path, key, mapped))) for key in header}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a ``.safetensors`` file, a sharded safetensors index, or a ``.pth``/``.pt`` file; no torch.
+
+    ``.pth`` files are read by ``pth.load_pth`` (plain tensors only, no arbitrary unpickling); a
+    top-level ``state_dict`` / ``model`` / ``module`` wrapper holding a dict of tensors is unwrapped.
+    bfloat16 tensors come back as float32.
     """
     path = Path(path)
     if not path.exists():
@@ -123,36 +190,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
         try:
-            try:
-                return dict(load_file(str(path)))
-            except TypeError:  # bfloat16 has no NumPy dtype: go through torch
-                from safetensors.torch import load_file as load_torch
-
-                return {k: to_numpy(v) for k, v in load_torch(str(path)).items()}
+            try:  # bfloat16 may come back as ml_dtypes.bfloat16 (the pinned safetensors): returned as float32
+                return {k: _bf16_as_f32(v) for k, v in load_file(str(path)).items()}
+            except TypeError:  # a safetensors with no NumPy bfloat16: read the file ourselves
+                return _read_safetensors(path)
         except (SafetensorError, struct.error, OverflowError) as e:  # truncated, a bad header, not safetensors
             raise ValueError(f"{path} is not a readable safetensors file ({_one_line(e)}).") from e
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        import torch
-
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # arbitrary pickled objects (or a corrupt file): refused
-            detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
-            raise ValueError(
-                f"refusing to load {path}: torch.load(weights_only=True) found more than plain tensors in it "
-                f"({' '.join(detail.split())}). User .pth files are never fully unpickled; if you trust the "
-                "file, convert it to .safetensors yourself."
-            ) from e
-        except (RuntimeError, EOFError, OSError, struct.error, zipfile.BadZipFile, ValueError, KeyError,
-                IndexError, TypeError, AttributeError) as e:  # truncated or damaged archive / pickle stream
-            raise ValueError(f"{path} is not a readable PyTorch file, truncated or damaged? ({type(e).__name__}: "
-                             f"{_one_line(e)[:300]})") from e
+        obj = load_pth(path)  # no torch, no arbitrary unpickling: a ValueError naming the file if refused
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(obj, dict) and set(obj) == {wrapper}:
                 obj = obj[wrapper]
         if not isinstance(obj, dict):
             raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__}).")
-        return {k: to_numpy(v) for k, v in obj.items()}
+        return {k: _bf16_as_f32(to_numpy(v)) for k, v in obj.items()}
     raise ValueError(f"unknown weight file type {path.name!r}: use .safetensors, a .safetensors index, or .pth.")
 
 

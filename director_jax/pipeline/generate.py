@@ -34,6 +34,7 @@ from director_jax.build import (
     load_frozen_vae,
     step_directory,
 )
+from director_jax.convert.umt5 import find_text_encoder
 from director_jax.errors import GenerateError, UserError
 from director_jax.io_utils import LockHeldError, atomic_write_text, exclusive_lock, publish_together, recover_file_set
 from director_jax.models.timeline import place_given_frames
@@ -42,6 +43,7 @@ from director_jax.pipeline.gen import generate_video
 from director_jax.pipeline.request import Plan, Request, check_checkpoint, plan
 from director_jax.pipeline.settings import text_inputs
 from director_jax.pipeline.sr import super_resolve
+from director_jax.pipeline.text_encoder import JaxTextEncoder
 from director_jax.video_io import check_finite, contact_sheet, write_mp4
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,30 @@ def _text(req: Request, p: Plan):
             log.warning("the model was trained without captions (text.conditioning=False): the caption is ignored.")
     elif not p.caption:
         raise GenerateError("the model is text-conditioned: give --caption or --shot_caption (one per shot).")
-    elif not req.text_cache:
-        raise GenerateError("the model is text-conditioned: give --text_cache, a text-embedding cache holding the "
+    elif req.text_encoder and req.text_cache:
+        raise GenerateError("give --text_encoder (embed the caption now) or --text_cache (read it from a cache), "
+                            "not both.")
+    elif not (req.text_cache or req.text_encoder):
+        raise GenerateError("the model is text-conditioned: give --text_encoder, the umT5 encoder's directory (a Wan "
+                            "diffusers or official release), or --text_cache, a text-embedding cache holding the "
                             "caption (python -m director_jax.embed_text --captions FILE --cache DIR).")
-    return text_inputs(cfg, [p.caption], text_cache=req.text_cache, guidance_scale=p.sampling.guidance_scale)
+    encoder = None
+    if cfg.text.conditioning and req.text_encoder:
+        try:
+            width = find_text_encoder(req.text_encoder, req.tokenizer).config.d_model
+            if width != int(cfg.model.text_dim):  # before loading its weights
+                raise ValueError(f"the encoder gives {width}-wide embeddings, the model reads "
+                                 f"model.text_dim={int(cfg.model.text_dim)}: pass the umT5 encoder the model was "
+                                 "trained with.")
+            encoder = JaxTextEncoder(req.text_encoder, dtype=req.text_dtype, max_length=int(cfg.text.max_length),
+                                     tokenizer=req.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise GenerateError(f"--text_encoder: {_one_line(e)}") from None
+    try:
+        return text_inputs(cfg, [p.caption], text_cache=req.text_cache, guidance_scale=p.sampling.guidance_scale,
+                           text_encoder=encoder)
+    except UserError as e:
+        raise GenerateError(str(e)) from None
 
 
 def generate(req: Request) -> dict:
@@ -148,7 +170,7 @@ def _generate(req: Request, p: Plan, text) -> dict:
         fps=p.fps, num_frames=p.num_frames, duration=p.num_frames / p.fps, height=int(frames.shape[1]),
         width=int(frames.shape[2]), gen_height=p.height, gen_width=p.width, resize=req.resize,
         keyframes=p.keyframes, videos=p.videos, caption=p.caption,
-        caption_used=bool(cfg.text.conditioning and p.caption),
+        caption_used=bool(cfg.text.conditioning and p.caption), text=_text_source(req),
         chunks=[dict(start=c.start, length=c.length, given_frames=c.given_frames) for c in layout.chunks],
         sr=sr_info,
         keyframe_psnr_db=keyframe_psnr(lowres, {k["frame"]: p.given[k["frame"]] for k in p.keyframes}),
@@ -157,6 +179,15 @@ def _generate(req: Request, p: Plan, text) -> dict:
         settings["sr"]["keyframe_psnr_db"] = keyframe_psnr(frames, p.full_res_keyframes)
     write_outputs(req.out, frames, p, settings, given[0])
     return dict(settings, frames=frames, lowres=lowres)
+
+
+def _text_source(req: Request) -> dict | None:
+    """Where the caption's embedding came from, for OUT.json."""
+    if not (req.config.text.conditioning and (req.caption or req.shot_captions)):
+        return None
+    if req.text_encoder:
+        return dict(encoder=str(req.text_encoder), tokenizer=req.tokenizer, dtype=req.text_dtype)
+    return dict(cache=str(req.text_cache))
 
 
 def keyframe_psnr(frames: np.ndarray, keyframes: dict[int, np.ndarray]) -> dict[str, float]:

@@ -59,6 +59,9 @@ class Request:
     caption: str | None = None
     shot_captions: Sequence[str] = ()
     text_cache: str | None = None
+    text_encoder: str | None = None  # umT5 weights (diffusers / HF / official layout): embed the caption in JAX
+    tokenizer: str | None = None  # the encoder's tokenizer directory, when not beside its weights
+    text_dtype: str = "bfloat16"
     seed: int = 0
     steps: int | None = None
     guidance: float | None = None

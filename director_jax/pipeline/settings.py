@@ -2,14 +2,16 @@
 
 ``SamplingSettings`` are the sampler, steps, shift and guidance scales: the model config's
 ``sampler`` section, with any value the user gave instead. ``TextInputs`` are the caption
-embeddings of each row, read from a text-embedding cache, or the trainer's empty caption for a
-model trained without captions (``text.conditioning = False``).
+embeddings of each row, computed by the umT5 encoder in JAX (``pipeline.text_encoder``) or read
+from a text-embedding cache, or the trainer's empty caption for a model trained without captions
+(``text.conditioning = False``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -79,11 +81,14 @@ class TextInputs:
 
 
 def text_inputs(model_cfg: ml_collections.ConfigDict, captions: Sequence[str | None], *, text_cache: str | None,
-                guidance_scale: float, cache_setting: str = "--config.text_cache") -> TextInputs:
-    """Embeddings of ``captions`` (one row each) from ``text_cache``, or the empty caption for unconditional models.
+                guidance_scale: float, cache_setting: str = "--config.text_cache",
+                text_encoder: Any = None) -> TextInputs:
+    """Embeddings of ``captions`` (one row each), or the empty caption for unconditional models.
 
-    The negative caption (``sampler.negative_prompt``) is read only when classifier-free guidance is on;
-    ``cache_setting`` is how the caller's user sets the cache (named in the error when it is missing).
+    ``text_encoder`` (a ``pipeline.text_encoder.JaxTextEncoder``) computes them; without it they are read
+    from ``text_cache``. The negative caption (``sampler.negative_prompt``) is embedded only when
+    classifier-free guidance is on; ``cache_setting`` is how the caller's user sets the cache (named in the
+    error when neither is given).
     """
     n, dim = len(captions), int(model_cfg.model.text_dim)
     if not model_cfg.text.conditioning:
@@ -94,16 +99,24 @@ def text_inputs(model_cfg: ml_collections.ConfigDict, captions: Sequence[str | N
     if missing:
         raise UserError(f"the model is text-conditioned but {len(missing)} of {n} rows have no caption (first: row "
                         f"{missing[0]}): give a caption for each.")
+    length = int(model_cfg.text.max_length)
+    negative_prompt = [str(model_cfg.sampler.negative_prompt)]
+    if text_encoder is not None:
+        if text_encoder.dim != dim or text_encoder.max_length != length:
+            raise UserError(f"the text encoder gives {text_encoder.max_length} x {text_encoder.dim} embeddings, the "
+                            f"model reads text.max_length={length} x model.text_dim={dim}: pass the umT5 encoder "
+                            "the model was trained with.")
+        text, mask = text_encoder.encode(list(captions))
+        negative = text_encoder.encode(negative_prompt) if guidance_scale != 1.0 else (None, None)
+        return TextInputs(text, mask, *negative)
     if not text_cache:
         raise UserError(f"the model is text-conditioned: set {cache_setting} to a text-embedding cache holding the "
                         f"captions ({EMBED_COMMAND}).")
-    length = int(model_cfg.text.max_length)
     try:
         text, mask = load_text_embeddings(text_cache, list(captions), max_length=length)
         negative = negative_mask = None
         if guidance_scale != 1.0:
-            negative, negative_mask = load_text_embeddings(text_cache, [str(model_cfg.sampler.negative_prompt)],
-                                                           max_length=length)
+            negative, negative_mask = load_text_embeddings(text_cache, negative_prompt, max_length=length)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     return TextInputs(text, mask, negative, negative_mask)
