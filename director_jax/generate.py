@@ -17,6 +17,10 @@ from a text-embedding cache (``--text_cache``); models trained without captions
 (default the config's ``sampler.keyframe_guidance``; 1 = off) pushes the generated frames toward
 what the keyframes imply, for models trained with keyframe dropout (two model calls per step).
 
+``--mesh`` shards the models over devices as the trainer does (``auto``: every local TPU / GPU chip on
+``fsdp``, so a 14B model's weights fit; ``fsdp=2,tensor=4``, with ``sequence=N`` for sequence-parallel
+attention); the weights are read from the checkpoint straight into their shards, in ``--dtype``.
+
 Writes ``OUT.mp4``, ``OUT.png`` (contact sheet, keyframes outlined) and ``OUT.json`` (every setting, and the
 SHA-256 of the other two) as one unit: staged beside OUT and moved into place, OUT.json last, under the lock
 ``OUT.lock`` (a second run to the same ``--out`` is refused while one runs). Every input is checked before the
@@ -90,6 +94,12 @@ def define_flags() -> dict:
             sr_config=config_flags.DEFINE_config_file("sr_config", None, "SR model config (default: the run's own)."),
             sr_steps=d.DEFINE_integer("sr_steps", None, "SR sampler steps (default the SR config's)."),
             out=d.DEFINE_string("out", None, "Output .mp4 (OUT.png and OUT.json are written beside it)."),
+            mesh=d.DEFINE_string("mesh", "auto",
+                                 "Devices to shard the models over: auto (every local TPU / GPU chip on fsdp; one "
+                                 "device on a CPU), single, or sizes like fsdp=2,tensor=4 (axes data, fsdp, tensor, "
+                                 "sequence; the run's mesh.rules shard the weights, as in training)."),
+            dtype=d.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"],
+                                "Weights and compute of Gen and SR (auto: bfloat16 on TPU / GPU, float32 on CPU)."),
             progress=d.DEFINE_bool("progress", True, "Show a progress bar over the sampling steps."),
             allow_config_mismatch=d.DEFINE_bool("allow_config_mismatch", False,
                                                 "Use --config / --sr_config even where they differ from the config "
@@ -125,7 +135,8 @@ def request_from_flags() -> Request:
         steps=v["steps"], guidance=v["guidance"], keyframe_guidance=v["keyframe_guidance"], shift=v["shift"],
         sampler=v["sampler"], resize=v["resize"],
         step=v["step"], weights=v["weights"], sr=v["sr"], sr_ckpt=v["sr_ckpt"], sr_config=sr_config,
-        sr_steps=v["sr_steps"], progress=v["progress"], max_pixels=v["max_pixels"],
+        sr_steps=v["sr_steps"], progress=v["progress"], mesh=v["mesh"], dtype=v["dtype"],
+        max_pixels=v["max_pixels"],
         allow_config_mismatch=v["allow_config_mismatch"],
         config_path=config_path, sr_config_path=sr_config_path)
 

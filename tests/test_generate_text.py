@@ -130,7 +130,8 @@ def test_text_inputs_that_do_not_fit_are_refused(text_checkpoint, encoder_root, 
     _encoder(0, d_model=16).save_pretrained(narrow / "text_encoder")
     _tokenizer(narrow / "tokenizer")
     cases = {
-        "narrow": ([f"--text_encoder={narrow}"], r"--text_encoder: the encoder gives 16-wide embeddings, the model reads model.text_dim=32"),
+        "narrow": ([f"--text_encoder={narrow}"],
+                   r"--text_encoder: the encoder gives 16-wide embeddings, the model reads model.text_dim=32"),
         "both": ([f"--text_encoder={encoder_root}", f"--text_cache={tmp_path}"], "not both"),
         "neither": ([], "give --text_encoder"),
         "missing": ([f"--text_encoder={tmp_path / 'nowhere'}"], "--text_encoder: .*neither a directory"),

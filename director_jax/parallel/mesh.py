@@ -100,3 +100,36 @@ def create_mesh(config: MeshConfig | Mapping[str, int] | None = None,
     else:
         device_array = mesh_utils.create_device_mesh(ici, devices)
     return Mesh(np.asarray(device_array).reshape([i * d for i, d in zip(ici, dcn, strict=True)]), MESH_AXES)
+
+
+def inference_mesh(spec: str = "auto", devices: Sequence[Any] | None = None) -> Mesh | None:
+    """The mesh ``generate`` / ``evaluate`` shard the model over, from ``--mesh``; None: one device.
+
+    ``"auto"``: every local accelerator on ``fsdp`` (a 14B model's weights spread over a host's chips),
+    one device on a CPU, whose devices share one memory; ``"single"``: one device;
+    ``"fsdp=2,tensor=4"`` (any of ``MESH_AXES``, one ``-1`` allowed): that mesh over the first devices
+    it needs. A spec that does not parse or does not fit the devices is a ``ValueError`` naming it.
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
+    spec = str(spec).strip().lower()
+    if spec == "single" or (spec == "auto" and (len(devices) == 1 or devices[0].platform == "cpu")):
+        return None
+    if spec == "auto":
+        return create_mesh({"fsdp": -1}, devices)
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if not sep or name not in MESH_AXES or name in sizes or size == 0 or size < -1:
+            raise ValueError(f"--mesh {spec!r}: write auto, single, or sizes like fsdp=2,tensor=4 (axes "
+                             f"{', '.join(MESH_AXES)}; each once; one may be -1 for the rest).")
+        sizes[name] = size
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fixed > len(devices) or (-1 in sizes.values() and len(devices) % fixed):
+        raise ValueError(f"--mesh {spec!r} needs {fixed} devices; there are {len(devices)} here.")
+    count = len(devices) if -1 in sizes.values() else fixed
+    return create_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **sizes}, devices[:count])

@@ -296,3 +296,21 @@ def constrain(x: jax.Array, logical_names: Sequence[str | None], rules: Rules | 
     if mesh.empty:
         return x
     return place(x, logical_to_mesh_spec(logical_names, rules, mesh=mesh, shape=x.shape))
+
+
+MeshContext = tuple[Mesh, tuple[tuple[str, MeshAxes], ...]] | None
+
+
+@contextlib.contextmanager
+def traced_under(context: MeshContext) -> Iterator[None]:
+    """Inside a jitted function: activation constraints (and shard_map) see ``context``'s mesh and rules.
+
+    ``context`` is ``(mesh, rules)`` or None (single device: nothing to set). Pass it to the jitted
+    function as a static argument, so a trace under one mesh or table is never reused under another.
+    """
+    if context is None:
+        yield
+        return
+    mesh, rules = context
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(rules):
+        yield

@@ -20,6 +20,7 @@ from director_jax.models.dit import DirectorGen
 from director_jax.models.multichunk import decode_timeline, encode_timeline
 from director_jax.models.timeline import TimelineLayout
 from director_jax.models.vae import WanVAE, denormalize_latents, normalize_latents
+from director_jax.parallel.rules import MeshContext, traced_under
 
 
 def timeline_latents(vae: WanVAE, video: jax.Array, layout: TimelineLayout, *, encode: Any = None) -> jax.Array:
@@ -45,11 +46,12 @@ def check_given_latents(latents: jax.Array, layout: TimelineLayout, gen: Directo
                          f"a multiple of the VAE's spatial factor times {ph}x{pw} pixels; resize or crop them.")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _velocity(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, sigma_frames: jax.Array,
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _velocity(graphdef: nnx.GraphDef, context: MeshContext, state: nnx.State, x: jax.Array, sigma_frames: jax.Array,
               positions: jax.Array, cond: tuple[jax.Array, jax.Array]) -> jax.Array:
     text, text_mask = cond
-    return nnx.merge(graphdef, state)(x, sigma_frames, text, positions=positions, text_mask=text_mask)
+    with traced_under(context):
+        return nnx.merge(graphdef, state)(x, sigma_frames, text, positions=positions, text_mask=text_mask)
 
 
 def _with_mask(text: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -64,14 +66,16 @@ def generate_latents(gen: DirectorGen, layout: TimelineLayout, given_latents: ja
                      key: jax.Array, text_mask: jax.Array | None = None, negative_text: jax.Array | None = None,
                      negative_mask: jax.Array | None = None, steps: int = 50, sampler: str = "unipc",
                      shift: float = 5.0, guidance_scale: float = 1.0, keyframe_guidance: float = 1.0,
-                     progress: bool = True) -> jax.Array:
+                     progress: bool = True, mesh_context: MeshContext = None) -> jax.Array:
     """Samples the generated latent frames of ``layout``; given frames come out exactly as given.
 
     ``given_latents`` (B, L, h, w, C) normalized (values on generated frames are ignored);
     ``text`` (B, Lt, text_dim) caption embeddings; ``negative_text`` the negative caption's,
     needed when ``guidance_scale != 1`` (classifier-free guidance); ``keyframe_guidance != 1``
     guides toward the given frames (``diffusion.keyframe_guided_velocity``; a model trained with
-    keyframe dropout). ``key`` seeds the noise: the same key gives the same latents.
+    keyframe dropout). ``key`` seeds the noise: the same key gives the same latents. ``mesh_context``
+    ``(mesh, rules)``: the model's weights are sharded on that mesh, and its activations follow the rules
+    (sequence-parallel attention included); the same latents as one device, up to float rounding.
     """
     check_given_latents(given_latents, layout, gen)
     b = given_latents.shape[0]
@@ -83,7 +87,7 @@ def generate_latents(gen: DirectorGen, layout: TimelineLayout, given_latents: ja
     positions = jnp.asarray(layout.position)
 
     def denoise(x: jax.Array, sigma_frames: jax.Array, c: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return _velocity(graphdef, state, x, sigma_frames, positions, c)
+        return _velocity(graphdef, mesh_context, state, x, sigma_frames, positions, c)
 
     return sample(denoise, noise, steps=steps, sampler=sampler, shift=shift, given_latents=given_latents,
                   given_mask=given, guidance_scale=guidance_scale, cond=cond, uncond=uncond,

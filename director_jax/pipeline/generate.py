@@ -17,6 +17,7 @@ the same video, bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from director_jax.build import (
     check_config_matches,
@@ -38,6 +40,8 @@ from director_jax.convert.umt5 import find_text_encoder
 from director_jax.errors import GenerateError, UserError
 from director_jax.io_utils import LockHeldError, atomic_write_text, exclusive_lock, publish_together, recover_file_set
 from director_jax.models.timeline import place_given_frames
+from director_jax.parallel.mesh import inference_mesh
+from director_jax.parallel.rules import MeshContext, rules_from_config
 from director_jax.pipeline.codec import jitted_codec
 from director_jax.pipeline.gen import generate_video
 from director_jax.pipeline.request import Plan, Request, check_checkpoint, plan
@@ -89,6 +93,7 @@ def generate(req: Request) -> dict:
     (at the SR resolution with ``sr``) and ``"lowres"`` (the Gen output) for callers and tests.
     """
     p = plan(req)
+    placement = inference_placement(req.mesh, req.dtype)
     check_checkpoint(req.ckpt, req.step)
     if req.sr:
         check_checkpoint(req.sr_ckpt, None, "--sr_ckpt")
@@ -96,7 +101,41 @@ def generate(req: Request) -> dict:
         _check_configs(req)
     text = _text(req, p)
     with output_lock(req.out):
-        return _generate(req, p, text)
+        return _generate(req, p, text, placement)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferencePlacement:
+    """Where the models run: a mesh (weights sharded by the config's rules) or one device, and in which dtype."""
+
+    mesh: Mesh | None
+    dtype: str  # "bfloat16" or "float32": weights and compute
+
+    def weights(self) -> jax.sharding.Sharding | Mesh:
+        return self.mesh if self.mesh is not None else SingleDeviceSharding(jax.local_devices()[0])
+
+    def replicated(self) -> jax.sharding.Sharding:
+        return NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else self.weights()
+
+    def context(self, cfg) -> MeshContext:
+        return None if self.mesh is None else (self.mesh, rules_from_config(cfg))
+
+    def describe(self) -> dict:
+        sizes = {} if self.mesh is None else {a: int(n) for a, n in self.mesh.shape.items() if n > 1}
+        return dict(devices=1 if self.mesh is None else int(self.mesh.size), mesh=sizes, dtype=self.dtype)
+
+
+def inference_placement(mesh: str, dtype: str) -> InferencePlacement:
+    """``--mesh`` and ``--dtype`` checked (``auto`` dtype: bfloat16 on TPU / GPU, float32 on a CPU)."""
+    try:
+        built = inference_mesh(mesh)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    if dtype == "auto":
+        dtype = "float32" if jax.local_devices()[0].platform == "cpu" else "bfloat16"
+    if dtype not in ("bfloat16", "float32"):
+        raise GenerateError(f"--dtype {dtype!r}: choose auto, bfloat16 or float32.")
+    return InferencePlacement(built, dtype)
 
 
 def _check_configs(req: Request) -> None:
@@ -135,28 +174,28 @@ def output_lock(out: str, targets: Sequence[Path] | None = None, *, command: str
                             f"--out (its lock is {e.path}).") from None
 
 
-def _generate(req: Request, p: Plan, text) -> dict:
+def _generate(req: Request, p: Plan, text, placement: InferencePlacement) -> dict:
     cfg = req.config
     s = p.sampling
     layout = p.timeline.layout
     log.debug("timeline:\n%s", layout.describe())
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        gen, loaded = load_director_gen(cfg, req.ckpt, sharding=sharding, step=req.step, weights=req.weights)
+        gen, loaded = load_director_gen(cfg, req.ckpt, sharding=placement.weights(), step=req.step,
+                                        weights=req.weights, dtype=placement.dtype)
     except (FileNotFoundError, ValueError) as e:  # a damaged step, weights that do not fit the config
         raise GenerateError(f"--ckpt: {_one_line(e)}") from None
-    vae = load_frozen_vae(cfg, sharding=sharding)
+    vae = load_frozen_vae(cfg, sharding=placement.replicated())
     encode, decode = jitted_codec(vae)
     given = place_given_frames(p.num_frames, p.given)[None]
     kw = {} if text.negative is None else {"negative_text": text.negative, "negative_mask": text.negative_mask}
     video, _ = generate_video(gen, vae, layout, given, text.text, key=jax.random.key(req.seed), encode=encode,
                               decode=decode, text_mask=text.mask, steps=s.steps, sampler=s.sampler, shift=s.shift,
                               guidance_scale=s.guidance_scale, keyframe_guidance=s.keyframe_guidance,
-                              progress=req.progress, **kw)
+                              progress=req.progress, mesh_context=placement.context(cfg), **kw)
     lowres = np.asarray(video[0], np.float32)
     _check_generated(lowres, "Director-Gen")
     lowres = np.clip(lowres, -1.0, 1.0)
-    frames, sr_info = (_super_resolve(req, p, lowres, sharding) if req.sr else (lowres, None))
+    frames, sr_info = (_super_resolve(req, p, lowres, placement) if req.sr else (lowres, None))
     if req.sr:
         _check_generated(frames, "Director-SR")
 
@@ -165,8 +204,8 @@ def _generate(req: Request, p: Plan, text) -> dict:
         config=req.config_path,
         checkpoint=dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights,
                         skipped=list(loaded.skipped)),
-        seed=req.seed, steps=s.steps, sampler=s.sampler, shift=s.shift, guidance=s.guidance_scale,
-        keyframe_guidance=s.keyframe_guidance,
+        placement=placement.describe(), seed=req.seed, steps=s.steps, sampler=s.sampler, shift=s.shift,
+        guidance=s.guidance_scale, keyframe_guidance=s.keyframe_guidance,
         fps=p.fps, num_frames=p.num_frames, duration=p.num_frames / p.fps, height=int(frames.shape[1]),
         width=int(frames.shape[2]), gen_height=p.height, gen_width=p.width, resize=req.resize,
         keyframes=p.keyframes, videos=p.videos, caption=p.caption,
@@ -214,18 +253,21 @@ def _check_generated(frames: np.ndarray, what: str) -> None:
                             "or the sampling settings (guidance, shift) are not usable; nothing was written.") from None
 
 
-def _super_resolve(req: Request, p: Plan, lowres: np.ndarray, sharding) -> tuple[np.ndarray, dict]:
+def _super_resolve(req: Request, p: Plan, lowres: np.ndarray, placement: InferencePlacement
+                   ) -> tuple[np.ndarray, dict]:
     """Director-SR (EMA weights when kept) over the same timeline, the full-resolution keyframes as anchors."""
     try:
-        sr, loaded = load_director_sr(req.sr_config, req.sr_ckpt, sharding=sharding)
+        sr, loaded = load_director_sr(req.sr_config, req.sr_ckpt, sharding=placement.weights(),
+                                      dtype=placement.dtype)
     except (FileNotFoundError, ValueError) as e:
         raise GenerateError(f"--sr_ckpt: {_one_line(e)}") from None
-    sr_vae = load_frozen_vae(req.sr_config, sharding=sharding)
+    sr_vae = load_frozen_vae(req.sr_config, sharding=placement.replicated())
     s = req.sr_config.sampler
     steps = int(s.steps if req.sr_steps is None else req.sr_steps)
     key = jax.random.fold_in(jax.random.key(req.seed), 1)
     video = super_resolve(sr, sr_vae, lowres, p.full_res_keyframes or None, scale=p.sr_scale, key=key,
-                          layout=p.timeline.layout, steps=steps, sampler=str(s.name), shift=float(s.shift))
+                          layout=p.timeline.layout, steps=steps, sampler=str(s.name), shift=float(s.shift),
+                          mesh_context=placement.context(req.sr_config))
     checkpoint = dict(directory=loaded.directory, step=loaded.step, weights=loaded.weights,
                       skipped=list(loaded.skipped))
     return np.asarray(video, np.float32), dict(checkpoint=checkpoint, config=req.sr_config_path, scale=p.sr_scale,

@@ -62,6 +62,8 @@ class Request:
     text_encoder: str | None = None  # umT5 weights (diffusers / HF / official layout): embed the caption in JAX
     tokenizer: str | None = None  # the encoder's tokenizer directory, when not beside its weights
     text_dtype: str = "bfloat16"
+    mesh: str = "auto"  # "auto", "single" or sizes "fsdp=2,tensor=4": where the models' weights are sharded
+    dtype: str = "auto"  # the models' weights and compute: "auto" (bfloat16 on TPU / GPU, float32 on CPU)
     seed: int = 0
     steps: int | None = None
     guidance: float | None = None

@@ -26,6 +26,7 @@ from director_jax.models.multichunk import decode_timeline, encode_timeline
 from director_jax.models.sr import DirectorSR
 from director_jax.models.timeline import Timeline, TimelineLayout
 from director_jax.models.vae import WanVAE, denormalize_latents, normalize_latents
+from director_jax.parallel.rules import MeshContext
 from director_jax.pipeline.codec import jitted_codec
 from director_jax.pipeline.sr_sampling import sample_sr
 
@@ -144,7 +145,8 @@ def super_resolve(sr: DirectorSR, vae: WanVAE, lowres_video: Any, keyframes: Map
                   sampler: str = "euler", shift: float = 1.0, tile: tuple[int, int] | int | None = None,
                   overlap: tuple[int, int] | int | None = None, negative_text: jax.Array | None = None,
                   negative_mask: jax.Array | None = None, guidance_scale: float = 1.0,
-                  return_latents: bool = False) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
+                  return_latents: bool = False, mesh_context: MeshContext = None
+                  ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
     """The high-res video (float32 in [-1, 1]) of ``lowres_video`` (T, h, w, 3) or (B, T, h, w, 3): shape x ``scale``.
 
     ``lowres_video``: uint8 [0, 255] or float [-1, 1]. ``keyframes``: {frame index: high-res image
@@ -159,7 +161,8 @@ def super_resolve(sr: DirectorSR, vae: WanVAE, lowres_video: Any, keyframes: Map
     overlapping spatial tiles (``sample_sr_tiled``; overlap defaults to one patch).
     ``return_latents=True`` also returns the normalized latents (B, L, h, w, z) as a dict:
     ``"sampled"`` (the output's), ``"lowres"`` (the upsampled input's) and ``"given"`` (the mask, (B, L)),
-    for measuring the SR model apart from the VAE decoder.
+    for measuring the SR model apart from the VAE decoder. ``mesh_context`` ``(mesh, rules)``: the model's
+    weights are sharded on that mesh (``pipeline.gen.generate_latents``).
     """
     scale = _check_scale(scale)
     video = as_float_frames(lowres_video, "lowres_video")
@@ -197,7 +200,7 @@ def super_resolve(sr: DirectorSR, vae: WanVAE, lowres_video: Any, keyframes: Map
     latents = sample_sr(sr, layout, lowres_latents, given_latents, text, key=key, text_mask=text_mask,
                         given_mask=mask, steps=steps, shift=shift, sampler=sampler, tile=tile,
                         overlap=_overlap(tile, overlap, (ph, pw)), negative_text=negative_text,
-                        negative_mask=negative_mask, guidance_scale=guidance_scale)
+                        negative_mask=negative_mask, guidance_scale=guidance_scale, mesh_context=mesh_context)
     out = decode_timeline(vae, denormalize_latents(latents, vae.config), layout, decode=decode)
     out = np.clip(np.asarray(out, np.float32), -1.0, 1.0)
     out = out[0] if single else out

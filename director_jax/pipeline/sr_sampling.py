@@ -23,6 +23,7 @@ from flax import nnx
 from director_jax.diffusion import sample
 from director_jax.models.sr import DirectorSR
 from director_jax.models.timeline import TimelineLayout
+from director_jax.parallel.rules import MeshContext, traced_under
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -101,18 +102,19 @@ class SpatialTiling:
 # Sampling
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _velocity(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, sigma_frames: jax.Array, positions: jax.Array,
-              cond: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _velocity(graphdef: nnx.GraphDef, context: MeshContext, state: nnx.State, x: jax.Array, sigma_frames: jax.Array,
+              positions: jax.Array, cond: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
     text, text_mask, lowres = cond
-    sr = nnx.merge(graphdef, state)
-    return sr(x, lowres, sigma_frames, text, positions=positions, text_mask=text_mask).astype(jnp.float32)
+    with traced_under(context):
+        sr = nnx.merge(graphdef, state)
+        return sr(x, lowres, sigma_frames, text, positions=positions, text_mask=text_mask).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _tile_velocity(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, sigma_frames: jax.Array,
-                   positions: jax.Array, cond: tuple[jax.Array, jax.Array, jax.Array], tile: tuple[int, int],
-                   y0: jax.Array, x0: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _tile_velocity(graphdef: nnx.GraphDef, context: MeshContext, state: nnx.State, x: jax.Array,
+                   sigma_frames: jax.Array, positions: jax.Array, cond: tuple[jax.Array, jax.Array, jax.Array],
+                   tile: tuple[int, int], y0: jax.Array, x0: jax.Array) -> jax.Array:
     """The model on one spatial tile (every latent frame); one compile serves all tiles of a size.
 
     The tile's spatial RoPE positions restart at 0, which changes nothing: RoPE attention depends
@@ -123,8 +125,10 @@ def _tile_velocity(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, sigma
     def crop(a: jax.Array) -> jax.Array:
         return jax.lax.dynamic_slice(a, (0, 0, y0, x0, 0), (*a.shape[:2], *tile, a.shape[-1]))
 
-    sr = nnx.merge(graphdef, state)
-    return sr(crop(x), crop(lowres), sigma_frames, text, positions=positions, text_mask=text_mask).astype(jnp.float32)
+    with traced_under(context):
+        sr = nnx.merge(graphdef, state)
+        return sr(crop(x), crop(lowres), sigma_frames, text, positions=positions,
+                  text_mask=text_mask).astype(jnp.float32)
 
 
 @jax.jit
@@ -139,8 +143,8 @@ def _normalize(acc: jax.Array, total: jax.Array) -> jax.Array:
     return acc / total[None, None, :, :, None]
 
 
-def _tiled_denoise(graphdef: nnx.GraphDef, state: nnx.State, positions: jax.Array,
-                   tiling: SpatialTiling) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
+def _tiled_denoise(graphdef: nnx.GraphDef, state: nnx.State, positions: jax.Array, tiling: SpatialTiling,
+                   context: MeshContext = None) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
     weights = [jnp.asarray(w) for w in tiling.weights]
     total = jnp.asarray(tiling.total)
 
@@ -148,7 +152,7 @@ def _tiled_denoise(graphdef: nnx.GraphDef, state: nnx.State, positions: jax.Arra
         acc = jnp.zeros(x.shape, jnp.float32)
         for (y0, x0), weight in zip(tiling.starts, weights, strict=True):
             y0, x0 = jnp.int32(y0), jnp.int32(x0)
-            v = _tile_velocity(graphdef, state, x, sigma_frames, positions, cond, tiling.tile, y0, x0)
+            v = _tile_velocity(graphdef, context, state, x, sigma_frames, positions, cond, tiling.tile, y0, x0)
             acc = _accumulate(acc, v, weight, y0, x0)
         return _normalize(acc, total)
 
@@ -184,7 +188,8 @@ def sample_sr(sr: DirectorSR, layout: TimelineLayout, lowres_latents: jax.Array,
               given_mask: jax.Array | None = None, steps: int = 4, shift: float = 1.0, sampler: str = "euler",
               negative_text: jax.Array | None = None, negative_mask: jax.Array | None = None,
               guidance_scale: float = 1.0, tile: tuple[int, int] | int | None = None,
-              overlap: tuple[int, int] | int = 0, progress: bool = False) -> jax.Array:
+              overlap: tuple[int, int] | int = 0, progress: bool = False, mesh_context: MeshContext = None
+              ) -> jax.Array:
     """Few-step SR sampling: normalized high-res latents (B, L, h, w, z); given frames come back exactly.
 
     ``lowres_latents`` (B, L, h, w, z): the upsampled low-res video's normalized latents over
@@ -194,6 +199,7 @@ def sample_sr(sr: DirectorSR, layout: TimelineLayout, lowres_latents: jax.Array,
     drawn with ``key``; 1, 4 and 12 are the intended budgets. ``negative_text`` with
     ``guidance_scale != 1`` adds text CFG (the low-res latents condition both halves).
     ``tile`` / ``overlap`` (latent pixels): see ``sample_sr_tiled``; None runs the whole grid.
+    ``mesh_context`` ``(mesh, rules)``: the model is sharded on that mesh (``pipeline.gen.generate_latents``).
     """
     lowres_latents, given_latents = jnp.asarray(lowres_latents), jnp.asarray(given_latents)
     _check_sr_latents(sr, layout, lowres_latents, given_latents)
@@ -210,11 +216,11 @@ def sample_sr(sr: DirectorSR, layout: TimelineLayout, lowres_latents: jax.Array,
     positions = jnp.asarray(layout.position)
     if tile is None:
         def denoise(x: jax.Array, sigma_frames: jax.Array, c: Any) -> jax.Array:
-            return _velocity(graphdef, state, x, sigma_frames, positions, c)
+            return _velocity(graphdef, mesh_context, state, x, sigma_frames, positions, c)
     else:
         _, ph, pw = sr.config.patch_size
         tiling = SpatialTiling.build(given_latents.shape[2:4], tile, overlap, (ph, pw))
-        denoise = _tiled_denoise(graphdef, state, positions, tiling)
+        denoise = _tiled_denoise(graphdef, state, positions, tiling, mesh_context)
 
     noise = jax.random.normal(key, given_latents.shape, jnp.float32)
     return sample(denoise, noise, steps=steps, sampler=sampler, shift=shift, given_latents=given_latents,
