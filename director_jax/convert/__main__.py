@@ -20,6 +20,11 @@ checkpoints/ directory or one step directory): its newest complete step is writt
 directory, the EMA weights where the run kept them (``--weights auto``, or ``ema`` / ``params``).
 ``--model`` must be the run's task (``vae`` for a VAE run, ``dit`` for Director-Gen, ``sr`` for
 Director-SR); a VAE's config.json records the latent statistics the run measured.
+
+``export --model pipeline --src GEN_RUN [--sr_src SR_RUN] --out DIR [--dtype bfloat16] [--step N]``
+writes one diffusers-style pipeline directory (``model_index.json``, ``vae/``, ``transformer/``,
+``scheduler/``, ``sr_transformer/``, ...) that ``director_jax.pytorch.SmartDirectorPipeline.from_pretrained``
+loads: keyframes at times, captions, SR and the seed give the video the JAX ``generate`` gives.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from absl import flags
 
 from director_jax import cli
 from director_jax.build import WEIGHTS, export_run, is_trainer_run
+from director_jax.build.pipeline_export import export_pipeline
 from director_jax.convert.command import DIRECTIONS, MODELS, convert_weights
 
-_MODEL = flags.DEFINE_enum("model", None, sorted(MODELS), "Which model's weights.")
+_MODEL = flags.DEFINE_enum("model", None, [*sorted(MODELS), "pipeline"],
+                           "Which model's weights (pipeline: Gen [+ SR] runs as one SmartDirectorPipeline directory).")
 _SRC = flags.DEFINE_string("src", None, "The checkpoint to read (export: a directory written by import, or a "
                            "training run's workdir).")
 _OUT = flags.DEFINE_string("out", None, "The directory to write.")
@@ -40,7 +47,15 @@ _ALLOW_NONFINITE = flags.DEFINE_bool("allow_nonfinite", False,
 _WEIGHTS = flags.DEFINE_enum("weights", "auto", list(WEIGHTS),
                              "A training run's weights: auto (the EMA where the run kept one), ema or params.")
 
-USAGE = ("python -m director_jax.convert import|export --model vae|dit|sr --src PATH --out DIR [--config JSON] "
+_SR_SRC = flags.DEFINE_string("sr_src", None, "--model pipeline: the Director-SR training run to include.")
+_STEP = flags.DEFINE_integer("step", None, "--model pipeline: the Gen run's step (default: the newest complete one).")
+_SR_STEP = flags.DEFINE_integer("sr_step", None, "--model pipeline: the SR run's step (default: the newest).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--model pipeline: the weights' dtype.")
+_TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "--model pipeline: a Wan diffusers release whose umT5 "
+                                    "text_encoder/ and tokenizer/ the pipeline gets (text-conditioned models).")
+
+USAGE = ("python -m director_jax.convert import|export --model vae|dit|sr|pipeline --src PATH --out DIR "
+         "[--config JSON] "
          "[--allow_nonfinite] [--weights auto|ema|params]")
 
 
@@ -51,6 +66,13 @@ def main(argv: list[str]) -> None:
     for flag, value in (("--model", _MODEL.value), ("--src", _SRC.value), ("--out", _OUT.value)):
         if not value:
             raise cli.UserError(f"{flag} is required: {USAGE}")
+    if _MODEL.value == "pipeline":
+        if argv[1] != "export":
+            raise cli.UserError("--model pipeline is written by export (from trainer runs), not import.")
+        print(export_pipeline(_SRC.value, _OUT.value, sr_src=_SR_SRC.value, weights=_WEIGHTS.value,
+                              dtype=_DTYPE.value, step=_STEP.value, sr_step=_SR_STEP.value,
+                              text_encoder=_TEXT_ENCODER.value))
+        return
     if is_trainer_run(_SRC.value):
         print(export_run(argv[1], _MODEL.value, _SRC.value, _OUT.value, _CONFIG.value, weights=_WEIGHTS.value))
         return

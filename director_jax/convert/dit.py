@@ -99,11 +99,11 @@ def load_transformer(src: str | os.PathLike | Mapping[str, Any], config: ConfigL
 
 
 def export_transformer(model: WanDiT, out_dir: str | os.PathLike, *,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Writes ``model`` as a diffusers WanTransformer3DModel directory (float32 safetensors)."""
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = "float32") -> Path:
+    """Writes ``model`` as a diffusers WanTransformer3DModel directory (float32 or bfloat16 safetensors)."""
     state = export_state_dict(model, diffusers_param_table(model))
     return write_diffusers_dir(out_dir, model.config.to_diffusers_config(), state, DIFFUSERS_CLASS,
-                               max_shard_bytes=max_shard_bytes)
+                               max_shard_bytes=max_shard_bytes, dtype=dtype)
 
 
 def parameter_count(model: nnx.Module) -> int:

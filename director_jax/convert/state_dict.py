@@ -264,9 +264,13 @@ def _shard(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, 
     return shards
 
 
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
 def write_diffusers_dir(directory: str | os.PathLike, config: dict, state: Mapping[str, np.ndarray],
-                        class_name: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Writes ``config.json`` and float32 safetensors weights, every file atomically.
+                        class_name: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        dtype: str = "float32") -> Path:
+    """Writes ``config.json`` and safetensors weights (float32, or ``dtype="bfloat16"``), every file atomically.
 
     Weights over ``max_shard_bytes`` are split into diffusers' sharded form
     (``diffusion_pytorch_model-0000i-of-0000n.safetensors`` + ``...safetensors.index.json``), which
@@ -278,7 +282,10 @@ def write_diffusers_dir(directory: str | os.PathLike, config: dict, state: Mappi
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": class_name, **config}
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: choose one of {EXPORT_DTYPES}.")
+    target = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(target)) for k, v in state.items()}
     shards = _shard(tensors, max_shard_bytes)
     old_shards = set(directory.glob("diffusion_pytorch_model-*-of-*.safetensors"))
     if len(shards) == 1:

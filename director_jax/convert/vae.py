@@ -118,10 +118,10 @@ def load_vae(src: str | os.PathLike | Mapping[str, Any], config: ConfigLike | No
                                param_dtype=param_dtype)
 
 
-def export_vae(vae: WanVAE, out_dir: str | os.PathLike) -> Path:
-    """Writes ``vae`` as a diffusers AutoencoderKLWan directory (config.json + float32 safetensors)."""
+def export_vae(vae: WanVAE, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
+    """Writes ``vae`` as a diffusers AutoencoderKLWan directory (config.json + float32 or bfloat16 safetensors)."""
     return write_diffusers_dir(out_dir, vae.config.to_diffusers_config(), export_diffusers_state_dict(vae),
-                               DIFFUSERS_CLASS)
+                               DIFFUSERS_CLASS, dtype=dtype)
 
 
 def parameter_count(vae: WanVAE) -> int:

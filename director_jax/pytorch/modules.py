@@ -20,12 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401 -- ModelMixin: see below
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from director_jax.convert.dit_weights import diffusers_param_table
 from director_jax.convert.param_table import export_state_dict
 from director_jax.models.layers import rope_axis_dims, rope_inverse_frequencies
+
+# A pipeline's model_index.json names components as [module, class]; diffusers picks the loader by looking up its
+# base classes (ModelMixin, ...) as attributes of that module, so ModelMixin is importable from here.
+__all__ = ["DirectorWanTransformer3DModel", "ModelMixin"]
 
 NUM_TRAIN_TIMESTEPS = 1000  # the DiT's timestep = 1000 * flow time sigma, as in the JAX models
 

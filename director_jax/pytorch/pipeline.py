@@ -59,6 +59,18 @@ def _to_torch(x: Any, device: Any = None):
     return t.to(device=device, dtype=torch.float32).permute(0, 4, 1, 2, 3).contiguous()
 
 
+def scheduler_config(sampler: str, shift: float) -> dict[str, Any]:
+    """The diffusers scheduler config (``_class_name`` + arguments) of a JAX sampler: the same sigma table."""
+    if sampler == "euler":
+        return dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                    shift=float(shift))
+    if sampler == "unipc":
+        return dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                    prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=float(shift), solver_order=2,
+                    solver_type="bh2", lower_order_final=True)
+    raise ValueError(f"unknown sampler {sampler!r}: use 'unipc' or 'euler'.")
+
+
 def _from_torch(x) -> np.ndarray:
     return x.detach().float().permute(0, 2, 3, 4, 1).cpu().numpy()
 
@@ -145,24 +157,21 @@ class TorchDirectorPipeline:
     @staticmethod
     def scheduler(sampler: str, shift: float):
         """diffusers' scheduler whose sigma table is ``diffusion.samplers.sampler_sigmas(sampler, steps, shift)``."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+        import diffusers
 
-        if sampler == "euler":
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
-        if sampler == "unipc":
-            return UniPCMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
-                                           use_flow_sigmas=True, flow_shift=shift, solver_order=2,
-                                           solver_type="bh2", lower_order_final=True)
-        raise ValueError(f"unknown sampler {sampler!r}: use 'unipc' or 'euler'.")
+        config = dict(scheduler_config(sampler, shift))
+        return getattr(diffusers, config.pop("_class_name")).from_config(config)
 
     def sample(self, layout: TimelineLayout, given_latents: np.ndarray, text: np.ndarray, noise: np.ndarray, *,
                text_mask: np.ndarray | None = None, negative_text: np.ndarray | None = None,
                negative_mask: np.ndarray | None = None, steps: int = 50, sampler: str = "unipc",
-               shift: float = 5.0, guidance_scale: float = 1.0, keyframe_guidance: float = 1.0) -> np.ndarray:
+               shift: float = 5.0, guidance_scale: float = 1.0, keyframe_guidance: float = 1.0,
+               lowres_latents: np.ndarray | None = None) -> np.ndarray:
         """``generate_latents`` with the noise given: normalized latents (B, L, h, w, z), given frames exact.
 
         ``keyframe_guidance`` as ``diffusion.keyframe_guided_velocity``: a second pass with the given
-        frames released to the current sigma from their share of ``noise``.
+        frames released to the current sigma from their share of ``noise``. ``lowres_latents`` (same
+        shape): Director-SR's sampling (``pipeline.sr_sampling.sample_sr``), the transformer an SR one.
         """
         import torch
 
@@ -202,12 +211,18 @@ class TorchDirectorPipeline:
 
         noise_t = _to_torch(noise, dev)
 
+        lowres = None if lowres_latents is None else _to_torch(lowres_latents, dev)
+
+        def forward(x, sigma_frames):
+            if lowres is None:
+                return self.transformer.gen_forward(x, sigma_frames, cond[0], positions=positions, text_mask=cond[1])
+            low = lowres if x.shape[0] == lowres.shape[0] else torch.cat([lowres] * (x.shape[0] // lowres.shape[0]))
+            return self.transformer.sr_forward(x, low, sigma_frames, cond[0], positions=positions, text_mask=cond[1])
+
         def velocity(x, sigma_frames):
             if guidance_scale == 1.0:
-                return self.transformer.gen_forward(x, sigma_frames, cond[0], positions=positions,
-                                                    text_mask=cond[1]).float()
-            both = self.transformer.gen_forward(torch.cat([x, x]), torch.cat([sigma_frames, sigma_frames]),
-                                                cond[0], positions=positions, text_mask=cond[1]).float()
+                return forward(x, sigma_frames).float()
+            both = forward(torch.cat([x, x]), torch.cat([sigma_frames, sigma_frames])).float()
             v_c, v_u = both.chunk(2, dim=0)
             return v_u + guidance_scale * (v_c - v_u)
 
