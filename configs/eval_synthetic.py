@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
                                                keyframe_guidance=placeholder(float)))
     c.text_cache = ""  # caption embeddings for text-conditioned models (data/text_embeddings.py)
     c.cases_per_device = 1  # cases each device generates at once (fixed, so results do not depend on device count)
+    # "data": each device holds the whole model and generates its own cases; model axes ("fsdp=4", "fsdp=2,tensor=2",
+    # "fsdp=2,sequence=2") shard the model over groups of that many devices (a 14B model), the groups on "data".
+    c.mesh = "data"
+    c.dtype = "float32"  # the model's weights and compute ("bfloat16" halves the memory; numbers move by rounding)
     # FVD: Kinetics-400 I3D logits of the first fvd_frames frames at fvd_size px (16 and 224 are the standard).
     c.metrics = ml_collections.ConfigDict(dict(lpips_net="alexnet", fvd=True, fvd_frames=16, fvd_size=224,
                                                fvd_layer="logits"))

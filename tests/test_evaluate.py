@@ -111,6 +111,20 @@ def test_cli_writes_metrics_and_report_and_two_runs_are_identical(cli_runs, chec
     assert (a / "media" / "case_0000.png").stat().st_size > 0 and (a / "media" / "case_0001.png").exists()
 
 
+def test_a_model_sharded_over_devices_gives_the_same_numbers(cli_runs, checkpoint, config_file, tmp_path):
+    """--config.mesh=fsdp=2,tensor=2 on 8 devices: the model read into its shards (two groups of 4 devices, each
+    generating its own cases) scores what the replicated model scores, up to float32 rounding."""
+    _cli(config_file, tmp_path / "sharded", tmp_path / "cache", f"--ckpt={checkpoint}", "--config.mesh=fsdp=2,tensor=2")
+    sharded = json.loads((tmp_path / "sharded" / "metrics.json").read_text())
+    replicated = json.loads((cli_runs[0] / "metrics.json").read_text())
+    assert sharded["run"]["evaluated"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    for got, want in [(sharded["aggregate"], replicated["aggregate"]),
+                      *zip(sharded["cases"], replicated["cases"], strict=True)]:
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
 @pytest.mark.slow  # a third CLI run against the storage emulator; CI runs the slow set too
 def test_checkpoint_and_report_on_cloud_storage(cli_runs, checkpoint, config_file, gcs_emulator, tmp_path):
     """--ckpt and --workdir on gs://: the same numbers as from the local disk; an unfinished step is skipped."""

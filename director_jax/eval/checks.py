@@ -16,6 +16,7 @@ import ml_collections
 from director_jax.build import WEIGHTS, check_config_matches, step_directory
 from director_jax.configs_common import load_config
 from director_jax.errors import UserError
+from director_jax.eval.generate import eval_mesh
 from director_jax.eval.suite import synthetic_cases
 from director_jax.io_utils import is_remote, writable_dir_problem
 from director_jax.pipeline.request import run_config
@@ -45,6 +46,12 @@ def check_config(cfg: ml_collections.ConfigDict, ckpt: str | None = None, step: 
     for n in cfg.movies.shot_lengths:
         _positive_int(n, "--config.movies.shot_lengths entry")
     _positive_int(cfg.cases_per_device, "--config.cases_per_device")
+    try:
+        eval_mesh(cfg.get("mesh", "data"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.get("dtype", "float32") not in ("float32", "bfloat16"):
+        raise UserError(f"--config.dtype={cfg.dtype!r}: choose float32 or bfloat16.")
     _positive_int(cfg.report.media_cases, "--config.report.media_cases", minimum=0)
     m = cfg.metrics
     _positive_int(m.fvd_frames, "--config.metrics.fvd_frames")

@@ -1,8 +1,10 @@
 """Generating the cases of a suite on all devices, with results that do not depend on how many there are.
 
 Distribution: the cases are grouped by timeline layout (cases of one layout share shapes), and each
-group is generated in global batches of ``cases_per_device x device count`` cases whose batch axis
-is sharded over a 1-D ``data`` mesh of every device of every process (model and VAE replicated).
+group is generated in global batches of ``cases_per_device x data`` cases whose batch axis is
+sharded over the ``data`` axis of a mesh of every device of every process: by default all of them
+(model and VAE replicated on each), or, with model axes (``--config.mesh=fsdp=2,tensor=2``), groups of
+devices that each hold one sharded copy of the model (read straight into its shards).
 A short last batch is padded with copies of its last case, whose outputs are dropped.
 
 Reproducibility: case ``i`` is sampled from the noise of ``fold_in(key(seed), i)``. Each case is
@@ -19,6 +21,7 @@ its shards on its devices and gets all videos back with ``process_allgather``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,15 +36,34 @@ from director_jax.eval.suite import EvalCase
 from director_jax.models.dit import DirectorGen
 from director_jax.models.timeline import Timeline, place_given_frames
 from director_jax.models.vae import WanVAE
+from director_jax.parallel.mesh import create_mesh, parse_mesh_sizes
+from director_jax.parallel.rules import MeshContext
 from director_jax.pipeline.codec import jitted_codec
 from director_jax.pipeline.gen import generate_video
 from director_jax.pipeline.settings import SamplingSettings, TextInputs
 
+MODEL_AXES = ("fsdp", "tensor", "sequence")
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process)."""
+
+def eval_mesh(spec: str = "data", devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The suite's mesh over ``devices`` (default: every device of every process), from ``--config.mesh``.
+
+    ``"data"``: every device generates its own cases with a whole copy of the model; ``"fsdp=2,tensor=2"``
+    (model axes): the model is sharded over groups of that many devices, each group generating its cases
+    (the remaining factor is the ``data`` axis).
+    """
     devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.asarray(devices), ("data",))
+    sizes = {} if str(spec).strip() == "data" else parse_mesh_sizes(
+        spec, "--config.mesh", "data, or model axes like fsdp=2,tensor=2", MODEL_AXES)
+    model = math.prod(abs(s) for s in sizes.values())
+    if -1 in sizes.values() or len(devices) % model:
+        raise ValueError(f"--config.mesh {spec!r}: the model axes must multiply to a divisor of the {len(devices)} "
+                         "devices (no -1: the data axis takes the rest).")
+    return create_mesh({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1, **sizes}, devices)
+
+
+def model_sharded(mesh: Mesh) -> bool:
+    return any(mesh.shape.get(a, 1) > 1 for a in MODEL_AXES)
 
 
 def case_key(seed: int, index: int) -> jax.Array:
@@ -56,12 +78,16 @@ def _global(mesh: Mesh, value: np.ndarray) -> jax.Array:
 
 def generate_cases(gen: DirectorGen, vae: WanVAE, cases: Sequence[EvalCase], text: TextInputs, *, seed: int,
                    sampling: SamplingSettings, mesh: Mesh, cases_per_device: int = 1,
-                   progress: bool = True) -> dict[int, np.ndarray]:
-    """Generated (T, H, W, 3) videos in [-1, 1] by case index; ``text`` rows follow ``cases``."""
+                   progress: bool = True, mesh_context: MeshContext = None) -> dict[int, np.ndarray]:
+    """Generated (T, H, W, 3) videos in [-1, 1] by case index; ``text`` rows follow ``cases``.
+
+    ``mesh_context`` ``(mesh, rules)`` when the model is sharded over the mesh's model axes: each group of
+    devices on them generates ``cases_per_device`` cases at once (the batch is split over ``data`` only).
+    """
     if cases_per_device < 1:
         raise ValueError(f"cases_per_device must be >= 1, got {cases_per_device}.")
     encode, decode = jitted_codec(vae)
-    batch = cases_per_device * mesh.size
+    batch = cases_per_device * mesh.shape.get("data", mesh.size)
     row_of = {c.index: r for r, c in enumerate(cases)}
     groups: dict[Any, list[EvalCase]] = {}
     for c in cases:
@@ -82,10 +108,11 @@ def generate_cases(gen: DirectorGen, vae: WanVAE, cases: Sequence[EvalCase], tex
                                       decode=decode, text_mask=caption_mask[None], steps=sampling.steps,
                                       sampler=sampling.sampler, shift=sampling.shift,
                                       guidance_scale=sampling.guidance_scale,
-                                      keyframe_guidance=sampling.keyframe_guidance, progress=False, **kw)
+                                      keyframe_guidance=sampling.keyframe_guidance, progress=False,
+                                      mesh_context=mesh_context, **kw)
             return video[0]
 
-        run = jax.vmap(one)
+        run = jax.vmap(one) if mesh_context is None else jax.vmap(one, spmd_axis_name="data")
         for lo in range(0, len(group), batch):
             chunk = list(group[lo:lo + batch])
             real = len(chunk)

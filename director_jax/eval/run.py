@@ -16,13 +16,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from director_jax.build import load_director_gen, load_frozen_vae
+from director_jax.build.loading import inference_config
 from director_jax.eval.baselines import crossfade
 from director_jax.eval.checks import SUITES, resolve_model_config
-from director_jax.eval.generate import data_mesh, generate_cases
+from director_jax.eval.generate import eval_mesh, generate_cases, model_sharded
 from director_jax.eval.report import write_metrics, write_report
 from director_jax.eval.scoring import MetricSettings, score
 from director_jax.eval.suite import EvalCase, synthetic_cases
 from director_jax.io_utils import dir_path
+from director_jax.parallel.rules import rules_from_config
 from director_jax.pipeline.settings import SamplingSettings, sampling_settings, text_inputs
 
 BASELINES = ("crossfade", "reference")
@@ -76,18 +78,24 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
         info["evaluated"] = {"baseline": baseline}
         title, label, mesh_size = f"{baseline} baseline", baseline, 0
     else:
-        mesh = data_mesh(devices)
+        mesh = eval_mesh(cfg.get("mesh", "data"), devices)
         replicated = NamedSharding(mesh, PartitionSpec())
-        gen, loaded = load_director_gen(model_cfg, ckpt, sharding=replicated, step=step, weights=cfg.weights)
+        sharded = model_sharded(mesh)
+        dtype = cfg.get("dtype", "float32")
+        gen, loaded = load_director_gen(model_cfg, ckpt, sharding=mesh if sharded else replicated, step=step,
+                                        weights=cfg.weights, dtype=dtype)
+        context = (mesh, rules_from_config(inference_config(model_cfg, dtype=dtype, mesh=mesh))) if sharded else None
         vae = load_frozen_vae(model_cfg, sharding=replicated)
         sampling = eval_sampling(cfg, model_cfg)
         text = text_inputs(model_cfg, [c.caption for c in cases], text_cache=cfg.text_cache,
                            guidance_scale=sampling.guidance_scale)
         videos = generate_cases(gen, vae, cases, text, seed=int(cfg.seed), sampling=sampling, mesh=mesh,
-                                cases_per_device=int(cfg.cases_per_device), progress=progress)
+                                cases_per_device=int(cfg.cases_per_device), progress=progress,
+                                mesh_context=context)
         info["evaluated"] = {"checkpoint": loaded.directory, "step": loaded.step,  # absolute, or gs://...
                              "weights": loaded.weights, "skipped_steps": list(loaded.skipped),
-                             "sampling": sampling.__dict__}
+                             "sampling": sampling.__dict__,
+                             "mesh": {a: int(n) for a, n in mesh.shape.items() if n > 1}, "dtype": dtype}
         label = "generated"
         title, mesh_size = f"Director-Gen step {loaded.step} ({loaded.weights})", mesh.size
     generated_s = time.time() - t0

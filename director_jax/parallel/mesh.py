@@ -116,20 +116,28 @@ def inference_mesh(spec: str = "auto", devices: Sequence[Any] | None = None) -> 
         return None
     if spec == "auto":
         return create_mesh({"fsdp": -1}, devices)
+    sizes = parse_mesh_sizes(spec, "--mesh", "auto, single, or sizes like fsdp=2,tensor=4")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fixed > len(devices) or (-1 in sizes.values() and len(devices) % fixed):
+        raise ValueError(f"--mesh {spec!r} needs {fixed} devices; there are {len(devices)} here.")
+    count = len(devices) if -1 in sizes.values() else fixed
+    return create_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **sizes}, devices[:count])
+
+
+def parse_mesh_sizes(spec: str, what: str, forms: str, axes: Sequence[str] = MESH_AXES) -> dict[str, int]:
+    """``"fsdp=2,tensor=4"`` -> {"fsdp": 2, "tensor": 4}: each of ``axes`` at most once, one size may be -1."""
     sizes: dict[str, int] = {}
-    for part in spec.split(","):
+    for part in str(spec).split(","):
         name, sep, value = part.partition("=")
         name = name.strip()
         try:
             size = int(value)
         except ValueError:
             size = 0
-        if not sep or name not in MESH_AXES or name in sizes or size == 0 or size < -1:
-            raise ValueError(f"--mesh {spec!r}: write auto, single, or sizes like fsdp=2,tensor=4 (axes "
-                             f"{', '.join(MESH_AXES)}; each once; one may be -1 for the rest).")
+        if not sep or name not in axes or name in sizes or size == 0 or size < -1:
+            raise ValueError(f"{what} {spec!r}: write {forms} (axes {', '.join(axes)}; each once; one may be -1 for "
+                             "the rest).")
         sizes[name] = size
-    fixed = math.prod(s for s in sizes.values() if s != -1)
-    if fixed > len(devices) or (-1 in sizes.values() and len(devices) % fixed):
-        raise ValueError(f"--mesh {spec!r} needs {fixed} devices; there are {len(devices)} here.")
-    count = len(devices) if -1 in sizes.values() else fixed
-    return create_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **sizes}, devices[:count])
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"{what} {spec!r}: at most one size may be -1.")
+    return sizes
