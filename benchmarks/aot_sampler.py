@@ -121,9 +121,9 @@ def sampler_mesh(topology: str, mesh: str | Mapping[str, int] | None):
                              f"multiply to {fixed}, which does not divide {n}.")
         sizes = {k: (n // fixed if v == -1 else v) for k, v in sizes.items()}
     elif fixed != n:
+        example = f"fsdp={n}" + (f", or fsdp={n // 2},sequence=2" if n % 2 == 0 else "")
         raise ValueError(f"mesh {format_mesh(sizes)} has {fixed} devices but topology {topology} has {n} chips: the "
-                         f"mesh sizes must multiply to {n} (e.g. fsdp={n}, or fsdp={max(n // 2, 1)},sequence="
-                         f"{min(2, n)}).")
+                         f"mesh sizes must multiply to {n} (e.g. {example}).")
     return create_mesh(sizes, devices)
 
 
@@ -256,7 +256,8 @@ def compile_sampler_step(cfg, topology: str, mesh: str | Mapping[str, int] | Non
     built_mesh = sampler_mesh(topology, mesh)
     step = sampler_step(cfg, built_mesh, dtype=dtype, batch=batch, keyframes=keyframes, attention=attention)
     flops = step_flops(step["config"], step["latents"], step["tokens"], step["text_len"], batch)
-    info = dict(latents=step["latents"], tokens=step["tokens"], text_len=step["text_len"], mesh=step["mesh"],
+    info = dict(height=int(cfg.video.height), width=int(cfg.video.width), frames=int(cfg.video.num_frames),
+                latents=step["latents"], tokens=step["tokens"], text_len=step["text_len"], mesh=step["mesh"],
                 attention=step["attention"], gflop_per_step=flops / 1e9)
     echo("INFO " + json.dumps(info))  # before the (slow, possibly failing) compile
     # No jax.set_mesh: generate does not set one; _velocity traces under its static (mesh, rules) context.
@@ -304,7 +305,8 @@ def run_one(model: str, size: str, topology: str, mesh: str, dtype: str, batch: 
     return {"model": model, "size": size, **result}
 
 
-_OOM_RE = re.compile(r"RESOURCE_EXHAUSTED: Allocation \(size=(\d+)\) would exceed memory \(size=(\d+)\)")
+_OOM_RE = re.compile(r"RESOURCE_EXHAUSTED: Allocation \(size=(\d+)\) would exceed memory \(size=(\d+)\)"
+                     r"(?:.*?shape: ([a-z0-9]+\[[0-9,]+\]))?")
 
 
 def _gib(n: float | None) -> str:
@@ -319,9 +321,11 @@ def table_row(r: dict) -> str:
     gflop = "-" if r.get("gflop_per_step") is None else f"{r['gflop_per_step']:,.0f}"
     if r.get("status") != "ok":
         m = _OOM_RE.search(r.get("note", ""))
-        note = (f"**NO**: XLA refused one buffer of {_gib(int(m.group(1)))} GiB > {_gib(int(m.group(2)))} GiB"
+        hbm = _gib(int(m.group(2))) if m else "-"
+        note = (f"**NO**: XLA refused one buffer, {m.group(3) or 'size'} = {_gib(int(m.group(1)))} GiB > {hbm} GiB"
                 if m else r.get("note", r.get("status", "failed")))
-        return "| " + " | ".join(head + ["-", "-", "-", "-", note, gflop, "-", "-"]) + " |"
+        wall = f"refused after {r['wall_seconds']:.0f} s wall" if m and "wall_seconds" in r else "-"
+        return "| " + " | ".join(head + ["-", "-", "-", hbm, note, gflop, "-", wall]) + " |"
     fits = "yes" if r["fits"] else "**NO**"
     if r["hbm_bytes"]:
         fits += f" ({100 * r['total_bytes'] / r['hbm_bytes']:.0f}%)"

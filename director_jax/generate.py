@@ -19,7 +19,9 @@ what the keyframes imply, for models trained with keyframe dropout (two model ca
 
 ``--mesh`` shards the models over devices as the trainer does (``auto``: every local TPU / GPU chip on
 ``fsdp``, so a 14B model's weights fit; ``fsdp=2,tensor=4``, with ``sequence=N`` for sequence-parallel
-attention); the weights are read from the checkpoint straight into their shards, in ``--dtype``.
+attention: with classifier-free guidance ``fsdp=2,sequence=2`` on a v5p-8 does a third of the work per
+chip of ``fsdp=4``, see benchmarks/RESULTS.md); the weights are read from the checkpoint (or a diffusers
+directory / Wan release with ``--config``) straight into their shards, in ``--dtype``.
 
 Writes ``OUT.mp4``, ``OUT.png`` (contact sheet, keyframes outlined) and ``OUT.json`` (every setting, and the
 SHA-256 of the other two) as one unit: staged beside OUT and moved into place, OUT.json last, under the lock
@@ -58,7 +60,9 @@ def define_flags() -> dict:
         d = flags
         _FLAGS = dict(
             config=config_flags.DEFINE_config_file("config", None, "Model config (default: the run's own)."),
-            ckpt=d.DEFINE_string("ckpt", None, "Director-Gen checkpoint: a trainer workdir, checkpoints/ or step dir."),
+            ckpt=d.DEFINE_string("ckpt", None, "Director-Gen checkpoint: a trainer workdir, checkpoints/ or step dir; "
+                                 "or weights (a diffusers transformer directory, a Wan release, a .safetensors "
+                                 "file) with --config."),
             step=d.DEFINE_integer("step", None, "Checkpoint step (default: the newest)."),
             weights=d.DEFINE_enum("weights", "auto", ["auto", "ema", "params"], "Which weights (auto: EMA when kept)."),
             keyframe=d.DEFINE_multi_string("keyframe", [], "PATH@TIME, TIME in seconds (1.5, 1.5s) or #frame."),
@@ -150,8 +154,10 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(define_flags()["out"].value)
+    ckpt = result["checkpoint"]
+    source = f"checkpoint step {ckpt['step']}" if ckpt["step"] is not None else f"weights {ckpt['directory']}"
     print(f"{result['num_frames']} frames at {result['fps']:g} fps ({result['width']}x{result['height']}), "
-          f"checkpoint step {result['checkpoint']['step']} -> {out}, {out.with_suffix('.png')}, "
+          f"{source} -> {out}, {out.with_suffix('.png')}, "
           f"{out.with_suffix('.json')}")
     psnr = result["keyframe_psnr_db"] if not result["sr"] else result["sr"].get("keyframe_psnr_db", {})
     if psnr:

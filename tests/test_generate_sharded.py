@@ -76,3 +76,62 @@ def test_a_bad_mesh_is_refused_before_loading(checkpoint, images, tmp_path, spec
 def test_auto_mesh_is_one_device_on_a_cpu():
     assert inference_mesh("auto") is None and inference_mesh("single") is None
     assert dict(inference_mesh("fsdp=-1,tensor=2").shape) == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
+
+
+def test_weights_from_a_diffusers_directory_or_the_official_layout(one_device, checkpoint, images, tmp_path):  # noqa: F811
+    """--ckpt may be weights with --config: the run's export (diffusers) and the same tensors under the official Wan
+    names (a release root) give the trainer checkpoint's video, on one device and read into shards."""
+    from safetensors.numpy import load_file, save_file
+
+    from director_jax.build import export_run
+    from director_jax.convert.dit import load_transformer
+    from director_jax.convert.dit_weights import official_key_map
+
+    diffusers_dir = tmp_path / "dit"
+    export_run("export", "dit", str(checkpoint), str(diffusers_dir))
+    state = load_file(str(diffusers_dir / "diffusion_pytorch_model.safetensors"))
+    names = official_key_map(load_transformer(str(diffusers_dir)))
+    release = tmp_path / "official"  # an official Wan release root: its config.json names the heads
+    release.mkdir()
+    save_file({names[k]: v for k, v in state.items()}, str(release / "diffusion_pytorch_model.safetensors"))
+    (release / "config.json").write_text(json.dumps({"model_type": "t2v", "num_heads": 2, "eps": 1e-6}))
+    args = [*_keyframe_args(images), "--frames=17", "--steps=2", "--seed=3"]
+    from_dir = _run(f"--ckpt={diffusers_dir}", *args, "--mesh=single", f"--out={tmp_path / 'a.mp4'}")
+    np.testing.assert_allclose(from_dir["frames"], one_device["frames"], atol=1e-5)
+    assert json.loads((tmp_path / "a.json").read_text())["checkpoint"]["weights"] == "weights"
+    official = _run(f"--ckpt={release}", *args, "--mesh=fsdp=4,tensor=2",
+                    f"--out={tmp_path / 'b.mp4'}")
+    np.testing.assert_allclose(official["frames"], one_device["frames"], atol=1e-5)
+
+
+def test_weights_of_another_size_are_refused(checkpoint, images, tmp_path):  # noqa: F811
+    from director_jax.build import export_run
+
+    export_run("export", "dit", str(checkpoint), str(tmp_path / "dit"))
+    wide = tmp_path / "wide.py"
+    wide.write_text(f"""from director_jax.configs_common import load_config
+
+
+def get_config():
+    c = load_config({str(GEN_CONFIG)!r})
+    c.model.ffn_dim = 256
+    return c
+""")
+    with pytest.raises(GenerateError, match=r"--ckpt: .*holds a transformer with config .*ffn_dim=128"):
+        _run(f"--ckpt={tmp_path / 'dit'}", f"--config={wide}", *_keyframe_args(images), "--frames=17",
+             f"--out={tmp_path / 'out' / 'x.mp4'}")
+    with pytest.raises(GenerateError, match="weight source .*pass --config"):
+        cli_request(f"--ckpt={tmp_path / 'dit'}", f"--out={tmp_path / 'out' / 'y.mp4'}")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def cli_request(*args: str):
+    """The request the CLI builds without --config (the run's recorded one)."""
+    from absl import flags
+
+    from director_jax import generate as cli
+
+    cli.define_flags()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["director_jax.generate", "--noprogress", *args])
+    return cli.request_from_flags()

@@ -100,8 +100,8 @@ def describe_mismatch(expected: dict[str, Any], found: dict[str, Any], limit: in
 @dataclasses.dataclass(frozen=True)
 class LoadedCheckpoint:
     directory: str  # the step directory read
-    step: int  # the step actually used (older than the newest one when that one was damaged)
-    weights: str  # "ema" or "params"
+    step: int | None  # the step actually used (older than the newest one when damaged); None: a weight source
+    weights: str  # "ema" or "params"; "weights" for a weight source (diffusers directory, weight file)
     skipped: tuple[str, ...] = ()  # newer steps passed over, one line each: "step 20: <why>"
 
 

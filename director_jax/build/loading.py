@@ -27,7 +27,11 @@ from director_jax.build.checkpoints import (
     unflatten_state,
 )
 from director_jax.build.models import build_director_gen, build_director_sr
+from director_jax.build.reuse import is_trainer_run
+from director_jax.build.sections import dit_config
+from director_jax.build.shard_init import InitRequest, load_into_shards
 from director_jax.build.steps import read_newest, restore_arrays, saved_arrays, weights_prefix
+from director_jax.errors import UserError
 from director_jax.models.dit import DirectorGen
 from director_jax.models.sr import DirectorSR
 from director_jax.parallel.rules import param_shardings, rules_from_config
@@ -94,9 +98,33 @@ def _load_model(build, model_cfg: ml_collections.ConfigDict, path: str | Path, *
         raise ValueError(f"weights={weights!r}; choose one of {WEIGHTS}.")
     cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     cfg.init_from = ""  # the checkpoint gives the weights: never read the config's init checkpoint
+    if not is_trainer_run(path):
+        if step is not None or weights != "auto":
+            raise ValueError(f"{path} is a weight source, not a training run: a step or EMA / raw weights "
+                             "choose among a run's checkpoints.")
+        return _read_weight_source(build, cfg, str(path), sharding=sharding, dtype=dtype,
+                                   task="sr" if build is build_director_sr else "gen"), LoadedCheckpoint(
+            directory=str(path), step=None, weights="weights")
     (model, prefix), loaded = read_newest(path, step, lambda step_dir, s: _read_weights(
         build, cfg, step_dir, s, sharding=sharding, weights=weights, what=what, dtype=dtype))
     return model, dataclasses.replace(loaded, weights=prefix)
+
+
+def _read_weight_source(build, cfg: ml_collections.ConfigDict, source: str, *, sharding: Placement,
+                        dtype: str | None, task: str) -> nnx.Module:
+    """A diffusers directory, a release root or a weight file (diffusers or official Wan layout) read straight
+    into the shards of the model ``cfg`` builds, as the trainer's ``init_from`` is (``build.shard_init``): each
+    host reads only the safetensors slices its devices hold. A transformer of another size is a ValueError."""
+    infer_cfg = inference_config(cfg, dtype=dtype, mesh=sharding if isinstance(sharding, Mesh) else None)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(infer_cfg)))
+    placed = _targets(abstract, infer_cfg, sharding)
+    targets = {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[n])
+               for n, v in flatten_state(abstract).items()}
+    try:
+        arrays = load_into_shards(InitRequest(source, task, dit_config(cfg.model)), targets)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return nnx.merge(graphdef, unflatten_state(abstract, arrays))
 
 
 def load_director_gen(model_cfg: ml_collections.ConfigDict, path: str | Path, *, sharding: Placement,

@@ -27,9 +27,10 @@ import ml_collections
 import numpy as np
 
 from director_jax.build import saved_config, step_directory, vae_config_from
+from director_jax.build.reuse import is_trainer_run
 from director_jax.data.captions import format_multishot_caption
 from director_jax.errors import GenerateError, UserError
-from director_jax.io_utils import is_remote
+from director_jax.io_utils import is_remote, storage_path
 from director_jax.models.timeline import Timeline, frame_at_time
 from director_jax.pipeline.media import read_image, read_video, resized, sha256, to_float
 from director_jax.pipeline.settings import SamplingSettings, sampling_settings
@@ -284,13 +285,28 @@ def _sr_scale(req: Request, height: int, width: int) -> int:
 
 
 def check_checkpoint(path: str | None, step: int | None, what: str = "--ckpt") -> None:
-    """A clear error unless ``path`` holds a complete trainer checkpoint step (``step``, or any)."""
+    """A clear error unless ``path`` holds a complete trainer checkpoint step (``step``, or any), or is a weight
+    source (a diffusers directory, a Wan release, a weight file: read with the given config)."""
     if not path:
         raise GenerateError(f"{what} is required: the trainer's workdir (or its checkpoints/ directory).")
+    if not is_trainer_run(path) and looks_like_weights(path):
+        if step is not None:
+            raise GenerateError(f"--step chooses among a training run's checkpoints; {what} {path} is a weight "
+                                "source (a diffusers directory, a Wan release or a weight file).")
+        return
     try:
         step_directory(path, step)
     except (FileNotFoundError, ValueError) as e:
         raise GenerateError(f"{what}: {e}") from None
+
+
+def looks_like_weights(path: str) -> bool:
+    """A weight file, or a directory holding a model's config.json or weights (diffusers, a Wan release)."""
+    p = storage_path(path)
+    if p.is_file():
+        return p.name.endswith((".safetensors", ".safetensors.index.json", ".pth", ".pt", ".bin"))
+    return p.is_dir() and ((p / "config.json").exists() or (p / "transformer").is_dir()
+                           or any(p.glob("*.safetensors")) or any(p.glob("*.safetensors.index.json")))
 
 
 def run_config(path: str | None, step: int | None, what: str = "--ckpt") -> ml_collections.ConfigDict:
@@ -299,6 +315,11 @@ def run_config(path: str | None, step: int | None, what: str = "--ckpt") -> ml_c
     So a user passes only ``--ckpt``: the model, its VAE and its sampling defaults come with it.
     """
     check_checkpoint(path, step, what)
+    if not is_trainer_run(path) and looks_like_weights(path):
+        flag = "--config" if what == "--ckpt" else "--sr_config"
+        raise GenerateError(f"{what} {path} is a weight source (diffusers / official Wan layout), not a training run, "
+                            f"so it records no config: pass {flag} with the model's config (e.g. "
+                            "configs/gen_1_3b.py, its vae.init_from the Wan VAE).")
     step_dir, _ = step_directory(path, step)
     saved = saved_config(step_dir)
     if saved is None:

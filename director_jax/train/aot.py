@@ -221,7 +221,14 @@ def compile_report(jitted_fn: Callable[..., Any], *abstract_args: Any, topology:
     options = dict(compiler_options or {})
     if devices[0].platform == "tpu":
         options.setdefault("xla_tpu_no_crash_on_oom", True)
-    compiled = lowered.compile(options or None)
+    compile_only = devices[0].platform == "tpu" and jax.default_backend() != "tpu"
+    cache_was = jax.config.jax_enable_compilation_cache
+    if compile_only:  # an executable for libtpu's compile-only devices cannot be read back from a persistent cache
+        jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        compiled = lowered.compile(options or None)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     t2 = time.perf_counter()
 
     devices = _devices_of((compiled.input_shardings, compiled.output_shardings)) or devices
