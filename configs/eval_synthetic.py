@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
                                                shift=placeholder(float), guidance_scale=placeholder(float),
                                                keyframe_guidance=placeholder(float)))
     c.text_cache = ""  # caption embeddings for text-conditioned models (data/text_embeddings.py)
+    c.text_encoder = ""  # or the umT5 encoder (a Wan diffusers / official release): captions embedded in JAX
+    c.text_dtype = "bfloat16"  # the text encoder's precision
     c.cases_per_device = 1  # cases each device generates at once (fixed, so results do not depend on device count)
     # "data": each device holds the whole model and generates its own cases; model axes ("fsdp=4", "fsdp=2,tensor=2",
     # "fsdp=2,sequence=2") shard the model over groups of that many devices (a 14B model), the groups on "data".

@@ -125,6 +125,20 @@ def test_a_model_sharded_over_devices_gives_the_same_numbers(cli_runs, checkpoin
                 assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
 
 
+def test_weights_from_a_diffusers_export_score_like_the_run(cli_runs, checkpoint, config_file, tmp_path):
+    """--ckpt a diffusers directory (the run's export) with --config.model_config: the run's numbers."""
+    from director_jax.build import export_run
+
+    export_run("export", "dit", str(checkpoint), str(tmp_path / "dit"))
+    _cli(config_file, tmp_path / "weights", tmp_path / "cache", f"--ckpt={tmp_path / 'dit'}")
+    from_weights = json.loads((tmp_path / "weights" / "metrics.json").read_text())
+    from_run = json.loads((cli_runs[0] / "metrics.json").read_text())
+    assert from_weights["run"]["evaluated"]["weights"] == "weights"
+    for key, value in from_run["aggregate"].items():
+        if isinstance(value, float):
+            assert from_weights["aggregate"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
 @pytest.mark.slow  # a third CLI run against the storage emulator; CI runs the slow set too
 def test_checkpoint_and_report_on_cloud_storage(cli_runs, checkpoint, config_file, gcs_emulator, tmp_path):
     """--ckpt and --workdir on gs://: the same numbers as from the local disk; an unfinished step is skipped."""

@@ -14,12 +14,13 @@ from pathlib import Path
 import ml_collections
 
 from director_jax.build import WEIGHTS, check_config_matches, step_directory
+from director_jax.build.reuse import is_trainer_run
 from director_jax.configs_common import load_config
 from director_jax.errors import UserError
 from director_jax.eval.generate import eval_mesh
 from director_jax.eval.suite import synthetic_cases
 from director_jax.io_utils import is_remote, writable_dir_problem
-from director_jax.pipeline.request import run_config
+from director_jax.pipeline.request import looks_like_weights, run_config
 
 SUITES = ("synthetic",)
 TEMPLATE_KEYS = ("name", "keyframes", "frames", "anchor", "start")
@@ -79,6 +80,9 @@ def resolve_model_config(cfg: ml_collections.ConfigDict, ckpt: str | None, step:
         if ckpt is None:
             raise UserError("--config.model_config is empty: a baseline takes its clip size from a model config; give "
                             "a config file (configs/gen_tiny.py) or a trainer run (runs/gen).")
+        if not is_trainer_run(ckpt) and looks_like_weights(ckpt):
+            raise UserError(f"--ckpt {ckpt} is a weight source (a diffusers directory, a Wan release or a weight "
+                            "file), which records no config: set --config.model_config to the model's config.")
         return run_config(ckpt, step)
     if is_remote(src) or Path(src).is_dir():
         return run_config(src, None, "--config.model_config")
@@ -124,16 +128,21 @@ def check_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, ckpt: str 
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"the suite's cases: {e}") from None
     if ckpt is not None:
-        try:
-            step_dir, _ = step_directory(ckpt, step)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"--ckpt: {e}") from None
-        if cfg.get("model_config") and not cfg.get("allow_config_mismatch", False):
-            check_config_matches(model_cfg, step_dir, what="--config.model_config",
-                                 override="--config.allow_config_mismatch=True")
-        if model_cfg.text.conditioning and not cfg.text_cache:
-            raise UserError("the model is text-conditioned: set --config.text_cache to a text-embedding cache holding "
-                            "the suite's captions (python -m director_jax.embed_text --captions FILE --cache DIR).")
+        if is_trainer_run(ckpt) or not looks_like_weights(ckpt):
+            try:
+                step_dir, _ = step_directory(ckpt, step)
+            except (FileNotFoundError, ValueError) as e:
+                raise UserError(f"--ckpt: {e}") from None
+            if cfg.get("model_config") and not cfg.get("allow_config_mismatch", False):
+                check_config_matches(model_cfg, step_dir, what="--config.model_config",
+                                     override="--config.allow_config_mismatch=True")
+        elif step is not None:
+            raise UserError(f"--step chooses among a training run's checkpoints; --ckpt {ckpt} is a weight source.")
+        if model_cfg.text.conditioning and not (cfg.text_cache or cfg.get("text_encoder")):
+            raise UserError("the model is text-conditioned: set --config.text_encoder to the umT5 encoder (a Wan "
+                            "diffusers or official release: captions embedded in JAX) or --config.text_cache to a "
+                            "text-embedding cache holding the suite's captions (python -m director_jax.embed_text "
+                            "--captions FILE --cache DIR).")
     problem = writable_dir_problem(workdir)
     if problem:
         raise UserError(f"--workdir: {problem}.")

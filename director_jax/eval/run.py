@@ -26,6 +26,7 @@ from director_jax.eval.suite import EvalCase, synthetic_cases
 from director_jax.io_utils import dir_path
 from director_jax.parallel.rules import rules_from_config
 from director_jax.pipeline.settings import SamplingSettings, sampling_settings, text_inputs
+from director_jax.pipeline.text_encoder import JaxTextEncoder
 
 BASELINES = ("crossfade", "reference")
 
@@ -87,7 +88,11 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
         context = (mesh, rules_from_config(inference_config(model_cfg, dtype=dtype, mesh=mesh))) if sharded else None
         vae = load_frozen_vae(model_cfg, sharding=replicated)
         sampling = eval_sampling(cfg, model_cfg)
-        text = text_inputs(model_cfg, [c.caption for c in cases], text_cache=cfg.text_cache,
+        encoder = None
+        if model_cfg.text.conditioning and cfg.get("text_encoder"):
+            encoder = JaxTextEncoder(cfg.text_encoder, dtype=cfg.get("text_dtype", "bfloat16"),
+                                     max_length=int(model_cfg.text.max_length))
+        text = text_inputs(model_cfg, [c.caption for c in cases], text_cache=cfg.text_cache, text_encoder=encoder,
                            guidance_scale=sampling.guidance_scale)
         videos = generate_cases(gen, vae, cases, text, seed=int(cfg.seed), sampling=sampling, mesh=mesh,
                                 cases_per_device=int(cfg.cases_per_device), progress=progress,
