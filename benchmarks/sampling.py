@@ -90,6 +90,11 @@ def dit_config(s: Size):
                         text_dim=s.text_dim, freq_dim=s.freq_dim, ffn_dim=s.ffn, num_layers=s.layers)
 
 
+def fmt_t(x: float) -> str:
+    """Seconds, with four decimals below 0.1 s (tiny's steps take milliseconds)."""
+    return f"{x:.4f}" if x < 0.1 else fmt_s(x)
+
+
 def timed(fn, repeats: int) -> tuple[list[float], object]:
     times, out = [], None
     for _ in range(repeats):
@@ -253,8 +258,8 @@ def report(results: list[dict], args: argparse.Namespace, machine: list[str], wa
             m = statistics.median(r[k])
             ratio = "1" if k == "jax" else (f"**{jm / m:.2f}**" if k == "diffusers" else f"{jm / m:.2f}")
             comp = fmt_s(r["jax_compile"]) if k == "jax" else "n/a"
-            lines.append(f"| {r['name']} | {label} | {fmt_s(m / args.steps)} | {fmt_s(m)} ({fmt_s(min(r[k]))}) | "
-                         f"{ratio} | {fmt_s(r[f'{k}_first'])} | {comp} |")
+            lines.append(f"| {r['name']} | {label} | {fmt_t(m / args.steps)} | {fmt_t(m)} ({fmt_t(min(r[k]))}) | "
+                         f"{ratio} | {fmt_t(r[f'{k}_first'])} | {comp} |")
     lines += [
         "",
         "- JAX / this < 1: JAX is faster (ratio of median totals); the bold one is against diffusers' WanPipeline.",
