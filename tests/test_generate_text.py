@@ -25,7 +25,7 @@ from director_jax.curation.text_embeddings import embed_caption_files
 from director_jax.errors import GenerateError
 from director_jax.pipeline.generate import generate
 from tests.test_generate import KEYFRAMES, _decode_mp4, _image, _keyframe_args, save_gen_checkpoint
-from tests.test_umt5 import _encoder, _tokenizer
+from tests.test_umt5 import _encoder, _tokenizer, make_pipeline_root
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION = "A red car drives down a wet road at night."
@@ -46,10 +46,7 @@ def text_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("umt5")
-    _encoder(0).save_pretrained(root / "text_encoder")
-    _tokenizer(root / "tokenizer")
-    return root
+    return make_pipeline_root(tmp_path_factory.mktemp("umt5"))
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +82,9 @@ def test_jax_encoder_gives_the_video_the_cache_gives(text_checkpoint, encoder_ro
     np.testing.assert_allclose(jax_text["frames"], cached["frames"], atol=1e-4)
     other = _run(*_args(text_checkpoint, images, tmp_path / "other.mp4", f"--caption={OTHER}",
                         f"--text_encoder={encoder_root}", "--text_dtype=float32"))
+    sharded = _run(*_args(text_checkpoint, images, tmp_path / "sharded.mp4", f"--caption={CAPTION}",
+                          f"--text_encoder={encoder_root}", "--text_dtype=float32", "--mesh=fsdp=4,tensor=2"))
+    np.testing.assert_allclose(sharded["frames"], jax_text["frames"], atol=1e-5)  # encoder and DiT on the mesh
     assert np.abs(other["frames"] - jax_text["frames"]).max() > 1e-3  # the caption reaches the model
     text = json.loads((tmp_path / "jax.json").read_text())["text"]
     assert text == {"encoder": str(encoder_root), "tokenizer": None, "dtype": "float32"}

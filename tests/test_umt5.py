@@ -56,13 +56,16 @@ def _encoder(seed: int, **overrides) -> transformers.UMT5EncoderModel:
     return transformers.UMT5EncoderModel(transformers.UMT5Config(**{**cfg, **overrides})).eval()
 
 
-@pytest.fixture(scope="module")
-def pipeline_root(tmp_path_factory) -> Path:
-    """A Wan diffusers pipeline root: text_encoder/ (safetensors) and tokenizer/."""
-    root = tmp_path_factory.mktemp("wan_diffusers")
+def make_pipeline_root(root: Path) -> Path:
+    """A Wan diffusers pipeline root: text_encoder/ (the tiny random umT5, safetensors) and tokenizer/."""
     _encoder(0).save_pretrained(root / "text_encoder")
     _tokenizer(root / "tokenizer")
     return root
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory) -> Path:
+    return make_pipeline_root(tmp_path_factory.mktemp("wan_diffusers"))
 
 
 @pytest.fixture(scope="module")

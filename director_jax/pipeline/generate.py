@@ -42,7 +42,7 @@ from director_jax.errors import GenerateError, UserError
 from director_jax.io_utils import LockHeldError, atomic_write_text, exclusive_lock, publish_together, recover_file_set
 from director_jax.models.timeline import place_given_frames
 from director_jax.parallel.mesh import inference_mesh
-from director_jax.parallel.rules import MeshContext, rules_from_config
+from director_jax.parallel.rules import MeshContext, param_shardings, rules_from_config
 from director_jax.pipeline.codec import jitted_codec
 from director_jax.pipeline.gen import generate_video
 from director_jax.pipeline.request import Plan, Request, check_checkpoint, plan
@@ -54,7 +54,7 @@ from director_jax.video_io import check_finite, contact_sheet, write_mp4
 log = logging.getLogger(__name__)
 
 
-def _text(req: Request, p: Plan):
+def _text(req: Request, p: Plan, placement: InferencePlacement):
     cfg = req.config
     if not cfg.text.conditioning:
         if p.caption:
@@ -76,8 +76,10 @@ def _text(req: Request, p: Plan):
                 raise ValueError(f"the encoder gives {width}-wide embeddings, the model reads "
                                  f"model.text_dim={int(cfg.model.text_dim)}: pass the umT5 encoder the model was "
                                  "trained with.")
+            mesh = placement.mesh  # on a mesh the encoder is sharded like the DiT (umT5-XXL is 11 GB in bfloat16)
             encoder = JaxTextEncoder(req.text_encoder, dtype=req.text_dtype, max_length=int(cfg.text.max_length),
-                                     tokenizer=req.tokenizer)
+                                     tokenizer=req.tokenizer, shardings=None if mesh is None else (
+                                         lambda abstract: param_shardings(abstract, mesh, rules_from_config(cfg))))
         except (FileNotFoundError, ValueError) as e:
             raise GenerateError(f"--text_encoder: {_one_line(e)}") from None
     try:
@@ -100,7 +102,7 @@ def generate(req: Request) -> dict:
         check_checkpoint(req.sr_ckpt, None, "--sr_ckpt")
     if not req.allow_config_mismatch:
         _check_configs(req)
-    text = _text(req, p)
+    text = _text(req, p, placement)
     with output_lock(req.out):
         return _generate(req, p, text, placement)
 
