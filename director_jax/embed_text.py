@@ -10,7 +10,8 @@ also embeds every multi-shot sample's shot-range captions (the captions of windo
 of its shots), so ``--captions curated/manifest.jsonl`` fills all that ``python -m director_jax.shards
 --text_cache`` needs. The cache (layout and reader: ``director_jax.data.text_embeddings``)
 is read by training, ``generate`` and ``evaluate`` with no PyTorch. Needs the packages of
-``requirements-test.txt`` (torch, transformers).
+``requirements-test.txt`` (torch, transformers), or ``--backend jax``: the umT5 encoder in JAX (no PyTorch;
+also reads an official Wan release's ``models_t5_umt5-xxl-enc-bf16.pth``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ _MAX_LENGTH = flags.DEFINE_integer("max_length", DEFAULT_MAX_LENGTH, "Tokens per
 _EMPTY_CAPTION = flags.DEFINE_bool("empty_caption", True,
                                    "Also embed the empty caption (the dropped caption and the negative prompt).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over the captions.")
+_BACKEND = flags.DEFINE_enum("backend", "torch", ["torch", "jax"],
+                             "torch: transformers' UMT5EncoderModel; jax: the umT5 encoder in JAX (no PyTorch, "
+                             "official Wan releases too; its entries in their own folder of the cache).")
 
 
 def main(argv: list[str]) -> None:
@@ -50,7 +54,7 @@ def main(argv: list[str]) -> None:
         summary = embed_caption_files(_CAPTIONS.value, _CACHE.value, _CHECKPOINT.value, tokenizer=_TOKENIZER.value,
                                       dtype=_DTYPE.value, device=_DEVICE.value, max_length=_MAX_LENGTH.value,
                                       batch_size=_BATCH_SIZE.value, empty_caption=_EMPTY_CAPTION.value,
-                                      progress=_PROGRESS.value)
+                                      progress=_PROGRESS.value, backend=_BACKEND.value)
     except (OSError, ValueError) as e:  # unreadable or malformed caption files, a wrong checkpoint, bad settings
         raise cli.UserError(str(e)) from e
     print(summary.describe())

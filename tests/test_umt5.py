@@ -192,3 +192,26 @@ def test_abstract_config_matches_transformers_parameter_count(pipeline_root):
     ours = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model)))
     theirs = sum(p.numel() for p in _encoder(0).parameters())
     assert ours == theirs
+
+
+def test_embed_text_with_the_jax_backend_writes_the_same_cache(pipeline_root, official_root, tmp_path):
+    """``embed_text --backend jax``: entries equal the PyTorch writer's (float32, 1e-5), in a folder of their own;
+    from the official layout too (no PyTorch on that path)."""
+    from director_jax.curation.text_embeddings import embed_caption_files
+    from director_jax.data.text_embeddings import load_text_embeddings
+
+    captions = tmp_path / "captions.jsonl"  # one JSON object a line: the second caption holds a newline
+    captions.write_text("".join(json.dumps({"caption": c}) + "\n" for c in CAPTIONS[:2]))
+    kw = dict(dtype="float32", max_length=MAX_LEN, progress=False)
+    torch_summary = embed_caption_files([captions], tmp_path / "torch", pipeline_root, device="cpu", **kw)
+    jax_summary = embed_caption_files([captions], tmp_path / "jax", pipeline_root, backend="jax", **kw)
+    assert jax_summary.fingerprint != torch_summary.fingerprint and jax_summary.computed == 3  # 2 + the empty one
+    wanted = [*CAPTIONS[:2], ""]
+    want, want_mask = load_text_embeddings(tmp_path / "torch", wanted, max_length=MAX_LEN)
+    got, got_mask = load_text_embeddings(tmp_path / "jax", wanted, max_length=MAX_LEN)
+    np.testing.assert_array_equal(got_mask, want_mask)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    again = embed_caption_files([captions], tmp_path / "jax", pipeline_root, backend="jax", **kw)
+    assert again.computed == 0 and again.cached == 3
+    official = embed_caption_files([captions], tmp_path / "official", official_root, backend="jax", **kw)
+    assert official.computed == 3 and official.fingerprint != jax_summary.fingerprint

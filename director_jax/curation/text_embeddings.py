@@ -382,9 +382,15 @@ def read_captions(path: str | os.PathLike) -> list[str]:
 def embed_caption_files(caption_files: Sequence[str | os.PathLike], cache_dir: str | os.PathLike,
                         checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                         dtype: str = "bfloat16", device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                        batch_size: int = 8, empty_caption: bool = True, progress: bool = True) -> CacheSummary:
+                        batch_size: int = 8, empty_caption: bool = True, progress: bool = True,
+                        backend: str = "torch") -> CacheSummary:
     """The command's work: read the caption files (plus the empty caption), check the settings, then
-    load the encoder and compute what the cache lacks. Bad files or settings raise before any model loads."""
+    load the encoder and compute what the cache lacks. Bad files or settings raise before any model loads.
+
+    ``backend``: "torch" (transformers' ``UMT5EncoderModel``) or "jax" (``curation.text_cache_jax``: no
+    PyTorch; official Wan releases too; its entries in their own folder of the cache)."""
+    if backend not in ("torch", "jax"):
+        raise ValueError(f"backend {backend!r}: choose torch or jax.")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}.")
     if dtype not in DTYPES:
@@ -395,6 +401,11 @@ def embed_caption_files(caption_files: Sequence[str | os.PathLike], cache_dir: s
     if empty_caption:
         captions.append("")
     _check_cache_root(Path(cache_dir))
+    if backend == "jax":
+        from director_jax.curation.text_cache_jax import JaxCacheEncoder
+
+        jax_encoder = JaxCacheEncoder(checkpoint, dtype=dtype, max_length=max_length, tokenizer=tokenizer)
+        return compute_text_embeddings(captions, cache_dir, jax_encoder, batch_size=batch_size, progress=progress)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # this process's own bar is the one that counts captions
