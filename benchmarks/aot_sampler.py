@@ -35,15 +35,16 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench_common, also when this file is loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bench  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-GIB = 2**30
 CONFIGS = {"1_3b": "configs/gen_1_3b.py", "14b": "configs/gen_14b.py", "tiny": "configs/gen_tiny.py"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 COLUMNS = ("model", "size", "frames", "tokens", "topology", "mesh", "dtype", "CFG batch", "attention", "args GiB",
@@ -305,14 +306,6 @@ def run_one(model: str, size: str, topology: str, mesh: str, dtype: str, batch: 
     return {"model": model, "size": size, **result}
 
 
-_OOM_RE = re.compile(r"RESOURCE_EXHAUSTED: Allocation \(size=(\d+)\) would exceed memory \(size=(\d+)\)"
-                     r"(?:.*?shape: ([a-z0-9]+\[[0-9,]+\]))?")
-
-
-def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / GIB:.2f}"
-
-
 def table_row(r: dict) -> str:
     mesh = format_mesh(r["mesh"]) if r.get("mesh") else r.get("mesh_spec", "-")
     frames = f"{r['height']}x{r['width']} x {r['frames']}" if "height" in r else r.get("size", "-")
@@ -320,22 +313,15 @@ def table_row(r: dict) -> str:
             r.get("dtype", "-"), str(r.get("cfg_batch", "-")), str(r.get("attention", r.get("attention_flag", "-")))]
     gflop = "-" if r.get("gflop_per_step") is None else f"{r['gflop_per_step']:,.0f}"
     if r.get("status") != "ok":
-        m = _OOM_RE.search(r.get("note", ""))
-        hbm = _gib(int(m.group(2))) if m else "-"
-        note = (f"**NO**: XLA refused one buffer, {m.group(3) or 'size'} = {_gib(int(m.group(1)))} GiB > {hbm} GiB"
-                if m else r.get("note", r.get("status", "failed")))
+        m = bench.XLA_OOM_RE.search(r.get("note", ""))
+        hbm = bench.fmt_gib(int(m.group(2))) if m else "-"
+        note = (f"**NO**: XLA refused one buffer, {m.group(3) or 'size'} = {bench.fmt_gib(int(m.group(1)))} GiB "
+                f"> {hbm} GiB" if m else r.get("note", r.get("status", "failed")))
         wall = f"refused after {r['wall_seconds']:.0f} s wall" if m and "wall_seconds" in r else "-"
         return "| " + " | ".join(head + ["-", "-", "-", hbm, note, gflop, "-", wall]) + " |"
-    fits = "yes" if r["fits"] else "**NO**"
-    if r["hbm_bytes"]:
-        fits += f" ({100 * r['total_bytes'] / r['hbm_bytes']:.0f}%)"
-    cells = head + [_gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["total_bytes"]), _gib(r["hbm_bytes"]),
-                    fits, gflop, f"{r['xla_flops_per_chip'] / 1e9:,.0f}", f"{r['compile_seconds']:.0f}"]
+    cells = head + bench.memory_cells(r) + [gflop, f"{r['xla_flops_per_chip'] / 1e9:,.0f}",
+                                            f"{r['compile_seconds']:.0f}"]
     return "| " + " | ".join(cells) + " |"
-
-
-def table_header() -> str:
-    return "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
 
 
 def main() -> int:
@@ -352,77 +338,42 @@ def main() -> int:
     p.add_argument("--attention", default="config",
                    help="comma-separated attention_impl values: config (the config's), pallas, splash, xla, ...")
     p.add_argument("--keyframes", default="", help="keyframe frame indices, e.g. 0,40,80 (default first,middle,last)")
-    p.add_argument("--out", default="aot_sampler.jsonl", help="JSON lines are appended here as cases complete")
-    p.add_argument("--timeout_min", type=float, default=25.0, help="kill a case's compile after this many minutes")
-    p.add_argument("--one", action="store_true", help="(internal) compile one case in this process")
-    p.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of these result files")
+    bench.add_output_args(p, out="aot_sampler.jsonl", timeout_min=25.0)
+    bench.add_mode_args(p)
     args = p.parse_args()
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     if args.table:
-        print(table_header())
-        for path in args.table:
-            for line in Path(path).read_text().splitlines():
-                if line.strip():
-                    print(table_row(json.loads(line)))
+        bench.print_jsonl_table(args.table, COLUMNS, table_row)
         return 0
-    models, sizes, topologies = split(args.models), split(args.sizes), split(args.topologies)
+    models, sizes = bench.split_list(args.models), bench.split_list(args.sizes)
+    topologies = bench.split_list(args.topologies)
     meshes = args.mesh or ["fsdp=-1"]
-    attentions = split(args.attention)
-    for m in models:
-        if m not in CONFIGS:
-            p.error(f"unknown model {m!r}; choose from {', '.join(CONFIGS)}")
-    for s in sizes:
-        if s not in SIZES:
-            p.error(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    attentions = bench.split_list(args.attention)
+    bench.check_choices(p, "model", models, CONFIGS)
+    bench.check_choices(p, "size", sizes, SIZES)
     for spec in meshes:
         try:
             parse_mesh(spec)
         except ValueError as e:
             p.error(str(e))
-    keyframes = [int(k) for k in split(args.keyframes)] or None
+    keyframes = [int(k) for k in bench.split_list(args.keyframes)] or None
 
     if args.one:
         attention = None if attentions[0] == "config" else attentions[0]
-        result = run_one(models[0], sizes[0], topologies[0], meshes[0], args.dtype, args.cfg_batch, attention,
-                         keyframes)
-        print("RESULT " + json.dumps(result), flush=True)
+        bench.emit_result(run_one(models[0], sizes[0], topologies[0], meshes[0], args.dtype, args.cfg_batch,
+                                  attention, keyframes))
         return 0
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(table_header(), flush=True)
-    failures = 0
-    for model, size, topology, mesh, attention in itertools.product(models, sizes, topologies, meshes, attentions):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--models", model, "--sizes", size,
-               "--topologies", topology, "--mesh", mesh, "--dtype", args.dtype, "--cfg_batch", str(args.cfg_batch),
-               "--attention", attention, "--keyframes", args.keyframes]
-        base = {"model": model, "size": size, "topology": topology, "mesh_spec": mesh, "dtype": args.dtype,
-                "cfg_batch": args.cfg_batch, "attention_flag": attention}
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout_min * 60)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            info = [json.loads(ln[len("INFO "):]) for ln in proc.stdout.splitlines() if ln.startswith("INFO ")]
-            if proc.returncode == 0 and lines:
-                result = json.loads(lines[-1][len("RESULT "):])
-            else:
-                tail = proc.stderr.strip().splitlines() or ["no output"]
-                oom = _OOM_RE.search(proc.stderr)
-                err = oom.group(0) if oom else tail[-1][:300]
-                result = {**base, **(info[-1] if info else {}), "status": "error",
-                          "note": f"failed (rc {proc.returncode}): {err}"}
-        except subprocess.TimeoutExpired as e:
-            text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            info = [json.loads(ln[len("INFO "):]) for ln in text.splitlines() if ln.startswith("INFO ")]
-            result = {**base, **(info[-1] if info else {}), "status": "timeout",
-                      "note": f"compile did not finish in {args.timeout_min:g} min on this {os.cpu_count()}-core "
-                              "machine"}
-        result["wall_seconds"] = time.perf_counter() - t0
-        failures += result["status"] != "ok"
-        with out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(table_row(result), flush=True)
-    return 1 if failures else 0
+    def cases():
+        for model, size, topology, mesh, attention in itertools.product(models, sizes, topologies, meshes, attentions):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--models", model, "--sizes", size,
+                   "--topologies", topology, "--mesh", mesh, "--dtype", args.dtype, "--cfg_batch",
+                   str(args.cfg_batch), "--attention", attention, "--keyframes", args.keyframes]
+            yield cmd, {"model": model, "size": size, "topology": topology, "mesh_spec": mesh, "dtype": args.dtype,
+                        "cfg_batch": args.cfg_batch, "attention_flag": attention}
+
+    # A failed compile's note quotes the TPU compiler's refusal of a too-large buffer, which table_row reads back.
+    return bench.run_cases(cases(), args.out, COLUMNS, table_row, timeout_min=args.timeout_min,
+                           error_pattern=bench.XLA_OOM_RE)
 
 
 if __name__ == "__main__":

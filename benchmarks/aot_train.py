@@ -16,13 +16,14 @@ import itertools
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # bench_common, also when this file is loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bench  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-GIB = 2**30
 CONFIGS = {"1_3b": "configs/gen_1_3b.py", "14b": "configs/gen_14b.py"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 BASELINE_NOTE = ("baseline (maxdiffusion): Wan2.1 14B at 720p x 81 frames, global batch 1, trained on a v5p-8 "
@@ -96,14 +97,10 @@ def run_one(model: str, size: str, topology: str, remat: str, attention: str = "
     }
 
 
-_OOM_RE = re.compile(r"RESOURCE_EXHAUSTED: Allocation \(size=(\d+)\) would exceed memory \(size=(\d+)\)"
-                     r"(?:.*?shape: ([a-z0-9]+\[[0-9,]+\]))?")
-
-
 def parse_failure(text: str) -> dict:
     """What a failed compile's error says: the TPU compiler refuses a single buffer larger than HBM
     (``xla_tpu_no_crash_on_oom`` does not cover that), which is a "does not fit" result, not a crash."""
-    m = _OOM_RE.search(text)
+    m = bench.XLA_OOM_RE.search(text)
     if m is None:
         return {}
     out = {"status": "no_fit", "largest_buffer_bytes": int(m.group(1)), "hbm_limit_bytes": int(m.group(2)),
@@ -129,10 +126,6 @@ def analytic(model: str, size: str) -> dict:
             "analytic_tflop_per_step": None if flops is None else flops * int(cfg.train.batch_size) / 1e12}
 
 
-def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / GIB:.2f}"
-
-
 def table_row(r: dict) -> str:
     """One markdown table row of a result (finished or not)."""
     if r.get("status") == "error":
@@ -147,23 +140,15 @@ def table_row(r: dict) -> str:
     if r.get("status") == "no_fit":
         tflop = "-" if r.get("analytic_tflop_per_step") is None else f"{r['analytic_tflop_per_step']:.1f}"
         shape = r.get("largest_buffer_shape") or "one buffer"
-        note = (f"**NO**: XLA refused one buffer, {shape} = {_gib(r['largest_buffer_bytes'])} GiB "
-                f"> {_gib(r['hbm_limit_bytes'])} GiB")
+        note = (f"**NO**: XLA refused one buffer, {shape} = {bench.fmt_gib(r['largest_buffer_bytes'])} GiB "
+                f"> {bench.fmt_gib(r['hbm_limit_bytes'])} GiB")
         wall = f"refused after {r['wall_seconds']:.0f} s wall" if "wall_seconds" in r else "-"
-        return "| " + " | ".join(head + ["-", "-", "-", _gib(r["hbm_limit_bytes"]), note, tflop, wall]) + " |"
+        return "| " + " | ".join(head + ["-", "-", "-", bench.fmt_gib(r["hbm_limit_bytes"]), note, tflop, wall]) + " |"
     if r.get("status") != "ok":
         return "| " + " | ".join(head + ["-"] * 6 + [r.get("note", r.get("status", "failed"))]) + " |"
-    fits = "yes" if r["fits"] else "**NO**"
-    if r["hbm_bytes"]:
-        fits += f" ({100 * r['total_bytes'] / r['hbm_bytes']:.0f}%)"
     tflop = "-" if r["analytic_tflop_per_step"] is None else f"{r['analytic_tflop_per_step']:.1f}"
-    cells = head + [_gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["total_bytes"]), _gib(r["hbm_bytes"]),
-                    fits, tflop, f"{r['compile_seconds']:.0f}"]
+    cells = head + bench.memory_cells(r) + [tflop, f"{r['compile_seconds']:.0f}"]
     return "| " + " | ".join(cells) + " |"
-
-
-def table_header() -> str:
-    return "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
 
 
 def main() -> int:
@@ -175,74 +160,43 @@ def main() -> int:
     p.add_argument("--attention", default="xla", help="attention_impl: xla, pallas, splash, blockwise, auto")
     p.add_argument("--sequence-parallel", default=None, help="ulysses, ring or auto (needs --mesh sequence=N)")
     p.add_argument("--mesh", default="", help="mesh sizes, e.g. fsdp=2,sequence=2 (default: the config's)")
-    p.add_argument("--out", default="aot_train.jsonl", help="JSON lines are appended here as cases complete")
-    p.add_argument("--timeout_min", type=float, default=12.0, help="kill a case's compile after this many minutes")
+    bench.add_output_args(p, out="aot_train.jsonl", timeout_min=12.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.timelines=per_example (repeatable)")
-    p.add_argument("--one", action="store_true", help="(internal) compile one case in this process")
-    p.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of these result files")
+    bench.add_mode_args(p)
     args = p.parse_args()
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    models, sizes, topologies, remats = split(args.models), split(args.sizes), split(args.topologies), split(args.remat)
-    for m in models:
-        if m not in CONFIGS:
-            p.error(f"unknown model {m!r}; choose from {', '.join(CONFIGS)}")
-    for s in sizes:
-        if s not in SIZES:
-            p.error(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    models, sizes = bench.split_list(args.models), bench.split_list(args.sizes)
+    topologies, remats = bench.split_list(args.topologies), bench.split_list(args.remat)
+    bench.check_choices(p, "model", models, CONFIGS)
+    bench.check_choices(p, "size", sizes, SIZES)
 
     if args.table:
-        print(table_header())
-        for path in args.table:
-            for line in Path(path).read_text().splitlines():
-                if line.strip():
-                    print(table_row(json.loads(line)))
+        bench.print_jsonl_table(args.table, COLUMNS, table_row)
         return 0
-    mesh = {k: int(v) for k, v in (item.split("=") for item in split(args.mesh))}
+    mesh = {k: int(v) for k, v in (item.split("=") for item in bench.split_list(args.mesh))}
     if args.one:
-        result = run_one(models[0], sizes[0], topologies[0], remats[0], args.attention, args.sequence_parallel, mesh,
-                         args.set)
-        print("RESULT " + json.dumps(result), flush=True)
+        bench.emit_result(run_one(models[0], sizes[0], topologies[0], remats[0], args.attention,
+                                  args.sequence_parallel, mesh, args.set))
         return 0
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(table_header(), flush=True)
-    failures = 0
-    for model, size, topology, remat in itertools.product(models, sizes, topologies, remats):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--models", model, "--sizes", size,
-               "--topologies", topology, "--remat", remat, "--attention", args.attention, "--mesh", args.mesh]
-        if args.sequence_parallel:
-            cmd += ["--sequence-parallel", args.sequence_parallel]
-        for item in args.set:
-            cmd += ["--set", item]
-        t0 = time.perf_counter()
-        base = {"model": model, "size": size, "topology": topology, "remat": remat, "attention": args.attention,
-                "sequence_parallel": args.sequence_parallel}
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout_min * 60)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            info = [json.loads(ln[len("INFO "):]) for ln in proc.stdout.splitlines() if ln.startswith("INFO ")]
-            if proc.returncode == 0 and lines:
-                result = json.loads(lines[-1][len("RESULT "):])
-            else:
-                err = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-                result = {**base, **(info[-1] if info else {}), "status": "error",
-                          "note": f"failed (rc {proc.returncode}): {err}", **parse_failure(proc.stderr)}
-        except subprocess.TimeoutExpired as e:
-            out_text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            info = [json.loads(ln[len("INFO "):]) for ln in out_text.splitlines() if ln.startswith("INFO ")]
-            result = {**base, **(info[-1] if info else {}), "status": "timeout",
-                      "note": f"compile did not finish in {args.timeout_min:g} min on this {os.cpu_count()}-core "
-                              "machine"}
-        result["wall_seconds"] = time.perf_counter() - t0
-        failures += result["status"] != "ok"
-        with out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(table_row(result), flush=True)
-        if model == "14b" and size == "720p" and topology.startswith("v5p:2x2x1"):
-            print(f"  ^ {BASELINE_NOTE}", flush=True)
-    return 1 if failures else 0
+    def cases():
+        for model, size, topology, remat in itertools.product(models, sizes, topologies, remats):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--models", model, "--sizes", size,
+                   "--topologies", topology, "--remat", remat, "--attention", args.attention, "--mesh", args.mesh]
+            if args.sequence_parallel:
+                cmd += ["--sequence-parallel", args.sequence_parallel]
+            for item in args.set:
+                cmd += ["--set", item]
+            yield cmd, {"model": model, "size": size, "topology": topology, "remat": remat,
+                        "attention": args.attention, "sequence_parallel": args.sequence_parallel}
+
+    def baseline(case: dict) -> str | None:
+        if case["model"] == "14b" and case["size"] == "720p" and case["topology"].startswith("v5p:2x2x1"):
+            return f"  ^ {BASELINE_NOTE}"
+        return None
+
+    return bench.run_cases(cases(), args.out, COLUMNS, table_row, timeout_min=args.timeout_min,
+                           parse_failure=parse_failure, footnote=baseline)
 
 
 if __name__ == "__main__":

@@ -76,9 +76,9 @@ SIZES = {
     # its latent grid (17 frames at 32x32 with the tiny 4x VAE = 5 x 8 x 8 latents = 64x64 pixels at Wan's 8x).
     "tiny": Size(heads=2, head_dim=32, layers=2, ffn=128, text_dim=32, text_len=64, freq_dim=64, frames=17,
                  height=64, width=64),
-    # dim 512, 6 layers, Wan's text width and length (umT5: 4096 x 512), 33 frames at 128x128 -> 9 x 16 x 16
+    # dim 512, 8 layers, Wan's text width and length (umT5: 4096 x 512), 33 frames at 128x128 -> 9 x 16 x 16
     # latents -> 576 video tokens.
-    "mid": Size(heads=4, head_dim=128, layers=6, ffn=2048, text_dim=4096, text_len=512, freq_dim=256, frames=33,
+    "mid": Size(heads=4, head_dim=128, layers=8, ffn=2048, text_dim=4096, text_len=512, freq_dim=256, frames=33,
                 height=128, width=128),
 }
 
@@ -218,7 +218,8 @@ def check(res: dict) -> str:
             f"{', '.join(f'{k} {v}' for k, v in finite.items())}")
     if "twin_out" in res:
         d = float(np.max(np.abs(res["jax_out"] - res["twin_out"])))
-        line += f"; JAX vs TorchDirectorPipeline max abs diff {d:.1e} (max abs latent {np.max(np.abs(res['jax_out'])):.3g})"
+        scale = float(np.max(np.abs(res["jax_out"])))
+        line += f"; JAX vs TorchDirectorPipeline max abs diff {d:.1e} (max abs latent {scale:.3g})"
     res["ok"] = ok
     return line
 
