@@ -19,6 +19,7 @@ from __future__ import annotations
 from absl import flags
 
 from director_jax import cli
+from director_jax.curation.text_cache_jax import embed_caption_files_jax
 from director_jax.curation.text_embeddings import embed_caption_files
 from director_jax.data.text_embeddings import DEFAULT_MAX_LENGTH, DTYPES
 
@@ -50,11 +51,14 @@ def main(argv: list[str]) -> None:
             raise cli.UserError(f"--{flag} is required (see --helpshort).")
     if not _CAPTIONS.value:
         raise cli.UserError("--captions is required: a .txt or .jsonl caption file (repeatable).")
+    common = dict(tokenizer=_TOKENIZER.value, dtype=_DTYPE.value, max_length=_MAX_LENGTH.value,
+                  batch_size=_BATCH_SIZE.value, empty_caption=_EMPTY_CAPTION.value, progress=_PROGRESS.value)
     try:
-        summary = embed_caption_files(_CAPTIONS.value, _CACHE.value, _CHECKPOINT.value, tokenizer=_TOKENIZER.value,
-                                      dtype=_DTYPE.value, device=_DEVICE.value, max_length=_MAX_LENGTH.value,
-                                      batch_size=_BATCH_SIZE.value, empty_caption=_EMPTY_CAPTION.value,
-                                      progress=_PROGRESS.value, backend=_BACKEND.value)
+        if _BACKEND.value == "jax":
+            summary = embed_caption_files_jax(_CAPTIONS.value, _CACHE.value, _CHECKPOINT.value, **common)
+        else:
+            summary = embed_caption_files(_CAPTIONS.value, _CACHE.value, _CHECKPOINT.value, device=_DEVICE.value,
+                                          **common)
     except (OSError, ValueError) as e:  # unreadable or malformed caption files, a wrong checkpoint, bad settings
         raise cli.UserError(str(e)) from e
     print(summary.describe())

@@ -197,6 +197,7 @@ def test_abstract_config_matches_transformers_parameter_count(pipeline_root):
 def test_embed_text_with_the_jax_backend_writes_the_same_cache(pipeline_root, official_root, tmp_path):
     """``embed_text --backend jax``: entries equal the PyTorch writer's (float32, 1e-5), in a folder of their own;
     from the official layout too (no PyTorch on that path)."""
+    from director_jax.curation.text_cache_jax import embed_caption_files_jax
     from director_jax.curation.text_embeddings import embed_caption_files
     from director_jax.data.text_embeddings import load_text_embeddings
 
@@ -204,14 +205,14 @@ def test_embed_text_with_the_jax_backend_writes_the_same_cache(pipeline_root, of
     captions.write_text("".join(json.dumps({"caption": c}) + "\n" for c in CAPTIONS[:2]))
     kw = dict(dtype="float32", max_length=MAX_LEN, progress=False)
     torch_summary = embed_caption_files([captions], tmp_path / "torch", pipeline_root, device="cpu", **kw)
-    jax_summary = embed_caption_files([captions], tmp_path / "jax", pipeline_root, backend="jax", **kw)
+    jax_summary = embed_caption_files_jax([captions], tmp_path / "jax", pipeline_root, **kw)
     assert jax_summary.fingerprint != torch_summary.fingerprint and jax_summary.computed == 3  # 2 + the empty one
     wanted = [*CAPTIONS[:2], ""]
     want, want_mask = load_text_embeddings(tmp_path / "torch", wanted, max_length=MAX_LEN)
     got, got_mask = load_text_embeddings(tmp_path / "jax", wanted, max_length=MAX_LEN)
     np.testing.assert_array_equal(got_mask, want_mask)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    again = embed_caption_files([captions], tmp_path / "jax", pipeline_root, backend="jax", **kw)
+    again = embed_caption_files_jax([captions], tmp_path / "jax", pipeline_root, **kw)
     assert again.computed == 0 and again.cached == 3
-    official = embed_caption_files([captions], tmp_path / "official", official_root, backend="jax", **kw)
+    official = embed_caption_files_jax([captions], tmp_path / "official", official_root, **kw)
     assert official.computed == 3 and official.fingerprint != jax_summary.fingerprint

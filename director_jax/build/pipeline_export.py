@@ -36,9 +36,9 @@ from director_jax.build.reuse import read_run_for_export, recorded_run_config
 from director_jax.convert.dit import export_transformer
 from director_jax.convert.state_dict import EXPORT_DTYPES
 from director_jax.convert.vae import export_vae
+from director_jax.diffusion.diffusers_schedulers import scheduler_config
 from director_jax.errors import UserError
 from director_jax.models.vae import WanVAE
-from director_jax.pytorch.pipeline import scheduler_config
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers this export is tested with (requirements-test.txt)
 TRANSFORMER_CLASS = ["director_jax.pytorch.modules", "DirectorWanTransformer3DModel"]

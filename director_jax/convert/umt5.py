@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from director_jax.convert.lazy import open_safetensors
+from director_jax.convert.pth import load_pth
 from director_jax.models.umt5 import LAYER_PARAMS, UMT5Config, UMT5Encoder
 
 OFFICIAL_GLOB = "models_t5_*.pth"
@@ -152,9 +154,6 @@ class _Tensors:
 
 
 def _open(path: Path, layout: str) -> dict[str, Any]:
-    from director_jax.convert.lazy import open_safetensors
-    from director_jax.convert.pth import load_pth
-
     if path.is_dir():
         path = _hf_weights_file(path)
     if path.name.endswith((".safetensors", ".safetensors.index.json")):

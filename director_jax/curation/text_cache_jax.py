@@ -18,8 +18,17 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from director_jax.curation.text_embeddings import _dir_digests, cleaning_description, file_digest, fingerprint_of
-from director_jax.data.text_embeddings import FORMAT_VERSION
+from director_jax.curation.text_embeddings import (
+    CacheSummary,
+    _dir_digests,
+    embed_caption_files,
+    file_digest,
+    fingerprint_of,
+)
+from director_jax.data.prompts import cleaning_description, prompt_clean
+from director_jax.data.text_embeddings import DEFAULT_MAX_LENGTH, FORMAT_VERSION
+from director_jax.parallel.rules import param_shardings
+from director_jax.pipeline.text_encoder import JaxTextEncoder
 
 
 def _digests(path: Path) -> set[str]:
@@ -29,11 +38,8 @@ def _digests(path: Path) -> set[str]:
 class JaxCacheEncoder:
     """``JaxTextEncoder`` as ``compute_text_embeddings`` writes with it: trimmed entries and a fingerprint."""
 
-    def __init__(self, checkpoint: str | os.PathLike, *, dtype: str = "bfloat16", max_length: int = 512,
+    def __init__(self, checkpoint: str | os.PathLike, *, dtype: str = "bfloat16", max_length: int = DEFAULT_MAX_LENGTH,
                  tokenizer: str | os.PathLike | None = None, mesh: jax.sharding.Mesh | None = None):
-        from director_jax.parallel.rules import param_shardings
-        from director_jax.pipeline.text_encoder import JaxTextEncoder
-
         shardings = None if mesh is None else (lambda abstract: param_shardings(abstract, mesh))
         self.encoder = JaxTextEncoder(checkpoint, dtype=dtype, max_length=max_length, tokenizer=tokenizer,
                                       shardings=shardings)
@@ -48,8 +54,6 @@ class JaxCacheEncoder:
 
     def encode(self, captions: Sequence[str]) -> tuple[list[np.ndarray], list[int]]:
         """Trimmed ``(L_i, D)`` embeddings (float32 or bfloat16) and untruncated token counts."""
-        from director_jax.curation.text_embeddings import prompt_clean
-
         counts = self.encoder.tokenizer.token_counts([prompt_clean(c) for c in captions])
         padded, mask = self.encoder.encode(captions)
         self.forward_calls += 1
@@ -63,3 +67,16 @@ class JaxCacheEncoder:
                 "max_length": self.max_length, "checkpoint": str(files.weights), "layout": files.layout,
                 "tokenizer_dir": str(files.tokenizer_dir), "identity": self.identity,
                 "written_with": {"jax": jax.__version__, "backend": "jax", "device": jax.devices()[0].device_kind}}
+
+
+def embed_caption_files_jax(caption_files: Sequence[str | os.PathLike], cache_dir: str | os.PathLike,
+                            checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+                            dtype: str = "bfloat16", max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
+                            empty_caption: bool = True, progress: bool = True,
+                            mesh: jax.sharding.Mesh | None = None) -> CacheSummary:
+    """``embed_caption_files`` with this encoder: the same checks before any model loads, the same cache."""
+    return embed_caption_files(
+        caption_files, cache_dir, checkpoint, dtype=dtype, max_length=max_length, batch_size=batch_size,
+        empty_caption=empty_caption, progress=progress,
+        make_encoder=lambda: JaxCacheEncoder(checkpoint, dtype=dtype, max_length=max_length, tokenizer=tokenizer,
+                                             mesh=mesh))

@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import html
-import importlib.metadata
-import importlib.util
 import json
 import os
-import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from director_jax.data.captions import shot_range_captions
+from director_jax.data.prompts import CaptionTruncatedWarning, cleaning_description, prompt_clean
 from director_jax.data.text_embeddings import (
     DEFAULT_MAX_LENGTH,
     DTYPES,
@@ -57,36 +55,6 @@ from director_jax.io_utils import atomic_write, atomic_write_text
 
 _FULL_HASH_BYTES = 64 * 1024**2
 _SAMPLES, _SAMPLE_BYTES = 16, 1024**2
-
-
-class CaptionTruncatedWarning(UserWarning):
-    """A caption had more tokens than ``max_length`` and was truncated."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompt cleaning (diffusers' pipeline_wan.prompt_clean)
-
-
-def _ftfy_version() -> str | None:
-    if importlib.util.find_spec("ftfy") is None:
-        return None
-    return importlib.metadata.version("ftfy")
-
-
-def prompt_clean(text: str) -> str:
-    """diffusers' Wan ``prompt_clean``: ftfy (when installed), html-unescape twice, collapse whitespace."""
-    if _ftfy_version() is not None:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def cleaning_description() -> str:
-    version = _ftfy_version()
-    ftfy = f"ftfy {version}" if version else "no ftfy"
-    return f"wan prompt_clean ({ftfy}; html.unescape x2; whitespace collapsed)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,14 +351,12 @@ def embed_caption_files(caption_files: Sequence[str | os.PathLike], cache_dir: s
                         checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                         dtype: str = "bfloat16", device: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
                         batch_size: int = 8, empty_caption: bool = True, progress: bool = True,
-                        backend: str = "torch") -> CacheSummary:
+                        make_encoder: Callable[[], Any] | None = None) -> CacheSummary:
     """The command's work: read the caption files (plus the empty caption), check the settings, then
     load the encoder and compute what the cache lacks. Bad files or settings raise before any model loads.
 
-    ``backend``: "torch" (transformers' ``UMT5EncoderModel``) or "jax" (``curation.text_cache_jax``: no
-    PyTorch; official Wan releases too; its entries in their own folder of the cache)."""
-    if backend not in ("torch", "jax"):
-        raise ValueError(f"backend {backend!r}: choose torch or jax.")
+    ``make_encoder``: builds another encoder with ``TextEncoder``'s cache interface (``curation.text_cache_jax``:
+    the umT5 encoder in JAX); default the PyTorch ``TextEncoder`` of ``checkpoint``."""
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}.")
     if dtype not in DTYPES:
@@ -401,11 +367,8 @@ def embed_caption_files(caption_files: Sequence[str | os.PathLike], cache_dir: s
     if empty_caption:
         captions.append("")
     _check_cache_root(Path(cache_dir))
-    if backend == "jax":
-        from director_jax.curation.text_cache_jax import JaxCacheEncoder
-
-        jax_encoder = JaxCacheEncoder(checkpoint, dtype=dtype, max_length=max_length, tokenizer=tokenizer)
-        return compute_text_embeddings(captions, cache_dir, jax_encoder, batch_size=batch_size, progress=progress)
+    if make_encoder is not None:
+        return compute_text_embeddings(captions, cache_dir, make_encoder(), batch_size=batch_size, progress=progress)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # this process's own bar is the one that counts captions

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from director_jax.convert.umt5 import TextEncoderFiles, describe, find_text_encoder, load_umt5
-from director_jax.curation.text_embeddings import CaptionTruncatedWarning, prompt_clean
+from director_jax.data.prompts import CaptionTruncatedWarning, prompt_clean
 from director_jax.data.text_embeddings import DEFAULT_MAX_LENGTH, short_caption
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from director_jax.diffusion.diffusers_schedulers import scheduler_config
 from director_jax.models.timeline import TimelineLayout
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -57,18 +58,6 @@ def _to_torch(x: Any, device: Any = None):
 
     t = x if torch.is_tensor(x) else torch.from_numpy(np.array(x, np.float32))
     return t.to(device=device, dtype=torch.float32).permute(0, 4, 1, 2, 3).contiguous()
-
-
-def scheduler_config(sampler: str, shift: float) -> dict[str, Any]:
-    """The diffusers scheduler config (``_class_name`` + arguments) of a JAX sampler: the same sigma table."""
-    if sampler == "euler":
-        return dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-                    shift=float(shift))
-    if sampler == "unipc":
-        return dict(_class_name="UniPCMultistepScheduler", num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-                    prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=float(shift), solver_order=2,
-                    solver_type="bh2", lower_order_final=True)
-    raise ValueError(f"unknown sampler {sampler!r}: use 'unipc' or 'euler'.")
 
 
 def _from_torch(x) -> np.ndarray:

@@ -29,6 +29,7 @@ from diffusers import DiffusionPipeline
 
 from director_jax.data.captions import format_multishot_caption
 from director_jax.data.degradations import bicubic_upsample
+from director_jax.data.prompts import prompt_clean
 from director_jax.models.timeline import Timeline, TimelineLayout, place_given_frames
 from director_jax.pipeline.media import read_image, resized, to_float
 from director_jax.pipeline.request import frame_of
@@ -89,8 +90,6 @@ class SmartDirectorPipeline(DiffusionPipeline):
     def _embed(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """umT5 embeddings as ``WanPipeline._get_t5_prompt_embeds`` makes them: (B, max_length, D) and masks."""
         import torch
-
-        from director_jax.curation.text_embeddings import prompt_clean
 
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("the model is text-conditioned and this pipeline has no text encoder: pass "
