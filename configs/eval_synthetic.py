@@ -43,8 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = "data"
     c.dtype = "float32"  # the model's weights and compute ("bfloat16" halves the memory; numbers move by rounding)
     # FVD: Kinetics-400 I3D logits of the first fvd_frames frames at fvd_size px (16 and 224 are the standard).
+    # FVD: Kinetics-400 I3D logits of the first fvd_frames frames at fvd_size px (16 and 224 are the standard), with a
+    # percentile bootstrap interval over fvd_bootstrap resamples and a warning below fvd_min_clips clips. Cuts:
+    # PySceneDetect's detector on the generated frames ("content" or "adaptive"; threshold 0: its default), a
+    # detection within cut_tolerance frames of a requested cut matches it.
     c.metrics = ml_collections.ConfigDict(dict(lpips_net="alexnet", fvd=True, fvd_frames=16, fvd_size=224,
-                                               fvd_layer="logits"))
+                                               fvd_layer="logits", fvd_bootstrap=200, fvd_min_clips=256,
+                                               cut_detector="content", cut_threshold=0.0, cut_tolerance=2))
     c.report = ml_collections.ConfigDict(dict(media_cases=6))
     c.max_suite_gib = 4.0  # host memory for the suite's clips (references + generated, float32); checked up front
     return c

@@ -100,27 +100,52 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, scale: in
     return atomic_write(path, write)
 
 
-def contact_sheet(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray]], marked: Sequence[int] = (),
-                  scale: int = 2, max_columns: int = 24) -> Path:
+# Cut marks on contact sheets: a shot asked to start on a frame (cyan, in the frame-number strip and the gap to the
+# frame's left through every row) and a cut found in one row's video (magenta, over that frame's left edge).
+CUT_MARK = (0, 255, 255)
+DETECTED_CUT_MARK = (255, 0, 255)
+
+
+def _sheet_columns(num_frames: int, max_columns: int, marks: Sequence[int]) -> list[int]:
+    """Evenly spaced frames plus every marked one; a cut also shows the frame before it (the shot it ends)."""
+    step = max(1, -(-num_frames // max_columns))
+    return sorted(set(range(0, num_frames, step)) | {m for m in marks if 0 <= m < num_frames})
+
+
+def contact_sheet(path: str | os.PathLike,
+                  rows: Sequence[tuple[str, np.ndarray] | tuple[str, np.ndarray, Sequence[int]]],
+                  marked: Sequence[int] = (), scale: int = 2, max_columns: int = 24,
+                  cuts: Sequence[int] = ()) -> Path:
     """A PNG grid: one row per labelled (T, H, W, 3) video, frames left to right.
 
     Frames listed in ``marked`` (keyframe positions) get a yellow border, so one can see at a
-    glance that keyframes sit on the exact frames asked for.
+    glance that keyframes sit on the exact frames asked for. ``cuts`` (frames that start a shot, as
+    asked) get a cyan bar above the first row and in the gap before the frame; a row given as
+    ``(label, video, row_cuts)`` gets a magenta bar on the left edge of each frame in ``row_cuts``
+    (the cuts found in that video), so asked and found cuts can be told apart. Every marked frame
+    and the frame before each cut is shown, whatever ``max_columns`` says.
     """
     from PIL import Image, ImageDraw
 
-    for label, video in rows:
+    for label, video, *_ in rows:
         check_finite(video, f"the {label!r} row of {path}")
     num_frames = rows[0][1].shape[0]
-    step = max(1, -(-num_frames // max_columns))
-    columns = sorted(set(range(0, num_frames, step)) | {m for m in marked if 0 <= m < num_frames})
+    row_cuts = [set(int(c) for c in row[2]) if len(row) > 2 else set() for row in rows]
+    cut_set = {int(c) for c in cuts}
+    all_cuts = cut_set.union(*row_cuts)
+    columns = _sheet_columns(num_frames, max_columns, [*marked, *all_cuts, *(c - 1 for c in all_cuts)])
     h, w = rows[0][1].shape[1] * scale, rows[0][1].shape[2] * scale
     label_w, pad = 110, 3
     sheet = Image.new("RGB", (label_w + len(columns) * (w + pad), 16 + len(rows) * (h + pad)), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     for ci, f in enumerate(columns):
-        draw.text((label_w + ci * (w + pad), 2), f"#{f}", fill=(255, 220, 0) if f in marked else (200, 200, 200))
-    for ri, (label, video) in enumerate(rows):
+        x = label_w + ci * (w + pad)
+        if f in cut_set:
+            draw.rectangle([x, 0, x + 3, 14], fill=CUT_MARK)
+            draw.rectangle([x - pad, 16, x - 2, sheet.height - 1], fill=CUT_MARK)
+        draw.text((x + (6 if f in cut_set else 0), 2), f"#{f}",
+                  fill=(255, 220, 0) if f in marked else (200, 200, 200))
+    for ri, (label, video, *_) in enumerate(rows):
         y = 16 + ri * (h + pad)
         draw.text((4, y + h // 2 - 6), label[:16], fill=(230, 230, 230))
         pixels = _upscale(to_uint8(video), scale)
@@ -129,4 +154,6 @@ def contact_sheet(path: str | os.PathLike, rows: Sequence[tuple[str, np.ndarray]
             sheet.paste(Image.fromarray(pixels[f]), (x, y))
             if f in marked:
                 draw.rectangle([x - 1, y - 1, x + w, y + h], outline=(255, 220, 0), width=2)
+            if f in row_cuts[ri]:
+                draw.rectangle([x, y, x + 3, y + h - 1], fill=DETECTED_CUT_MARK)
     return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -8,6 +8,7 @@ memory budget, the checkpoint, the caption cache and the output directory, and r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -17,12 +18,16 @@ from director_jax.build import WEIGHTS, check_config_matches, step_directory
 from director_jax.build.reuse import is_trainer_run
 from director_jax.configs_common import load_config
 from director_jax.errors import UserError
+from director_jax.eval.curated import SPLITS as CURATED_SPLITS
+from director_jax.eval.curated import eligible_clips, resolve_case_list, suite_shape
+from director_jax.eval.cuts import DETECTORS
 from director_jax.eval.generate import eval_mesh
+from director_jax.eval.scoring import MetricSettings
 from director_jax.eval.suite import synthetic_cases
 from director_jax.io_utils import is_remote, writable_dir_problem
 from director_jax.pipeline.request import looks_like_weights, run_config
 
-SUITES = ("synthetic",)
+SUITES = ("synthetic", "curated")
 TEMPLATE_KEYS = ("name", "keyframes", "frames", "anchor", "start")
 DEFAULT_MAX_SUITE_GIB = 4.0
 
@@ -42,10 +47,10 @@ def check_config(cfg: ml_collections.ConfigDict, ckpt: str | None = None, step: 
     if cfg.weights not in WEIGHTS:
         raise UserError(f"--config.weights={cfg.weights!r}: choose one of {WEIGHTS}.")
     _positive_int(cfg.seed, "--config.seed", minimum=0)
-    _positive_int(cfg.movies.count, "--config.movies.count")
-    _positive_int(cfg.movies.max_shapes, "--config.movies.max_shapes")
-    for n in cfg.movies.shot_lengths:
-        _positive_int(n, "--config.movies.shot_lengths entry")
+    if cfg.suite == "synthetic":
+        _check_synthetic(cfg)
+    else:
+        _check_curated(cfg)
     _positive_int(cfg.cases_per_device, "--config.cases_per_device")
     try:
         eval_mesh(cfg.get("mesh", "data"))
@@ -57,9 +62,30 @@ def check_config(cfg: ml_collections.ConfigDict, ckpt: str | None = None, step: 
     m = cfg.metrics
     _positive_int(m.fvd_frames, "--config.metrics.fvd_frames")
     _positive_int(m.fvd_size, "--config.metrics.fvd_size", minimum=32)
+    unknown = sorted(set(m.to_dict()) - {f.name for f in dataclasses.fields(MetricSettings)})
+    if unknown:
+        raise UserError(f"--config.metrics has unknown keys {unknown}; known: "
+                        f"{[f.name for f in dataclasses.fields(MetricSettings)]}.")
+    _positive_int(m.get("fvd_bootstrap", 0), "--config.metrics.fvd_bootstrap", minimum=0)
+    _positive_int(m.get("cut_tolerance", 0), "--config.metrics.cut_tolerance", minimum=0)
+    if m.get("cut_detector", "content") not in DETECTORS:
+        raise UserError(f"--config.metrics.cut_detector={m.cut_detector!r}: choose one of {DETECTORS}.")
+    threshold = m.get("cut_threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold) \
+            or threshold < 0:
+        raise UserError(f"--config.metrics.cut_threshold={threshold!r}: give a number >= 0 (0: the detector's "
+                        "default).")
     budget = cfg.get("max_suite_gib", DEFAULT_MAX_SUITE_GIB)
     if not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
         raise UserError(f"--config.max_suite_gib={budget!r}: give a positive number of GiB.")
+    return resolve_model_config(cfg, ckpt, step)
+
+
+def _check_synthetic(cfg: ml_collections.ConfigDict) -> None:
+    _positive_int(cfg.movies.count, "--config.movies.count")
+    _positive_int(cfg.movies.max_shapes, "--config.movies.max_shapes")
+    for n in cfg.movies.shot_lengths:
+        _positive_int(n, "--config.movies.shot_lengths entry")
     templates = [dict(t) for t in cfg.cases]
     if not templates:
         raise UserError("the eval config lists no cases: add templates to config.cases.")
@@ -68,7 +94,38 @@ def check_config(cfg: ml_collections.ConfigDict, ckpt: str | None = None, step: 
         if unknown:
             raise UserError(f"case template {t.get('name', t)!r} has unknown keys {unknown}; a template takes "
                             f"{list(TEMPLATE_KEYS)}.")
-    return resolve_model_config(cfg, ckpt, step)
+
+
+def _check_curated(cfg: ml_collections.ConfigDict) -> None:
+    if not cfg.data:
+        raise UserError("the curated suite needs footage: --data CURATED_DIR (a curated directory built into shards "
+                        "by python -m director_jax.shards --curated CURATED_DIR).")
+    if cfg.split not in CURATED_SPLITS:
+        raise UserError(f"--config.split={cfg.split!r}: choose one of {CURATED_SPLITS}.")
+    _positive_int(cfg.max_clips, "--config.max_clips")
+    _positive_int(cfg.frames, "--config.frames", minimum=0)
+    _positive_int(cfg.min_keyframes, "--config.min_keyframes")
+    _positive_int(cfg.max_keyframes, "--config.max_keyframes", minimum=int(cfg.min_keyframes))
+
+
+def _check_cases(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> None:
+    """Places the suite's cases without generating anything: the synthetic movies are rendered (cheap); the curated
+    clips are chosen from the dataset's index (no clip decoded) or the saved case list is matched to the data."""
+    v = model_cfg.video
+    size = dict(height=int(v.height), width=int(v.width), fps=float(v.fps), num_frames=int(v.num_frames))
+    try:
+        if cfg.suite == "synthetic":
+            synthetic_cases(cfg, **size)
+            return
+        shape = suite_shape(cfg, **size)
+        if cfg.get("cases_file"):
+            resolve_case_list(cfg.cases_file, cfg.data, shape)
+        else:
+            eligible_clips(cfg, shape)
+    except FileNotFoundError as e:
+        raise UserError(f"--data: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"the suite's cases: {e}") from None
 
 
 def resolve_model_config(cfg: ml_collections.ConfigDict, ckpt: str | None, step: int | None = None
@@ -101,14 +158,19 @@ def check_suite(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Config
     v = model_cfg.video
     for name, value in (("video.height", v.height), ("video.width", v.width), ("video.num_frames", v.num_frames)):
         _positive_int(value, f"the model config's {name}")
-    per_case = max(int(t.get("frames", frames)) for t in (dict(t) for t in cfg.cases)) * height * width * 3 * 4 * 2
-    count = int(cfg.movies.count) * len(cfg.cases)
+    if cfg.suite == "synthetic":
+        longest = max(int(t.get("frames", frames)) for t in (dict(t) for t in cfg.cases))
+        count, what = int(cfg.movies.count) * len(cfg.cases), "evaluate fewer movies (--config.movies.count)"
+    else:
+        longest = int(cfg.frames) or frames
+        count, what = int(cfg.max_clips), "evaluate fewer clips (--config.max_clips)"
+    per_case = longest * height * width * 3 * 4 * 2
     total = count * per_case
     budget = float(cfg.get("max_suite_gib", DEFAULT_MAX_SUITE_GIB))
     if total > budget * 2**30:
         raise UserError(f"the suite holds {count} cases of up to {per_case / 2**20:.1f} MiB each "
-                        f"({total / 2**30:.1f} GiB), over the {budget:g} GiB budget: evaluate fewer movies "
-                        "(--config.movies.count) or raise --config.max_suite_gib.")
+                        f"({total / 2**30:.1f} GiB), over the {budget:g} GiB budget: {what} or raise "
+                        "--config.max_suite_gib.")
 
 
 def check_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, ckpt: str | None, baseline: str | None,
@@ -123,10 +185,7 @@ def check_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, ckpt: str 
     model_cfg = check_config(cfg, ckpt, step)
     v = model_cfg.video
     check_suite(cfg, model_cfg, frames=int(v.num_frames), height=int(v.height), width=int(v.width))
-    try:  # renders the held-out movies (cheap) and places every template's clip and keyframes on them
-        synthetic_cases(cfg, height=int(v.height), width=int(v.width), fps=float(v.fps), num_frames=int(v.num_frames))
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(f"the suite's cases: {e}") from None
+    _check_cases(cfg, model_cfg)
     if ckpt is not None:
         if is_trainer_run(ckpt) or not looks_like_weights(ckpt):
             try:

@@ -7,6 +7,9 @@ so ``tr((S1 S2)^{1/2})`` is the sum of the square roots of its eigenvalues (``ei
 round-off clipped to 0). That stays real and finite for the rank-deficient covariances of small
 evaluation sets (fewer clips than feature dimensions), where ``sqrtm`` gives complex parts or
 fails. The result is floored at 0.
+
+``bootstrap_interval`` resamples the clips of both sets to show how much of a distance is sampling
+luck; ``FVD_MIN_CLIPS`` is the set size below which an FVD is flagged (see its comment).
 """
 
 from __future__ import annotations
@@ -47,3 +50,44 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def feature_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between the Gaussians of two (N, D) feature sets (FVD when they are I3D logits)."""
     return frechet_distance(*gaussian_statistics(a), *gaussian_statistics(b))
+
+
+# Below this many clips per set an FVD is flagged. A convention, not a derived bound: the Fréchet
+# estimate is biased upward by (tr Sa + tr Sb) / N from the means alone and more from the covariances,
+# and with fewer clips than features (400 I3D logits) the covariances are rank-deficient, so a small-N
+# FVD depends on N as much as on the videos. 256 is a floor that an evaluation suite can reach while
+# N is of the order of the feature count; a flagged FVD still compares runs of one suite (same N),
+# never numbers computed elsewhere. ``bootstrap_interval`` shows the spread at the N actually used.
+FVD_MIN_CLIPS = 256
+
+
+def bootstrap_interval(a_features: np.ndarray, b_features: np.ndarray, *, samples: int = 200, seed: int = 0,
+                       confidence: float = 0.95, paired: bool = False) -> tuple[float, float]:
+    """Percentile bootstrap interval of the Fréchet distance of two (N, D) feature sets: how much of an
+    FVD is the luck of which clips were drawn.
+
+    Each of ``samples`` draws resamples the clips (rows) of each set with replacement from one
+    ``numpy.random.default_rng(seed)`` (deterministic in ``seed``): independently, or with ``paired``
+    (sets of one length whose row i belong together, as an evaluation's generated clip i and its true
+    clip i) the same rows of both, so the interval is the spread over which cases the suite drew and
+    a set against itself stays at 0. The interval is the ``confidence`` central range of those
+    distances. A resampled set repeats clips, so it has fewer distinct ones and a larger distance
+    (the estimator's upward bias, again): the interval tends to sit above the point estimate. Read it
+    as the spread of the FVD, and compare intervals of equal-size sets.
+    """
+    a, b = np.asarray(a_features, np.float64), np.asarray(b_features, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be (N, D) with one D; got {a.shape} and {b.shape}.")
+    if paired and len(a) != len(b):
+        raise ValueError(f"a paired bootstrap needs sets of one length; got {len(a)} and {len(b)}.")
+    if not 0.0 < confidence < 1.0 or samples < 2:
+        raise ValueError(f"need 0 < confidence < 1 and samples >= 2; got {confidence} and {samples}.")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(samples)):
+        ia = rng.integers(0, len(a), len(a))
+        ib = ia if paired else rng.integers(0, len(b), len(b))
+        values.append(feature_frechet_distance(a[ia], b[ib]))
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -6,6 +6,8 @@ directly. Every process of a multi-host run calls it; process 0 writes the files
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,11 +21,12 @@ from director_jax.build import load_director_gen, load_frozen_vae
 from director_jax.build.loading import inference_config
 from director_jax.eval.baselines import crossfade
 from director_jax.eval.checks import SUITES, resolve_model_config
+from director_jax.eval.curated import case_list, curated_cases, suite_shape
 from director_jax.eval.generate import eval_mesh, generate_cases, model_sharded
 from director_jax.eval.report import write_metrics, write_report
 from director_jax.eval.scoring import MetricSettings, score
 from director_jax.eval.suite import EvalCase, synthetic_cases
-from director_jax.io_utils import dir_path
+from director_jax.io_utils import atomic_write_text, dir_path
 from director_jax.parallel.rules import rules_from_config
 from director_jax.pipeline.settings import SamplingSettings, sampling_settings, text_inputs
 from director_jax.pipeline.text_encoder import JaxTextEncoder
@@ -38,12 +41,31 @@ def eval_sampling(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.Conf
                              guidance_scale=s.get("guidance_scale"), keyframe_guidance=s.get("keyframe_guidance"))
 
 
-def build_cases(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> list[EvalCase]:
-    if cfg.suite not in SUITES:
-        raise ValueError(f"config.suite={cfg.suite!r}; available suites: {SUITES}.")
+@dataclasses.dataclass
+class Suite:
+    """A suite's cases, what describes them in metrics.json, and (curated) the case list to save."""
+
+    cases: list[EvalCase]
+    info: dict
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+    case_list: dict | None = None
+
+
+def build_cases(cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> Suite:
+    """The config's suite on the model's video size, fps and clip length (``synthetic`` or ``curated``)."""
     v = model_cfg.video
-    return synthetic_cases(cfg, height=int(v.height), width=int(v.width), fps=float(v.fps),
-                           num_frames=int(v.num_frames))
+    size = dict(height=int(v.height), width=int(v.width), fps=float(v.fps), num_frames=int(v.num_frames))
+    if cfg.suite == "synthetic":
+        return Suite(synthetic_cases(cfg, **size), {"movies": cfg.movies.to_dict(),
+                                                    "templates": [dict(t) for t in cfg.cases]})
+    if cfg.suite == "curated":
+        shape = suite_shape(cfg, **size)
+        cases, skipped = curated_cases(cfg, shape)
+        info = {"split": str(cfg.split), "max_clips": int(cfg.max_clips), "video": shape.as_dict(),
+                "keyframes": [int(cfg.min_keyframes), int(cfg.max_keyframes)],
+                "cases_file": bool(cfg.get("cases_file"))}
+        return Suite(cases, info, skipped, case_list(cases, shape, str(cfg.data), str(cfg.split), int(cfg.seed)))
+    raise ValueError(f"config.suite={cfg.suite!r}; available suites: {SUITES}.")
 
 
 def baseline_videos(name: str, cases: Sequence[EvalCase]) -> dict[int, np.ndarray]:
@@ -69,10 +91,10 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
     t0 = time.time()
     workdir = dir_path(workdir)  # gs://: written object by object
     model_cfg = resolve_model_config(cfg, None if ckpt is None else str(ckpt), step)
-    cases = build_cases(cfg, model_cfg)
+    suite = build_cases(cfg, model_cfg)
+    cases = suite.cases
     settings = MetricSettings(**cfg.metrics.to_dict())
-    info: dict = {"suite": cfg.suite, "seed": int(cfg.seed), "movies": cfg.movies.to_dict(),
-                  "templates": [dict(t) for t in cfg.cases],
+    info: dict = {"suite": cfg.suite, "seed": int(cfg.seed), **suite.info,
                   "model_config": str(cfg.model_config or f"{ckpt} (its recorded config)")}
     if baseline is not None:
         videos = baseline_videos(baseline, cases)
@@ -106,8 +128,14 @@ def run_evaluation(cfg: ml_collections.ConfigDict, workdir: str | Path, *, ckpt:
     generated_s = time.time() - t0
     results = score(cases, videos, settings, progress=progress)
     results["run"] = info
-    results["settings"] = cfg.metrics.to_dict()
+    results["settings"] = dataclasses.asdict(settings)
+    if suite.skipped:
+        results["skipped"] = suite.skipped
+        results.setdefault("warnings", []).append(
+            f"{len(suite.skipped)} clip(s) skipped (too short for the suite; listed under skipped).")
     if jax.process_index() == 0:
+        if suite.case_list is not None:
+            atomic_write_text(workdir / "cases.json", json.dumps(suite.case_list, indent=1, sort_keys=True) + "\n")
         write_metrics(workdir, results)
         run_info = {"devices": mesh_size or "none (no generation)", "processes": jax.process_count(),
                     "generate_s": round(generated_s, 1), "total_s": round(time.time() - t0, 1)}

@@ -26,19 +26,24 @@ ANCHORS = ("movie", "cut")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EvalCase:
-    """One timeline to generate and the ground truth it is scored against."""
+    """One timeline to generate and the ground truth it is scored against.
+
+    Synthetic cases know their objects' trajectories (``truth``) and come from a movie seed; curated
+    cases (``eval/curated.py``) come from a clip of real footage (``clip_id``) and have no ``truth``.
+    """
 
     index: int  # position in the suite; also what the case's generation seed is folded with
     name: str
     template: str
-    movie_seed: int
-    start: int  # first movie frame of the clip
+    movie_seed: int | None
+    start: int  # first movie (or curated clip) frame of the case, at the model's fps
     fps: float
     keyframes: tuple[int, ...]  # frame indices within the clip
     caption: str
     reference: np.ndarray  # (T, H, W, 3) float32 in [-1, 1]: the true clip
     cuts: tuple[int, ...]  # clip frames that start a new shot
-    truth: ObjectTruth
+    truth: ObjectTruth | None
+    clip_id: str = ""  # the curated sample's id (curated suite)
 
     @property
     def num_frames(self) -> int:
@@ -50,8 +55,9 @@ class EvalCase:
         return self.num_frames, self.keyframes
 
     def describe(self) -> dict:
-        """The case as JSON-able fields (no arrays)."""
-        return {"index": self.index, "name": self.name, "template": self.template, "movie_seed": self.movie_seed,
+        """The case as JSON-able fields (no arrays): what a saved case list holds and metrics.json repeats."""
+        source = {"movie_seed": self.movie_seed} if self.movie_seed is not None else {"clip_id": self.clip_id}
+        return {"index": self.index, "name": self.name, "template": self.template, **source,
                 "start": self.start, "frames": self.num_frames, "fps": self.fps, "keyframes": list(self.keyframes),
                 "cuts": list(self.cuts), "caption": self.caption}
 

@@ -6,9 +6,13 @@
 * ``temporal_error``: mean |(g[t+1] - g[t]) - (r[t+1] - r[t])| between a clip g and its reference r:
   how far the frame-to-frame changes are from the true ones (flicker, jumps, frozen motion all
   count); 0 for the reference itself. This is a warping-free stand-in for flow-warped errors.
+* ``flicker``: mean |x[t+1] - 2 x[t] + x[t-1]| over pixels and frame triples, the temporal second
+  difference: 0 for anything that changes at a constant rate (a linear fade, a steady brightness
+  ramp), large for changes that reverse from frame to frame (4a for frames alternating +a / -a).
+  Needs no reference, unlike ``temporal_error``; a moving edge still counts (a pixel steps as it passes).
 
-Pairs that straddle a shot cut (a frame listed in ``cuts`` and the one before it) are left out:
-a hard cut is content, not inconsistency. Values are per clip, float64, on [-1, 1] frames.
+Pairs (triples) that straddle a shot cut (a frame listed in ``cuts`` and the one before it) are left
+out: a hard cut is content, not inconsistency. Values are per clip, float64, on [-1, 1] frames.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ def _pairs(num_frames: int, cuts: Sequence[int]) -> np.ndarray:
     """Indices t of the pairs (t, t+1) inside one shot."""
     cut = set(int(c) for c in cuts)
     return np.asarray([t for t in range(num_frames - 1) if t + 1 not in cut], int)
+
+
+def _triples(num_frames: int, cuts: Sequence[int]) -> np.ndarray:
+    """Indices t of the triples (t-1, t, t+1) inside one shot."""
+    cut = set(int(c) for c in cuts)
+    return np.asarray([t for t in range(1, num_frames - 1) if t not in cut and t + 1 not in cut], int)
 
 
 def _check(video: np.ndarray) -> np.ndarray:
@@ -61,3 +71,12 @@ def temporal_error(video: np.ndarray, reference: np.ndarray, cuts: Sequence[int]
     if not len(t):
         return float("nan")
     return float(np.mean(np.abs((video[t + 1] - video[t]) - (reference[t + 1] - reference[t]))))
+
+
+def flicker(video: np.ndarray, cuts: Sequence[int] = ()) -> float:
+    """Mean |x[t+1] - 2 x[t] + x[t-1]| over the triples inside shots: frame-to-frame reversals, 0 for steady change."""
+    video = _check(video)
+    t = _triples(len(video), cuts)
+    if not len(t):
+        return float("nan")
+    return float(np.mean(np.abs(video[t + 1] - 2.0 * video[t] + video[t - 1])))

@@ -1,0 +1,137 @@
+"""The curated suite's cases (``eval/curated.py``) on real shards: fixed-seed windows of held-out clips, keyframes
+at the shot starts of multi-shot windows, the true frames as references, saved case lists rebuilt exactly.
+
+The footage is the shards tests' synthetic movies written as real mp4 clips (``tests/test_shards.py``), so every
+clip's cuts and frames are known; the suite is checked against those, not against its own code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from director_jax.configs_common import load_config
+from director_jax.curation.shards import build_curated_dataset
+from director_jax.eval.curated import MULTI_SHOT, VideoShape, case_list, cases_from_list, curated_cases
+from director_jax.eval.metrics import psnr
+from tests.test_shards import DEFAULT_SPECS, make_curated_dir, window_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPE = VideoShape(height=32, width=32, fps=8.0, frames=17)  # gen_tiny's clip
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory):
+    """12 curated clips of 20-40 frames at 48x64 (six with cuts), half of them in the validation split."""
+    root = tmp_path_factory.mktemp("footage")
+    samples = make_curated_dir(root)
+    build_curated_dataset(root, validation_fraction=0.5, progress=False)
+    return root, {line["id"]: (line, frames) for line, frames in samples}
+
+
+def suite_config(root, **fields) -> ml_collections.ConfigDict:
+    cfg = load_config(ROOT / "configs" / "eval_curated.py")
+    cfg.data = str(root)
+    cfg.update(fields)
+    return cfg
+
+
+def cover_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize to cover height x width keeping the aspect ratio, then centre-crop (PIL bicubic: an independent
+    resampler from the loader's swscale)."""
+    h, w = frames.shape[1:3]
+    scale = max(height / h, width / w)
+    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    top, left = (rh - height) // 2, (rw - width) // 2
+    out = []
+    for f in frames:
+        img = Image.fromarray(np.round((f + 1) * 127.5).clip(0, 255).astype(np.uint8)).resize((rw, rh),
+                                                                                              Image.BICUBIC)
+        out.append(np.asarray(img)[top:top + height, left:left + width])
+    return np.stack(out).astype(np.float32) / 127.5 - 1
+
+
+def test_cases_are_windows_of_the_true_clips_with_keyframes_at_their_shot_starts(footage):
+    root, truth = footage
+    cases, skipped = curated_cases(suite_config(root, split="all", max_clips=12), SHAPE)
+    assert skipped == [] and len(cases) == len(DEFAULT_SPECS) == len({c.clip_id for c in cases})
+    assert [c.clip_id for c in cases] == sorted(truth)  # by id
+    multi = 0
+    for case in cases:
+        line, frames = truth[case.clip_id]
+        window = np.arange(case.start, case.start + SHAPE.frames)  # 8 fps clips at 8 fps: frame for frame
+        rel_cuts = [c - line["start_frame"] for c in line["cuts"]]
+        shot_of = np.searchsorted(rel_cuts, window, side="right")
+        true_cuts = [j for j in range(1, SHAPE.frames) if shot_of[j] != shot_of[j - 1]]
+        assert list(case.cuts) == true_cuts
+        if case.template == MULTI_SHOT:
+            multi += 1
+            assert true_cuts and list(case.keyframes) == [0, *true_cuts]
+        else:
+            assert not rel_cuts  # a clip with a cut always has a 17-frame window around it here
+            assert 1 <= len(case.keyframes) <= 3 and case.template.startswith("single shot")
+        # the reference is the true window, resized and cropped (mp4 and resampler differences only)
+        expected = cover_crop(frames[window], SHAPE.height, SHAPE.width)
+        assert case.reference.shape == (SHAPE.frames, 32, 32, 3)
+        assert float(np.mean(psnr(case.reference, expected, axis=(1, 2, 3)))) > 26
+        first, last, _ = window_counts(rel_cuts, window)
+        assert case.caption.count("Shot ") == last - first + 1
+    assert multi == 6  # every clip with a cut holds a window around one at 17 frames
+
+
+def test_the_draw_is_a_pure_function_of_seed_and_clip(footage):
+    root, _ = footage
+    a, _ = curated_cases(suite_config(root, split="all", max_clips=12), SHAPE)
+    b, _ = curated_cases(suite_config(root, split="all", max_clips=12), SHAPE)
+    assert [x.describe() for x in a] == [y.describe() for y in b]
+    assert all(np.array_equal(x.reference, y.reference) for x, y in zip(a, b, strict=True))
+    validation, _ = curated_cases(suite_config(root), SHAPE)  # the default split
+    by_id = {c.clip_id: c for c in a}
+    assert 0 < len(validation) < len(a)
+    for case in validation:  # a clip's case does not depend on which other clips the suite holds
+        other = by_id[case.clip_id]
+        assert (case.start, case.keyframes, case.cuts, case.caption) == (other.start, other.keyframes, other.cuts,
+                                                                         other.caption)
+    reseeded, _ = curated_cases(suite_config(root, split="all", max_clips=12, seed=1), SHAPE)
+    assert [(c.start, c.keyframes) for c in reseeded] != [(c.start, c.keyframes) for c in a]
+
+
+def test_short_clips_are_counted_skips_and_a_suite_with_none_is_refused(footage):
+    root, truth = footage
+    shape = VideoShape(32, 32, 8.0, 30)
+    cases, skipped = curated_cases(suite_config(root, split="all", max_clips=12), shape)
+    short = sorted(i for i, (line, _) in truth.items() if line["num_frames"] < 30)
+    assert sorted(s["clip_id"] for s in skipped) == short and len(cases) == 12 - len(short)
+    assert all("needs 30" in s["reason"] for s in skipped)
+    with pytest.raises(ValueError, match="none of the 12 clips .* holds 60 frames"):
+        curated_cases(suite_config(root, split="all"), VideoShape(32, 32, 8.0, 60))
+
+
+def test_a_saved_case_list_rebuilds_the_same_cases(footage, tmp_path):
+    root, truth = footage
+    cases, _ = curated_cases(suite_config(root, split="all", max_clips=5), SHAPE)
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(case_list(cases, SHAPE, str(root), "all", 0)))
+    again = cases_from_list(path, str(root), SHAPE)
+    assert [c.describe() for c in again] == [c.describe() for c in cases]
+    assert all(np.array_equal(x.reference, y.reference) for x, y in zip(again, cases, strict=True))
+    reused, _ = curated_cases(suite_config(root, cases_file=str(path)), SHAPE)  # the split does not matter
+    assert [c.describe() for c in reused] == [c.describe() for c in cases]
+    with pytest.raises(ValueError, match="made for clips"):
+        cases_from_list(path, str(root), VideoShape(32, 32, 8.0, 9))
+    saved = json.loads(path.read_text())
+    saved["cases"][2]["clip_id"] = "0123456789abcdef"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="case 2 of .* uses clip '0123456789abcdef'"):
+        cases_from_list(path, str(root), SHAPE)
+    saved["cases"][2]["clip_id"] = cases[2].clip_id
+    saved["cases"][2]["start"] = 10_000
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="do not fit the clip"):
+        cases_from_list(path, str(root), SHAPE)
