@@ -70,7 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
                                           ema_decay=0.99, keyframe_dropout=0.25, sampler_steps=4,
                                           timelines_per_clip=2, latent_buckets=(7, 8, 10)))
 
-    # 16 held-out movies (48 cases): with 8 the trajectory error of one Gen moved by >1 px between movie sets
-    c.eval = ml_collections.ConfigDict(dict(movies=16, fvd=True))
+    # 16 held-out movies (48 cases): with 8 the trajectory error of one Gen moved by >1 px between movie sets.
+    # The curated suite: curated_movies more held-out movies (seeds from curated_first_seed) curated like the
+    # training ones, evaluate --suite curated on up to curated_clips of their clips (cuts, pacing, distance curves).
+    c.eval = ml_collections.ConfigDict(dict(movies=16, fvd=True, curated_movies=8, curated_clips=16,
+                                            curated_first_seed=9_000_000))
     c.export = ml_collections.ConfigDict(dict(torch_check=True))  # re-run one showcase video in PyTorch
     return c

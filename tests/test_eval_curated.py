@@ -8,8 +8,12 @@ clip's cuts and frames are known; the suite is checked against those, not agains
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -17,8 +21,12 @@ from PIL import Image
 
 from director_jax.configs_common import load_config
 from director_jax.curation.shards import build_curated_dataset
+from director_jax.eval.compare import compare_runs
 from director_jax.eval.curated import MULTI_SHOT, VideoShape, case_list, cases_from_list, curated_cases
 from director_jax.eval.metrics import psnr
+from director_jax.eval.run import run_evaluation
+from director_jax.train.checkpoint import Checkpointer
+from director_jax.train.trainer import build_run
 from tests.test_shards import DEFAULT_SPECS, make_curated_dir, window_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +143,92 @@ def test_a_saved_case_list_rebuilds_the_same_cases(footage, tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="do not fit the clip"):
         cases_from_list(path, str(root), SHAPE)
+
+
+# ---- the suite end to end on a Director-Gen checkpoint ------------------------------------------------------------
+
+def _save_random_gen(workdir: Path, seed: int) -> Path:
+    """A randomly initialised gen_tiny train state saved by the trainer's code at step 0 (test_evaluate's fixture)."""
+    cfg = load_config(ROOT / "configs" / "gen_tiny.py")
+    cfg.seed = seed
+    cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
+    state = jax.jit(run.init, out_shardings=run.shardings)()
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "gen", "step": 0}, wait=True)
+    ckpt.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("gens")
+    return _save_random_gen(root / "a", 0), _save_random_gen(root / "b", 1)
+
+
+def model_config(root, **fields) -> ml_collections.ConfigDict:
+    cfg = suite_config(root, **{"split": "all", "max_clips": 4, "model_config": str(ROOT / "configs" / "gen_tiny.py"),
+                                **fields})
+    cfg.sampler.steps = 2
+    cfg.metrics.fvd_size = 64
+    cfg.metrics.fvd_bootstrap = 20
+    return cfg
+
+
+def test_a_checkpoint_on_the_suite_reruns_byte_identically_on_any_device_count(footage, checkpoints, tmp_path):
+    root, _ = footage
+    cfg = model_config(root)
+    results = {}
+    for name, devices in (("a", jax.devices()), ("b", jax.devices()), ("one", jax.devices()[:1])):
+        results[name] = run_evaluation(cfg, tmp_path / name, ckpt=checkpoints[0], devices=devices, progress=False)
+    assert (tmp_path / "a" / "metrics.json").read_bytes() == (tmp_path / "b" / "metrics.json").read_bytes()
+    assert (tmp_path / "a" / "cases.json").read_bytes() == (tmp_path / "one" / "cases.json").read_bytes()
+    eight, one = results["a"], results["one"]
+    assert [c["clip_id"] for c in eight["cases"]] == [c["clip_id"] for c in one["cases"]]
+    for got, want in [(one["aggregate"], eight["aggregate"]), *zip(one["cases"], eight["cases"], strict=True)]:
+        for key, value in want.items():
+            if isinstance(value, float):  # float32 rounding of the partitioned programs (test_evaluate.py)
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
+    agg = eight["aggregate"]
+    for key in ("psnr", "lpips", "keyframe_psnr", "pacing_offset_frames", "flicker", "fvd", "fvd_ci_low"):
+        assert np.isfinite(agg[key]), key
+    assert "trajectory_error_px" not in agg  # real footage has no object truth
+    assert eight["by_distance"]["distance"][0] == 0 and sum(eight["by_distance"]["frames"]) == 4 * SHAPE.frames
+    assert any("FVD from 4 clips" in w for w in eight["warnings"])
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "media/distance.png" in page and (tmp_path / "a" / "media" / "distance.png").stat().st_size > 1000
+
+
+def test_a_second_checkpoint_reuses_the_case_list(footage, checkpoints, tmp_path):
+    root, _ = footage
+    first = run_evaluation(model_config(root), tmp_path / "a", ckpt=checkpoints[0], progress=False)
+    cases_file = tmp_path / "a" / "cases.json"
+    # the second run is told another split and seed for the draw: the case list decides the cases
+    cfg = model_config(root, cases_file=str(cases_file), split="validation", seed=5)
+    second = run_evaluation(cfg, tmp_path / "b", ckpt=checkpoints[1], progress=False)
+    describe = ("clip_id", "start", "keyframes", "cuts", "caption", "template")
+    assert [{k: c[k] for k in describe} for c in second["cases"]] == \
+        [{k: c[k] for k in describe} for c in first["cases"]]
+    assert second["aggregate"]["psnr"] != first["aggregate"]["psnr"]  # another model, same footage
+    page = compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "compare")
+    assert page.is_file() and (tmp_path / "compare" / "compare.json").is_file()
+
+
+def test_the_cli_names_bad_footage(footage, tmp_path):
+    root, _ = footage
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "director_jax.evaluate", "--suite", "curated", "--baseline", "reference",
+            f"--config.model_config={ROOT / 'configs' / 'gen_tiny.py'}", f"--workdir={tmp_path / 'out'}"]
+
+    def fails(*extra: str) -> str:
+        proc = subprocess.run([*base, *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        return proc.stderr.strip().splitlines()[-1]
+
+    assert "needs footage: --data" in fails()
+    assert "no curated TFDS dataset" in fails(f"--data={tmp_path}")
+    assert "none of the" in fails(f"--data={root}", "--config.frames=80")
+    assert "--config.split='test'" in fails(f"--data={root}", "--config.split=test")
+    assert "does not exist" in fails(f"--data={root}", f"--config.cases_file={tmp_path / 'nope.json'}")
+    assert not (tmp_path / "out").exists()  # nothing written before the checks pass

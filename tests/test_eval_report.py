@@ -204,3 +204,107 @@ def test_compare_accepts_the_old_schema(tmp_path):
     assert cmp["aggregate"]["psnr"]["delta"] == pytest.approx(0.5) and cmp["aggregate"]["psnr"]["better"] == "b"
     assert cmp["aggregate"]["temporal_error"]["delta"] is None and cmp["by_distance"] is None
     assert "v1" in out.read_text() and "Neither run kept contact sheets" in out.read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# compare_runs on two vsr runs (metrics.json as eval/vsr_run.py writes it)
+
+VSR_METRICS = ("psnr_y", "psnr_rgb", "ssim_y", "lpips")
+
+
+def _vsr_scores(psnr: float, lpips: float, frames: int) -> dict:
+    return {"psnr_y": psnr, "psnr_rgb": psnr - 1.5, "ssim_y": 0.5 + psnr / 100, "lpips": lpips, "frames": frames}
+
+
+def _vsr_results(model_psnr: dict[str, float], lpips: float = 0.3, names: tuple[str, ...] = ("calendar", "city"),
+                 with_model: bool = True) -> dict:
+    """A two-method vsr metrics.json: each sequence one window of 5 frames, anchor at frame 0."""
+    seqs, windows = [], []
+    for i, name in enumerate(names):
+        methods = {"bicubic": _vsr_scores(20.0 + i, 0.5, 5)}
+        if with_model:
+            methods["model"] = _vsr_scores(model_psnr[name], lpips, 5)
+            methods["model_anchored"] = _vsr_scores(model_psnr[name] + 1.0, lpips - 0.05, 4)
+        windows.append({"index": i, "sequence": name, "start": 0, "frames": 5, "anchors": [0], "metrics": methods})
+        seqs.append({"name": name, "hr_size": [64, 64], "lr_size": [16, 16], "crop_hr": [0, 0, 64, 64],
+                     "lr": "BI (bicubic downscale)", "windows": [i], "frames": 5, "metrics": methods,
+                     "metrics_non_anchor": methods})
+
+    def mean(method: str) -> dict:
+        rows = [s["metrics"][method] for s in seqs if method in s["metrics"]]
+        out = {k: float(np.mean([r[k] for r in rows])) for k in VSR_METRICS}
+        return {**out, "frames": sum(r["frames"] for r in rows), "sequences": len(rows)}
+
+    agg = {m: mean(m) for m in seqs[0]["metrics"]}
+    return {"suite": "vsr", "aggregate": agg, "aggregate_non_anchor": copy.deepcopy(agg), "sequences": seqs,
+            "windows": windows, "skipped": [], "settings": {"scale": 4, "crop_border": 4, "anchors": ["#0"]},
+            "run": {"data": "/data/vid", "evaluated": {"baseline": None, "step": 10}}}
+
+
+def test_compare_vsr_runs(tmp_path):
+    ra = _vsr_results({"calendar": 22.0, "city": 25.0}, lpips=0.30)
+    rb = _vsr_results({"calendar": 22.5, "city": 23.0}, lpips=0.25)
+    write_metrics(tmp_path / "a", ra)
+    write_metrics(tmp_path / "b", rb)
+    contact_sheet(tmp_path / "a" / "media" / "window_0001.png", [("HR", _grey_video([0, 100]))], scale=1)
+    page = compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "cmp")
+    first = (tmp_path / "cmp" / "compare.json").read_bytes()
+    compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "cmp")
+    assert (tmp_path / "cmp" / "compare.json").read_bytes() == first
+    cmp = json.loads(first)
+    assert cmp["suite"] == "vsr" and cmp["labels"] == ["a", "b"] and not cmp["warnings"]
+    assert list(cmp["aggregate"]) == ["bicubic", "model", "model_anchored"]
+    for method in ("bicubic", "model", "model_anchored"):
+        for key in VSR_METRICS:
+            got = cmp["aggregate"][method][key]
+            want = rb["aggregate"][method][key] - ra["aggregate"][method][key]
+            assert (got["a"], got["b"]) == (ra["aggregate"][method][key], rb["aggregate"][method][key])
+            assert got["delta"] == pytest.approx(want), (method, key)
+    model = cmp["aggregate"]["model"]
+    assert model["psnr_y"]["delta"] == pytest.approx(-0.75) and model["psnr_y"]["better"] == "a"
+    assert model["lpips"]["direction"] == "lower" and model["lpips"]["better"] == "b"  # lower LPIPS in b
+    assert model["ssim_y"]["direction"] == "higher" and model["frames"]["better"] is None
+    assert cmp["aggregate"]["bicubic"]["psnr_y"]["better"] == "same"
+    # per sequence: city's model PSNR-Y moved by -2, calendar's by +0.5 -> city first
+    assert [s["name"] for s in cmp["sequences"]] == ["city", "calendar"]
+    assert [s["metrics"]["model"]["psnr_y"]["delta"] for s in cmp["sequences"]] == pytest.approx([-2.0, 0.5])
+    assert cmp["windows"][1]["metrics"]["model"]["lpips"]["delta"] == pytest.approx(0.25 - 0.30)
+    text = page.read_text()
+    assert "Sequences, largest model PSNR-Y change first" in text and "Non-anchor frames only" in text
+    assert text.index("<td>city</td>") < text.index("<td>calendar</td>") and "class='better'" in text
+    assert [p.name for p in _images(page)] == ["a_window_0001.png"]  # b kept no sheets
+
+
+def test_compare_vsr_refuses_what_does_not_compare(tmp_path):
+    write_metrics(tmp_path / "a", _vsr_results({"calendar": 22.0, "city": 25.0}))
+    write_metrics(tmp_path / "b", _vsr_results({"calendar": 22.0, "walk": 25.0}, names=("calendar", "walk")))
+    with pytest.raises(ValueError, match=r"sequence 1 is 'city' in a but 'walk' in b") as err:
+        compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "out")
+    assert "\n" not in str(err.value)
+    out = compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "out", allow_different_cases=True)
+    cmp = json.loads((out.parent / "compare.json").read_text())
+    assert [s["name"] for s in cmp["sequences"]] == ["calendar"] and cmp["warnings"]
+    assert cmp["unpaired"]["sequences"] == {"a": ["city"], "b": ["walk"]}
+    shifted = _vsr_results({"calendar": 22.0, "city": 25.0})
+    shifted["windows"][1]["start"] = 3
+    write_metrics(tmp_path / "c", shifted)
+    with pytest.raises(ValueError, match=r"window 1 is 1 'city' frames 0\.\.4 .* but 1 'city' frames 3\.\.7"):
+        compare_runs(tmp_path / "a", tmp_path / "c", tmp_path / "out")
+    write_metrics(tmp_path / "gen", _new_results())
+    with pytest.raises(ValueError, match=r"a is a vsr evaluation and gen a synthetic \(generation\) one") as err:
+        compare_runs(tmp_path / "a", tmp_path / "gen", tmp_path / "out")
+    assert "\n" not in str(err.value)
+    write_metrics(tmp_path / "old", _old_results() | {"run": {}})
+    with pytest.raises(ValueError, match="old is a generation evaluation and a a vsr one"):
+        compare_runs(tmp_path / "old", tmp_path / "a", tmp_path / "out")
+
+
+def test_compare_vsr_baseline_against_a_model_run(tmp_path):
+    write_metrics(tmp_path / "bicubic", _vsr_results({}, with_model=False))
+    write_metrics(tmp_path / "sr", _vsr_results({"calendar": 22.0, "city": 25.0}))
+    out = compare_runs(tmp_path / "bicubic", tmp_path / "sr", tmp_path / "out", labels=("bic", "sr"))
+    cmp = json.loads((out.parent / "compare.json").read_text())
+    assert cmp["aggregate"]["bicubic"]["psnr_y"]["delta"] == 0.0
+    assert cmp["aggregate"]["model"]["psnr_y"] == {"a": None, "b": 23.5, "delta": None, "direction": "higher",
+                                                   "better": None}
+    assert "bic" in out.read_text() and "Neither run kept contact sheets" in out.read_text()

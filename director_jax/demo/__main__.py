@@ -12,7 +12,8 @@ Stages (timed, in ``WORKDIR/report.json``):
    task and keyframes), each on the latent cache ``python -m director_jax.encode`` writes for it
    (``WORKDIR/latents/gen``, ``WORKDIR/latents/sr``; ``WORKDIR/gen``, ``WORKDIR/sr``: trainer runs);
 5. the showcase through ``generate`` (``WORKDIR/showcase``);
-6. ``evaluate``'s synthetic suite on held-out movies, and the cross-fade baseline (``WORKDIR/eval*``);
+6. ``evaluate``'s synthetic suite on held-out movies and its curated suite on held-out footage curated like the
+   training movies (``WORKDIR/heldout``), each with the cross-fade baseline (``WORKDIR/eval*``);
 7. PyTorch export: the Gen DiT and VAE as diffusers directories, one showcase video re-made by the
    PyTorch pipeline from them (``WORKDIR/export``);
 8. ``WORKDIR/report.html``.
@@ -60,7 +61,7 @@ def quick(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.vae.steps = 40
     cfg.gen.update(dict(steps=20, sampler_steps=2, timelines_per_clip=2))
     cfg.sr.update(dict(steps=10, sampler_steps=1, timelines_per_clip=1))
-    cfg.eval.update(dict(movies=2, fvd=False))
+    cfg.eval.update(dict(movies=2, fvd=False, curated_movies=3, curated_clips=4))
     return cfg
 
 
@@ -81,15 +82,26 @@ class Stages:
 
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool) -> dict:
-    """``evaluate``'s synthetic suite (configs/eval_synthetic.py) on the demo's Gen, and the cross-fade baseline."""
+    """``evaluate``'s synthetic suite (configs/eval_synthetic.py) and curated suite (configs/eval_curated.py, on the
+    held-out footage) on the demo's Gen, each with the cross-fade baseline."""
     ecfg = load_config(stages.CONFIGS / "eval_synthetic.py")
     ecfg.model_config = str(workdir / "gen" / "config.py")
     ecfg.movies.count = int(cfg.eval.movies)
     ecfg.metrics.fvd = bool(cfg.eval.fvd)
     model = run_evaluation(ecfg, workdir / "eval", ckpt=workdir / "gen", progress=progress)
     baseline = run_evaluation(ecfg, workdir / "eval_crossfade", baseline="crossfade", progress=progress)
+    ccfg = load_config(stages.CONFIGS / "eval_curated.py")
+    ccfg.update(dict(model_config=ecfg.model_config, data=str(workdir / "heldout" / "curated"), split="all",
+                     max_clips=int(cfg.eval.curated_clips)))
+    ccfg.metrics.fvd = bool(cfg.eval.fvd)
+    curated = run_evaluation(ccfg, workdir / "eval_curated", ckpt=workdir / "gen", progress=progress)
+    curated_base = run_evaluation(ccfg, workdir / "eval_curated_crossfade", baseline="crossfade", progress=progress)
     return {"model": model["aggregate"], "crossfade": baseline["aggregate"], "by_template": model["by_template"],
-            "crossfade_by_template": baseline["by_template"], "cases": len(model["cases"])}
+            "crossfade_by_template": baseline["by_template"], "cases": len(model["cases"]),
+            "curated": {"model": curated["aggregate"], "crossfade": curated_base["aggregate"],
+                        "by_template": curated["by_template"], "by_distance": curated["by_distance"],
+                        "crossfade_by_distance": curated_base["by_distance"], "cases": len(curated["cases"]),
+                        "warnings": curated["warnings"]}}
 
 
 def export_check(workdir: Path, gen_cfg: ml_collections.ConfigDict, row: dict) -> dict:
@@ -139,6 +151,8 @@ def main(_) -> None:
                     data.curation_config(progress))
     samples = data.read_curated(workdir / "curated")
     t.run("shards", stages.build_shards, workdir, progress=progress)
+    heldout = t.run("held-out footage", data.heldout_footage, workdir / "heldout", int(cfg.eval.curated_first_seed),
+                    int(cfg.eval.curated_movies), cfg.data, progress=progress)
     reuse = set(_REUSE.value)
     if reuse - {"vae", "gen", "sr"}:
         raise app.UsageError(f"--reuse {sorted(reuse)}: choose among vae, gen, sr.")
@@ -168,7 +182,8 @@ def main(_) -> None:
                        next(r for r in rows if r["name"].startswith("three keyframes")))
     summary_out = {
         "config": cfg.to_dict(), "timings_s": t.seconds, "total_s": round(time.time() - t.start, 1),
-        "devices": stages.devices_note(), "curation": summary, "vae_fit": vae_log, "gen_train": gen_log,
+        "devices": stages.devices_note(), "curation": summary, "heldout_curation": heldout, "vae_fit": vae_log,
+        "gen_train": gen_log,
         "sr_train": sr_log, "showcase": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
         "evaluation": evaluation, "export": export,
     }

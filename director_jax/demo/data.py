@@ -3,13 +3,15 @@
 Training movies go through ``curation/pipeline.py`` exactly as a user's films would (shot detection,
 filters, single- and multi-shot samples, H.264 clips, manifest); the models then train on windows
 of the curated clips. Held-out movies (other seeds) keep their ground truth (cuts, object centres)
-for the showcase and the evaluation.
+for the showcase and the synthetic evaluation suite; more held-out movies are curated into shards
+of their own for the curated suite (``heldout_footage``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import ml_collections
@@ -18,6 +20,8 @@ from tqdm import tqdm
 
 from director_jax.configs_common import load_config
 from director_jax.curation.decode import read_frames
+from director_jax.curation.pipeline import curate
+from director_jax.curation.shards import build_curated_dataset
 from director_jax.data.synthetic import SyntheticMovieInfo, write_synthetic_movie
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,18 @@ def curation_config(progress: bool) -> ml_collections.ConfigDict:
     cfg.clip.crf = 12
     cfg.progress = progress
     return cfg
+
+
+def heldout_footage(out: Path, first_seed: int, count: int, cfg: ml_collections.ConfigDict, *,
+                    progress: bool = True) -> dict:
+    """Held-out movies curated like the training ones and built into shards (``OUT/curated/tfds``): the curated
+    evaluation suite's footage, as a user's own held-out film would be."""
+    write_movies(out / "movies", first_seed, count, cfg, max_shapes=1, progress=False)
+    shutil.rmtree(out / "curated", ignore_errors=True)
+    movies = sorted(str(p) for p in (out / "movies").glob("*.mp4"))
+    summary = curate(movies, out / "curated", curation_config(progress))
+    build_curated_dataset(out / "curated", progress=progress)
+    return summary
 
 
 def read_curated(curated: Path) -> list[dict]:

@@ -20,6 +20,44 @@ def _check(ok: bool) -> str:
     return "<b style='color:#080'>met</b>" if ok else "<b style='color:#b00'>not met</b>"
 
 
+# (label, metric key, digits) of the curated suite's table
+_CURATED_ROWS = (
+    ("PSNR, generated frames (dB)", "psnr", 2), ("LPIPS, generated frames", "lpips", 3),
+    ("keyframe-frame PSNR (dB)", "keyframe_psnr", 2),
+    ("cut precision (PySceneDetect on the video vs the true cuts)", "cut_precision", 2),
+    ("cut recall", "cut_recall", 2), ("cut offset (frames, matched cuts)", "cut_offset_frames", 2),
+    ("pacing: |frame closest to each keyframe - its frame|", "pacing_offset_frames", 2),
+    ("pacing margin (dB at the asked frame over the best other)", "pacing_margin_db", 2),
+    ("flicker (mean |2nd temporal difference|)", "flicker", 4), ("true clips' flicker", "flicker_reference", 4),
+)
+
+
+def _curated_section(ev: dict | None) -> str:
+    """The curated suite's table (model vs cross-fade), its FVD and the PSNR-vs-distance plot."""
+    if not ev:
+        return ""
+    m, x = ev["model"], ev["crossfade"]
+    rows = "\n".join(f"<tr><td>{html.escape(label)}</td><td>{_f(m.get(k), d)}</td><td>{_f(x.get(k), d)}</td></tr>"
+                     for label, k, d in _CURATED_ROWS)
+    if m.get("fvd") is not None:
+        rows += (f"<tr><td>FVD (95% bootstrap interval)</td><td>{_f(m['fvd'])} [{_f(m.get('fvd_ci_low'))}, "
+                 f"{_f(m.get('fvd_ci_high'))}]</td><td>{_f(x.get('fvd'))}</td></tr>")
+    curve = "\n".join(f"<tr><td>{d}</td><td>{n}</td><td>{_f(p)}</td><td>{_f(q)}</td></tr>" for d, n, p, q in zip(
+        ev["by_distance"]["distance"], ev["by_distance"]["frames"], ev["by_distance"]["psnr"],
+        ev["crossfade_by_distance"]["psnr"], strict=True))
+    warnings = "".join(f"<p><i>{html.escape(w)}</i></p>" for w in ev.get("warnings", []))
+    return f"""<h2>Curated suite (held-out footage curated like the training movies, {ev['cases']} cases)</h2>
+<p>Windows of held-out curated clips: around a cut with keyframes at the shot starts, or 1 to 3 keyframes at drawn
+frames (<code>python -m director_jax.evaluate --suite curated</code>; detail in
+<a href="eval_curated/report.html">eval_curated/report.html</a>, the baseline's in
+<a href="eval_curated_crossfade/report.html">eval_curated_crossfade/report.html</a>).</p>
+<table><tr><th>measure</th><th>Director-Gen</th><th>cross-fade</th></tr>{rows}</table>{warnings}
+<h3>PSNR against the distance to the nearest keyframe</h3>
+<img src="eval_curated/media/distance.png">
+<table><tr><th>frames from a keyframe</th><th>frames</th><th>Director-Gen PSNR (dB)</th><th>cross-fade PSNR (dB)</th>
+</tr>{curve}</table>"""
+
+
 def write_report(workdir: Path, s: dict) -> Path:
     ev = s["evaluation"]
     m, x = ev["model"], ev["crossfade"]
@@ -79,6 +117,7 @@ vs the ground-truth centre, on generated (non-keyframe) frames; a missing object
 <h3>By case template</h3>
 <table><tr><th>template</th><th>keyframe PSNR</th><th>PSNR generated</th><th>trajectory error (px)</th>
 <th>cross-fade trajectory error (px)</th></tr>{templates}</table>
+{_curated_section(ev.get("curated"))}
 <h2>Training</h2>
 <p>VAE: {vae['step']} steps, final L1 {vae['l1']:.4f}. Director-Gen: {gen['step']} steps, flow loss {gen['loss']:.4f}.
 Director-SR: {sr['step']} steps, flow loss {sr['loss']:.4f}. Stage times: {html.escape(timings)}.</p>

@@ -6,7 +6,8 @@ and so are runs of different case lists (a mean over other cases is another numb
 ``allow_different_cases``: then cases are paired by what they ask for (name, keyframes, cuts,
 length) and the rest listed. ``compare.json`` is a pure function of the two ``metrics.json`` files,
 the labels and the paths given (byte-identical between calls); both runs' contact sheets are copied
-into ``OUT/media`` so the page stands alone. Every file is written atomically.
+into ``OUT/media`` so the page stands alone. Every file is written atomically. Two runs of the ``vsr``
+suite compare by method and metric instead (``eval/compare_vsr.py``).
 """
 
 from __future__ import annotations
@@ -42,10 +43,33 @@ def read_metrics(run: str | os.PathLike) -> dict:
         results = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not readable JSON ({e}); evaluate again to rewrite it.") from e
+    if isinstance(results, dict) and suite_of(results) == "vsr":
+        if not isinstance(results.get("sequences"), list) or not isinstance(results.get("windows"), list) \
+                or not isinstance(results.get("aggregate"), dict):
+            raise ValueError(f"{path} is not a vsr evaluation's metrics.json (no 'sequences' and 'windows' lists "
+                             "and 'aggregate' table).")
+        return results
     if not isinstance(results, dict) or not isinstance(results.get("cases"), list) \
             or not isinstance(results.get("aggregate"), dict):
         raise ValueError(f"{path} is not an evaluation's metrics.json (no 'cases' list and 'aggregate' table).")
     return results
+
+
+def suite_of(results: Mapping[str, Any]) -> str | None:
+    """The suite a metrics.json records: ``suite`` (the vsr suite) or ``run.suite`` (the generation suites)."""
+    return results.get("suite") or (results.get("run") or {}).get("suite")
+
+
+def check_suites(ra: Mapping[str, Any], rb: Mapping[str, Any], labels: Sequence[str]) -> None:
+    """A one-line ``ValueError`` unless both runs are of one suite (a run recording none is a generation suite's)."""
+    suites = [suite_of(r) for r in (ra, rb)]
+    if (suites[0] == "vsr") != (suites[1] == "vsr"):
+        kinds = [s if s == "vsr" else f"{s} (generation)" if s else "generation" for s in suites]
+        raise ValueError(f"{labels[0]} is a {kinds[0]} evaluation and {labels[1]} a {kinds[1]} one: only runs of "
+                         "one suite compare.")
+    if None not in suites and suites[0] != suites[1]:
+        raise ValueError(f"{labels[0]} evaluated the {suites[0]!r} suite and {labels[1]} the {suites[1]!r} suite: "
+                         "only runs of one suite compare.")
 
 
 def case_key(row: Mapping[str, Any]) -> tuple:
@@ -121,10 +145,7 @@ def _warnings(ra: Mapping[str, Any], rb: Mapping[str, Any], labels: Sequence[str
 def compare_results(ra: dict, rb: dict, *, labels: Sequence[str], sources: Sequence[str] = ("", ""),
                     allow_different_cases: bool = False) -> dict:
     """The content of ``compare.json`` for two ``metrics.json`` dicts (a ``ValueError`` for runs not comparable)."""
-    suites = [(r.get("run") or {}).get("suite") for r in (ra, rb)]
-    if None not in suites and suites[0] != suites[1]:
-        raise ValueError(f"{labels[0]} evaluated the {suites[0]!r} suite and {labels[1]} the {suites[1]!r} suite: "
-                         "only runs of one suite compare.")
+    check_suites(ra, rb, labels)
     pairs, only_a, only_b = pair_cases(ra["cases"], rb["cases"], labels, allow_different_cases)
     cases = []
     for ca, cb in pairs:
@@ -168,11 +189,12 @@ def _better(e: Mapping[str, Any], labels: Sequence[str]) -> str:
     return {"a": html.escape(labels[0]), "b": html.escape(labels[1]), "same": "same"}.get(e.get("better") or "", "—")
 
 
-def _copy_sheets(out: Path, run: Path, side: str, indices: Sequence[int]) -> dict[int, str]:
-    """Each case's contact sheet of one run copied to ``OUT/media/<side>_case_NNNN.png`` (where it has one)."""
+def _copy_sheets(out: Path, run: Path, side: str, indices: Sequence[int], stem: str = "case") -> dict[int, str]:
+    """Each case's (``stem``'s) contact sheet of one run copied to ``OUT/media/<side>_<stem>_NNNN.png`` (where it has
+    one)."""
     copied = {}
     for i in indices:
-        src = run / "media" / f"case_{i:04d}.png"
+        src = run / "media" / f"{stem}_{i:04d}.png"
         if src.exists():
             data = src.read_bytes()
             atomic_write(out / "media" / f"{side}_{src.name}", lambda tmp, data=data: Path(tmp).write_bytes(data))
@@ -261,6 +283,10 @@ def compare_runs(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathL
     labels = [str(x) for x in labels]
     if len(labels) != 2:
         raise ValueError(f"labels={labels}: give two, one per run.")
+    if "vsr" in (suite_of(ra), suite_of(rb)):
+        from director_jax.eval.compare_vsr import write_vsr_comparison  # imports this module
+
+        return write_vsr_comparison(ra, rb, a, b, out, labels=labels, allow_different_cases=allow_different_cases)
     cmp = compare_results(ra, rb, labels=labels, sources=(os.fspath(a), os.fspath(b)),
                           allow_different_cases=allow_different_cases)
     out = dir_path(out)
