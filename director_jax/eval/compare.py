@@ -20,56 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from director_jax.eval import report_html as rh
+from director_jax.eval.compare_common import (
+    better,
+    check_suites,
+    copy_sheets,
+    delta,
+    entry,
+    read_metrics,
+    suite_of,
+    workdir_of,
+)
+from director_jax.eval.compare_vsr import write_vsr_comparison
 from director_jax.eval.plots import distance_curves, metric_bars
 from director_jax.eval.report import _clean
-from director_jax.io_utils import atomic_write, atomic_write_text, dir_path
+from director_jax.io_utils import atomic_write_text, dir_path
 
 CASE_METRICS = ("psnr", "lpips")  # the per-case table's columns (every shared metric is in compare.json)
-
-
-def workdir_of(run: str | os.PathLike) -> Path:
-    """The evaluation workdir named by ``run``: the directory itself, or the one holding the given metrics.json."""
-    path = dir_path(run)
-    return path.parent if path.name == "metrics.json" else path
-
-
-def read_metrics(run: str | os.PathLike) -> dict:
-    """An evaluation workdir's ``metrics.json`` (or that file itself), with one-line errors for what is wrong."""
-    path = workdir_of(run) / "metrics.json"
-    if not path.exists():
-        raise ValueError(f"{path} does not exist: {run} is not an evaluation workdir (python -m director_jax.evaluate "
-                         "writes metrics.json there).")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not readable JSON ({e}); evaluate again to rewrite it.") from e
-    if isinstance(results, dict) and suite_of(results) == "vsr":
-        if not isinstance(results.get("sequences"), list) or not isinstance(results.get("windows"), list) \
-                or not isinstance(results.get("aggregate"), dict):
-            raise ValueError(f"{path} is not a vsr evaluation's metrics.json (no 'sequences' and 'windows' lists "
-                             "and 'aggregate' table).")
-        return results
-    if not isinstance(results, dict) or not isinstance(results.get("cases"), list) \
-            or not isinstance(results.get("aggregate"), dict):
-        raise ValueError(f"{path} is not an evaluation's metrics.json (no 'cases' list and 'aggregate' table).")
-    return results
-
-
-def suite_of(results: Mapping[str, Any]) -> str | None:
-    """The suite a metrics.json records: ``suite`` (the vsr suite) or ``run.suite`` (the generation suites)."""
-    return results.get("suite") or (results.get("run") or {}).get("suite")
-
-
-def check_suites(ra: Mapping[str, Any], rb: Mapping[str, Any], labels: Sequence[str]) -> None:
-    """A one-line ``ValueError`` unless both runs are of one suite (a run recording none is a generation suite's)."""
-    suites = [suite_of(r) for r in (ra, rb)]
-    if (suites[0] == "vsr") != (suites[1] == "vsr"):
-        kinds = [s if s == "vsr" else f"{s} (generation)" if s else "generation" for s in suites]
-        raise ValueError(f"{labels[0]} is a {kinds[0]} evaluation and {labels[1]} a {kinds[1]} one: only runs of "
-                         "one suite compare.")
-    if None not in suites and suites[0] != suites[1]:
-        raise ValueError(f"{labels[0]} evaluated the {suites[0]!r} suite and {labels[1]} the {suites[1]!r} suite: "
-                         "only runs of one suite compare.")
 
 
 def case_key(row: Mapping[str, Any]) -> tuple:
@@ -100,13 +66,6 @@ def pair_cases(a: Sequence[dict], b: Sequence[dict], labels: Sequence[str], allo
     pairs = [(r, by_key[case_key(r)]) for r in a if case_key(r) in by_key]
     paired = {case_key(r) for r, _ in pairs}
     return pairs, [r for r in a if case_key(r) not in paired], [r for r in b if case_key(r) not in paired]
-
-
-def entry(key: str, a: Any, b: Any) -> dict:
-    """One metric of both runs: the values, B - A, the metric's direction and the better run."""
-    va, vb = rh.number(a), rh.number(b)
-    return {"a": a, "b": b, "delta": None if va is None or vb is None else vb - va,
-            "direction": rh.direction(key) or None, "better": rh.better(key, a, b)}
 
 
 def _table_entries(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, dict]:
@@ -175,45 +134,18 @@ def compare_results(ra: dict, rb: dict, *, labels: Sequence[str], sources: Seque
     }
 
 
-def _delta(e: Mapping[str, Any]) -> str:
-    """``B - A`` signed, coloured by which run is better."""
-    d = e.get("delta")
-    if d is None:
-        return "—"
-    text = f"{d:+.4f}" if abs(d) < 10 else f"{d:+.2f}"
-    cls = {"b": "better", "a": "worse"}.get(e.get("better") or "", "")
-    return f"<span class='{cls}'>{text}</span>" if cls else text
-
-
-def _better(e: Mapping[str, Any], labels: Sequence[str]) -> str:
-    return {"a": html.escape(labels[0]), "b": html.escape(labels[1]), "same": "same"}.get(e.get("better") or "", "—")
-
-
-def _copy_sheets(out: Path, run: Path, side: str, indices: Sequence[int], stem: str = "case") -> dict[int, str]:
-    """Each case's (``stem``'s) contact sheet of one run copied to ``OUT/media/<side>_<stem>_NNNN.png`` (where it has
-    one)."""
-    copied = {}
-    for i in indices:
-        src = run / "media" / f"{stem}_{i:04d}.png"
-        if src.exists():
-            data = src.read_bytes()
-            atomic_write(out / "media" / f"{side}_{src.name}", lambda tmp, data=data: Path(tmp).write_bytes(data))
-            copied[i] = f"media/{side}_{src.name}"
-    return copied
-
-
 def _page(cmp: dict, ra: dict, rb: dict, plots: list[tuple[str, str]], sheets: list[tuple[dict, str, str]]) -> str:
     la, lb = cmp["labels"]
     agg_a, agg_b = ra["aggregate"], rb["aggregate"]
-    aggregate = [[html.escape(rh.label(k)), rh.fmt_metric(k, agg_a), rh.fmt_metric(k, agg_b), _delta(e),
-                  rh.direction(k) or "—", _better(e, cmp["labels"])] for k, e in cmp["aggregate"].items()]
+    aggregate = [[html.escape(rh.label(k)), rh.fmt_metric(k, agg_a), rh.fmt_metric(k, agg_b), delta(e),
+                  rh.direction(k) or "—", better(e, cmp["labels"])] for k, e in cmp["aggregate"].items()]
     keys = [k for k in rh.metric_keys(*(ra.get("by_template") or {}).values()) if k not in ("fvd", "fvd_clips")]
-    templates = [[html.escape(t), *(f"{rh.fmt(m[k]['a'])} → {rh.fmt(m[k]['b'])} ({_delta(m[k])})"
+    templates = [[html.escape(t), *(f"{rh.fmt(m[k]['a'])} → {rh.fmt(m[k]['b'])} ({delta(m[k])})"
                                     if k in m else "—" for k in keys)] for t, m in cmp["by_template"].items()]
     shown = [k for k in CASE_METRICS if any(k in c for c in cmp["cases"])]
     cases = [[str(c["index"]), html.escape(c["name"]),
               *(x for k in shown for x in (rh.fmt(c.get(k, {}).get("a")), rh.fmt(c.get(k, {}).get("b")),
-                                           _delta(c.get(k, {}))))] for c in cmp["cases"]]
+                                           delta(c.get(k, {}))))] for c in cmp["cases"]]
     diff = f"{lb} − {la}"
     case_head = ["#", "case", *(f"{lab} {k}" for k in shown for lab in (la, lb, diff))]
     runs = "".join(f"<li><b>{html.escape(r['label'])}</b>: {html.escape(r['source'])} ({r['cases']} cases"
@@ -284,8 +216,6 @@ def compare_runs(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathL
     if len(labels) != 2:
         raise ValueError(f"labels={labels}: give two, one per run.")
     if "vsr" in (suite_of(ra), suite_of(rb)):
-        from director_jax.eval.compare_vsr import write_vsr_comparison  # imports this module
-
         return write_vsr_comparison(ra, rb, a, b, out, labels=labels, allow_different_cases=allow_different_cases)
     cmp = compare_results(ra, rb, labels=labels, sources=(os.fspath(a), os.fspath(b)),
                           allow_different_cases=allow_different_cases)
@@ -293,8 +223,8 @@ def compare_runs(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathL
     atomic_write_text(out / "compare.json", json.dumps(_clean(cmp), indent=1, sort_keys=True) + "\n")
     plots = _plots(out, cmp, ra, rb)
     in_order = sorted(cmp["cases"], key=lambda c: (c["index"] is None, c["index"] or 0))
-    sheets_a = _copy_sheets(out, workdir_of(a), "a", [c["index"] for c in in_order if c["index"] is not None])
-    sheets_b = _copy_sheets(out, workdir_of(b), "b", [c["index_b"] for c in in_order if c["index_b"] is not None])
+    sheets_a = copy_sheets(out, workdir_of(a), "a", [c["index"] for c in in_order if c["index"] is not None])
+    sheets_b = copy_sheets(out, workdir_of(b), "b", [c["index_b"] for c in in_order if c["index_b"] is not None])
     sheets = [(c, sheets_a.get(c["index"]), sheets_b.get(c["index_b"])) for c in in_order
               if c["index"] in sheets_a or c["index_b"] in sheets_b]
     return atomic_write_text(out / "compare.html", _page(cmp, ra, rb, plots, sheets))

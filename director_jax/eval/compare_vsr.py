@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from director_jax.eval import report_html as rh
-from director_jax.eval.compare import _better, _copy_sheets, _delta, check_suites, entry, workdir_of
+from director_jax.eval.compare_common import better, check_suites, copy_sheets, delta, entry, workdir_of
 from director_jax.eval.report import _clean
 from director_jax.eval.vsr import BETTER, METRICS
 from director_jax.io_utils import atomic_write_text, dir_path
@@ -177,11 +177,12 @@ def compare_vsr_results(ra: dict, rb: dict, *, labels: Sequence[str], sources: S
 
 def _summary(table: Mapping[str, Mapping[str, dict]], labels: Sequence[str]) -> str:
     la, lb = labels
-    def delta(k: str, e: dict) -> str:
-        return f"{round(e['delta']):+d}" if k in COUNTS and e["delta"] is not None else _delta(e)
 
-    rows = [[html.escape(m), html.escape(LABELS.get(k, k)), rh.fmt(e["a"]), rh.fmt(e["b"]), delta(k, e),
-             html.escape(e["direction"] or "—"), _better(e, labels)]
+    def shown_delta(k: str, e: dict) -> str:
+        return f"{round(e['delta']):+d}" if k in COUNTS and e["delta"] is not None else delta(e)
+
+    rows = [[html.escape(m), html.escape(LABELS.get(k, k)), rh.fmt(e["a"]), rh.fmt(e["b"]), shown_delta(k, e),
+             html.escape(e["direction"] or "—"), better(e, labels)]
             for m, metrics in table.items() for k, e in metrics.items()]
     return rh.table(["method", "metric", la, lb, f"{lb} − {la}", "better when", "better run"], rows)
 
@@ -196,8 +197,8 @@ def _page(cmp: dict, sheets: list[tuple[dict, str | None, str | None]]) -> str:
         return (r["metrics"].get(method) or {}).get(k) or {}
 
     seq_rows = [[html.escape(str(r["name"])), rh.fmt(cell(r, "frames").get("a")), rh.fmt(cell(r, SORT_METRIC).get("a")),
-                 rh.fmt(cell(r, SORT_METRIC).get("b")), _delta(cell(r, SORT_METRIC)),
-                 *(_delta(cell(r, k)) for k in others)] for r in cmp["sequences"]]
+                 rh.fmt(cell(r, SORT_METRIC).get("b")), delta(cell(r, SORT_METRIC)),
+                 *(delta(cell(r, k)) for k in others)] for r in cmp["sequences"]]
     seq_head = ["sequence", f"frames ({la})", f"{la} PSNR-Y", f"{lb} PSNR-Y", diff,
                 *(f"{LABELS[k]} {diff}" for k in others)]
     runs = "".join(f"<li><b>{html.escape(r['label'])}</b>: {html.escape(r['source'])} ({r['sequences']} sequences, "
@@ -237,8 +238,8 @@ def write_vsr_comparison(ra: dict, rb: dict, a: str | os.PathLike, b: str | os.P
     out = dir_path(out)
     atomic_write_text(out / "compare.json", json.dumps(_clean(cmp), indent=1, sort_keys=True) + "\n")
     wins = [w for w in cmp["windows"] if w["index"] is not None and w["index_b"] is not None]
-    sheets_a = _copy_sheets(out, workdir_of(a), "a", [w["index"] for w in wins], stem="window")
-    sheets_b = _copy_sheets(out, workdir_of(b), "b", [w["index_b"] for w in wins], stem="window")
+    sheets_a = copy_sheets(out, workdir_of(a), "a", [w["index"] for w in wins], stem="window")
+    sheets_b = copy_sheets(out, workdir_of(b), "b", [w["index_b"] for w in wins], stem="window")
     sheets = [(w, sheets_a.get(w["index"]), sheets_b.get(w["index_b"])) for w in wins
               if w["index"] in sheets_a or w["index_b"] in sheets_b]
     return atomic_write_text(out / "compare.html", _page(cmp, sheets))
