@@ -93,7 +93,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: Path, progress: bool) -> d
     ccfg = load_config(stages.CONFIGS / "eval_curated.py")
     ccfg.update(dict(model_config=ecfg.model_config, data=str(workdir / "heldout" / "curated"), split="all",
                      max_clips=int(cfg.eval.curated_clips)))
-    ccfg.metrics.fvd = bool(cfg.eval.fvd)
+    ccfg.metrics.fvd = bool(cfg.eval.fvd) and bool(cfg.eval.curated_fvd)
     curated = run_evaluation(ccfg, workdir / "eval_curated", ckpt=workdir / "gen", progress=progress)
     curated_base = run_evaluation(ccfg, workdir / "eval_curated_crossfade", baseline="crossfade", progress=progress)
     return {"model": model["aggregate"], "crossfade": baseline["aggregate"], "by_template": model["by_template"],
