@@ -8,7 +8,8 @@ the LR frames by the BI degradation, bicubic by the SR config's scale) from held
 (seeds 9_500_000 + i, one shape per shot, a cut in each), then runs ``python -m director_jax.evaluate
 --suite vsr``'s code on them with the demo's SR (``WORKDIR/sr``): without anchors, anchored on the
 first and last HR frame of each window, and the bicubic baseline in the same run. Prints a markdown
-table (stdout); the full results are in ``OUT/eval/metrics.json`` and ``report.html``.
+table (stdout) with one more row: the HR windows through the SR run's own VAE (encode, decode), the
+ceiling of any SR decoded by it; the full results are in ``OUT/eval/metrics.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from bench_common import REPO, machine_description, make_log
 from PIL import Image
 
+from director_jax.build import load_frozen_vae
 from director_jax.configs_common import load_config
 from director_jax.data.synthetic import make_movie
+from director_jax.eval.vsr import frame_metrics, mean_frames, mean_sequences
 from director_jax.eval.vsr_run import check_vsr_evaluation, run_vsr_evaluation
+from director_jax.pipeline.codec import jitted_codec
+from director_jax.pipeline.request import run_config
 
 log = make_log("vsr-demo")
 FIRST_SEED = 9_500_000
@@ -39,6 +46,26 @@ def write_sequences(root: Path, count: int, size: int, shot_lengths: tuple[int, 
         pixels = np.round((movie.frames + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         for t, frame in enumerate(pixels):
             Image.fromarray(frame).save(seq / f"frame_{t:03d}.png")
+
+
+def vae_floor(root: Path, sr_run: Path, frames: int, crop_border: int) -> dict[str, float]:
+    """The HR windows through the SR run's frozen VAE (encode, decode): what any SR decoded by it can reach."""
+    sr_cfg = run_config(str(sr_run), None)
+    vae = load_frozen_vae(sr_cfg, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    encode, decode = jitted_codec(vae)
+    rows = []
+    for seq in sorted((root / "GT").iterdir()):
+        truth = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(seq.glob("*.png"))])
+        per_frame: dict[str, list] = {}
+        for lo in range(0, len(truth) - frames + 1, frames):
+            clip = truth[lo:lo + frames].astype(np.float32) / 127.5 - 1.0
+            mean, _ = encode(jnp.asarray(clip)[None])
+            video = np.asarray(decode(mean))[0]
+            pixels = np.round((np.clip(video, -1, 1) + 1) * 127.5).astype(np.uint8)
+            for k, v in frame_metrics(pixels, truth[lo:lo + frames], crop_border=crop_border).items():
+                per_frame.setdefault(k, []).extend(v.tolist())
+        rows.append(mean_frames({k: np.asarray(v) for k, v in per_frame.items()}))
+    return mean_sequences(rows)
 
 
 def main() -> None:
@@ -65,9 +92,11 @@ def main() -> None:
     print(f"- Evaluation time: {seconds:.0f} s\n")
     print("| method | PSNR-Y (dB) | PSNR-RGB (dB) | SSIM-Y | LPIPS | frames |")
     print("|---|---|---|---|---|---|")
-    for method, m in results["aggregate"].items():
+    settings = results["settings"]
+    floor = vae_floor(out / "data", workdir / "sr", int(settings["frames"]), int(settings["crop_border"]))
+    for method, m in [*results["aggregate"].items(), ("HR through the SR's VAE (its ceiling)", floor)]:
         print(f"| {method} | {m['psnr_y']:.2f} | {m['psnr_rgb']:.2f} | {m['ssim_y']:.4f} | {m['lpips']:.4f} | "
-              f"{m['frames']} |")
+              f"{m.get('frames', '')} |")
     non_anchor = results.get("aggregate_non_anchor") or {}
     if non_anchor:
         print("\nOn the non-anchor frames only (every method):\n")
