@@ -126,3 +126,17 @@ def test_bootstrap_bad_inputs_and_min_clips():
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_interval(a, b, confidence=1.0)
     assert isinstance(FVD_MIN_CLIPS, int) and FVD_MIN_CLIPS >= 2
+
+
+def test_paired_bootstrap_resamples_the_cases_of_both_sets_together():
+    """Generated clip i belongs with true clip i: a set against itself stays at 0 under every resample and a
+    shifted copy (every row + d, so every resample's means differ by exactly d) gives an interval around |d|^2."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 6))
+    assert bootstrap_interval(a, a, samples=30, paired=True) == pytest.approx((0.0, 0.0), abs=1e-9)  # eigh round-off
+    assert bootstrap_interval(a, a, samples=30)[1] > 0.0  # unpaired resamples differ
+    shift = np.full(6, 0.5)
+    low, high = bootstrap_interval(a, a + shift, samples=30, paired=True)
+    assert (low, high) == pytest.approx((float(shift @ shift),) * 2, abs=1e-6)
+    with pytest.raises(ValueError, match="paired bootstrap needs sets of one length"):
+        bootstrap_interval(a, a[:10], paired=True)
