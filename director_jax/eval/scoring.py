@@ -27,6 +27,7 @@ one: the spread over which cases the suite drew) and the number of clips it rest
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -119,6 +120,22 @@ def _means(rows: Sequence[dict]) -> dict[str, float]:
     return out
 
 
+_REFERENCE_FEATURES: dict[str, np.ndarray] = {}  # digest of (settings, true clips) -> their I3D features
+
+
+def _reference_features(i3d, clips: np.ndarray, settings: MetricSettings) -> np.ndarray:
+    """The true clips' I3D features, kept for the process: a model and its baselines scored on one suite in one
+    process (the demo, a notebook) pay for them once. Keyed by the clips' bytes, so other clips never hit."""
+    h = hashlib.sha256(repr((settings.fvd_layer, settings.fvd_frames, settings.fvd_size, clips.shape)).encode())
+    h.update(np.ascontiguousarray(clips).tobytes())
+    key = h.hexdigest()
+    if key not in _REFERENCE_FEATURES:
+        if len(_REFERENCE_FEATURES) >= 4:
+            _REFERENCE_FEATURES.pop(next(iter(_REFERENCE_FEATURES)))
+        _REFERENCE_FEATURES[key] = i3d.features(clips)
+    return _REFERENCE_FEATURES[key]
+
+
 def fvd(videos: Sequence[np.ndarray], references: Sequence[np.ndarray], settings: MetricSettings) -> dict:
     """``fvd`` between generated clips and true clips, its bootstrap interval (``fvd_ci_low`` / ``fvd_ci_high``,
     95%) and ``fvd_clips``; None values with fewer than 2 clips (no covariance)."""
@@ -131,7 +148,8 @@ def fvd(videos: Sequence[np.ndarray], references: Sequence[np.ndarray], settings
         raise ValueError(f"FVD needs clips of one shape; got {sorted({c.shape for c in clips})}. Set "
                          "--config.metrics.fvd_frames to at most the shortest case's length.")
     i3d = shared_i3d(settings.fvd_layer, n, settings.fvd_size)
-    generated, true = i3d.features(np.stack(clips[:len(videos)])), i3d.features(np.stack(clips[len(videos):]))
+    generated = i3d.features(np.stack(clips[:len(videos)]))
+    true = _reference_features(i3d, np.stack(clips[len(videos):]), settings)
     out["fvd"] = feature_frechet_distance(generated, true)
     if settings.fvd_bootstrap:
         out["fvd_ci_low"], out["fvd_ci_high"] = bootstrap_interval(generated, true, samples=settings.fvd_bootstrap,
