@@ -45,6 +45,9 @@ TINY = {
     "generate": ["--steps=2", "--sr_steps=1", "--noprogress"],
     "evaluate": ["--config.movies.count=1", "--config.metrics.fvd=False", "--config.sampler.steps=2",
                  "--noprogress"],
+    "evaluate --suite curated": ["--config.max_clips=3", "--config.metrics.fvd=False", "--config.sampler.steps=2",
+                                 "--noprogress"],
+    "evaluate compare": [],
     "pytorch": ["--steps=2"],
 }
 
@@ -116,6 +119,10 @@ def test_readme_python_block_runs(index, stand_ins, tmp_path):
 def _run(words: list[str], cwd: Path, devices: int) -> str:
     assert words[:3] == ["python", "-m", words[2]] and words[2].startswith("director_jax."), words
     verb = words[2].split(".")[1]
+    if verb == "evaluate" and "--suite" in words:
+        verb += f" --suite {words[words.index('--suite') + 1]}"
+    elif verb == "evaluate" and words[3:4] == ["compare"]:
+        verb += " compare"
     extra = TINY.get(verb, [])
     proc = subprocess.run([sys.executable, *words[1:], *extra], cwd=cwd, env=_env(devices), capture_output=True,
                           text=True, timeout=900)

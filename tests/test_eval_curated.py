@@ -188,7 +188,8 @@ def test_a_checkpoint_on_the_suite_reruns_byte_identically_on_any_device_count(f
     for got, want in [(one["aggregate"], eight["aggregate"]), *zip(one["cases"], eight["cases"], strict=True)]:
         for key, value in want.items():
             if isinstance(value, float):  # float32 rounding of the partitioned programs (test_evaluate.py)
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
+                rel = 2e-4 if key.startswith("fvd_ci") else 1e-5  # percentiles of resamples amplify it (test_evaluate)
+                assert got[key] == pytest.approx(value, rel=rel, abs=1e-6, nan_ok=True), key
     agg = eight["aggregate"]
     for key in ("psnr", "lpips", "keyframe_psnr", "pacing_offset_frames", "flicker", "fvd", "fvd_ci_low"):
         assert np.isfinite(agg[key]), key

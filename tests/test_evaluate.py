@@ -122,7 +122,8 @@ def test_a_model_sharded_over_devices_gives_the_same_numbers(cli_runs, checkpoin
                       *zip(sharded["cases"], replicated["cases"], strict=True)]:
         for key, value in want.items():
             if isinstance(value, float):
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+                rel = 2e-4 if key.startswith("fvd_ci") else 1e-5  # see the device-count test below
+                assert got[key] == pytest.approx(value, rel=rel, abs=1e-9), key
 
 
 def test_weights_from_a_diffusers_export_score_like_the_run(cli_runs, checkpoint, config_file, tmp_path):
@@ -247,6 +248,9 @@ def test_trained_checkpoint_numbers_do_not_depend_on_the_device_count(config_fil
     for got, want in [(one["aggregate"], eight["aggregate"]), *zip(one["cases"], eight["cases"], strict=True)]:
         for key, value in want.items():
             if isinstance(value, float):
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+                # the FVD interval is a percentile of 200 resampled distances of rank-deficient sets: it carries
+                # the clips' float32 rounding ~20x amplified (measured 1.9e-5 relative)
+                rel = 2e-4 if key.startswith("fvd_ci") else 1e-5
+                assert got[key] == pytest.approx(value, rel=rel, abs=1e-9), key
             else:
                 assert got[key] == value, key
