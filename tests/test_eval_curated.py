@@ -25,8 +25,7 @@ from director_jax.eval.compare import compare_runs
 from director_jax.eval.curated import MULTI_SHOT, VideoShape, case_list, cases_from_list, curated_cases
 from director_jax.eval.metrics import psnr
 from director_jax.eval.run import run_evaluation
-from director_jax.train.checkpoint import Checkpointer
-from director_jax.train.trainer import build_run
+from tests.test_evaluate import save_random_gen
 from tests.test_shards import DEFAULT_SPECS, make_curated_dir, window_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,23 +146,10 @@ def test_a_saved_case_list_rebuilds_the_same_cases(footage, tmp_path):
 
 # ---- the suite end to end on a Director-Gen checkpoint ------------------------------------------------------------
 
-def _save_random_gen(workdir: Path, seed: int) -> Path:
-    """A randomly initialised gen_tiny train state saved by the trainer's code at step 0 (test_evaluate's fixture)."""
-    cfg = load_config(ROOT / "configs" / "gen_tiny.py")
-    cfg.seed = seed
-    cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
-    run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
-    state = jax.jit(run.init, out_shardings=run.shardings)()
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "gen", "step": 0}, wait=True)
-    ckpt.close()
-    return workdir
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("gens")
-    return _save_random_gen(root / "a", 0), _save_random_gen(root / "b", 1)
+    return save_random_gen(root / "a", 0), save_random_gen(root / "b", 1)  # test_evaluate's checkpoint
 
 
 def model_config(root, **fields) -> ml_collections.ConfigDict:

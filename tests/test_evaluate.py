@@ -49,12 +49,11 @@ def get_config():
 '''
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def save_random_gen(workdir: Path, seed: int = 0) -> Path:
     """A randomly initialised gen_tiny train state saved by the trainer's own code (build_run's init, Checkpointer) at
     step 0. Training steps would add only the train step's ~30 s CPU compile; the slow test trains for real."""
-    workdir = tmp_path_factory.mktemp("gen_tiny")
     cfg = load_config(GEN_CONFIG)
+    cfg.seed = seed
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
     run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
     state = jax.jit(run.init, out_shardings=run.shardings)()
@@ -62,6 +61,11 @@ def checkpoint(tmp_path_factory) -> Path:
     ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "gen", "step": 0}, wait=True)
     ckpt.close()
     return workdir
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_random_gen(tmp_path_factory.mktemp("gen_tiny"))
 
 
 @pytest.fixture(scope="module")
