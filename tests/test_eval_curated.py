@@ -25,7 +25,7 @@ from director_jax.eval.compare import compare_runs
 from director_jax.eval.curated import MULTI_SHOT, VideoShape, case_list, cases_from_list, curated_cases
 from director_jax.eval.metrics import psnr
 from director_jax.eval.run import run_evaluation
-from tests.test_evaluate import save_random_gen
+from tests.test_generate import save_gen_checkpoint
 from tests.test_shards import DEFAULT_SPECS, make_curated_dir, window_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,10 @@ def test_cases_are_windows_of_the_true_clips_with_keyframes_at_their_shot_starts
             assert true_cuts and list(case.keyframes) == [0, *true_cuts]
         else:
             assert not rel_cuts  # a clip with a cut always has a 17-frame window around it here
-            assert 1 <= len(case.keyframes) <= 3 and case.template.startswith("single shot")
+            k = len(case.keyframes)
+            assert case.template == f"single shot: {k} keyframe{'s' if k > 1 else ''}"
+            assert k in (1, 2, 3)  # the config's min_keyframes..max_keyframes
+            assert len(set(case.keyframes)) == k and all(0 <= f < SHAPE.frames for f in case.keyframes)
         # the reference is the true window, resized and cropped (mp4 and resampler differences only)
         expected = cover_crop(frames[window], SHAPE.height, SHAPE.width)
         assert case.reference.shape == (SHAPE.frames, 32, 32, 3)
@@ -90,6 +93,16 @@ def test_cases_are_windows_of_the_true_clips_with_keyframes_at_their_shot_starts
         first, last, _ = window_counts(rel_cuts, window)
         assert case.caption.count("Shot ") == last - first + 1
     assert multi == 6  # every clip with a cut holds a window around one at 17 frames
+
+
+def test_single_shot_windows_draw_the_configured_number_of_keyframes(footage):
+    root, truth = footage
+    for count in (1, 2, 4):
+        cases, _ = curated_cases(suite_config(root, split="all", max_clips=12, min_keyframes=count,
+                                              max_keyframes=count), SHAPE)
+        single = [c for c in cases if not truth[c.clip_id][0]["cuts"]]  # clips without a cut (the manifest says)
+        assert len(single) == 6 and all(len(c.keyframes) == count for c in single)
+        assert all(c.template != MULTI_SHOT for c in single)
 
 
 def test_the_draw_is_a_pure_function_of_seed_and_clip(footage):
@@ -149,7 +162,8 @@ def test_a_saved_case_list_rebuilds_the_same_cases(footage, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("gens")
-    return save_random_gen(root / "a", 0), save_random_gen(root / "b", 1)  # test_evaluate's checkpoint
+    return tuple(save_gen_checkpoint(root / name, configure=lambda c, s=seed: setattr(c, "seed", s))
+                 for name, seed in (("a", 0), ("b", 1)))
 
 
 def model_config(root, **fields) -> ml_collections.ConfigDict:

@@ -22,9 +22,8 @@ from director_jax.errors import UserError
 from director_jax.eval.vsr import MAX_PSNR, mean_frames, psnr_rgb, psnr_y, ssim_y
 from director_jax.eval.vsr_data import anchor_frames, load_window, natural_key, plan_windows, scan_benchmark
 from director_jax.eval.vsr_run import check_vsr_evaluation, run_vsr_evaluation
-from director_jax.train.checkpoint import Checkpointer
-from director_jax.train.trainer import build_run, train
-from tests.test_generate import save_gen_checkpoint
+from director_jax.train.trainer import train
+from tests.test_generate import save_gen_checkpoint, save_train_state
 from tests.test_sr_train import tiny_sr_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,11 +237,7 @@ def _sr_run(workdir: Path, steps: int = 0):
     if steps:
         train(cfg, str(workdir), devices=jax.devices()[:1], progress=False)
         return cfg
-    run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
-    state = jax.jit(run.init, out_shardings=run.shardings)()
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "sr", "step": 0}, wait=True)
-    ckpt.close()
+    save_train_state(cfg, workdir, "sr")
     return cfg
 
 

@@ -24,8 +24,7 @@ from director_jax.eval.run import run_evaluation
 from director_jax.eval.scoring import PER_CASE
 from director_jax.eval.suite import synthetic_cases
 from director_jax.pipeline.settings import text_inputs
-from director_jax.train.checkpoint import Checkpointer
-from director_jax.train.trainer import build_run
+from tests.test_generate import save_gen_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CONFIG = ROOT / "configs" / "eval_synthetic.py"
@@ -49,23 +48,11 @@ def get_config():
 '''
 
 
-def save_random_gen(workdir: Path, seed: int = 0) -> Path:
-    """A randomly initialised gen_tiny train state saved by the trainer's own code (build_run's init, Checkpointer) at
-    step 0. Training steps would add only the train step's ~30 s CPU compile; the slow test trains for real."""
-    cfg = load_config(GEN_CONFIG)
-    cfg.seed = seed
-    cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
-    run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
-    state = jax.jit(run.init, out_shardings=run.shardings)()
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "gen", "step": 0}, wait=True)
-    ckpt.close()
-    return workdir
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return save_random_gen(tmp_path_factory.mktemp("gen_tiny"))
+    """gen_tiny's random train state at step 0 (training steps would add only the train step's CPU compile; the slow
+    test trains for real)."""
+    return save_gen_checkpoint(tmp_path_factory.mktemp("gen_tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,18 @@ def save_gen_checkpoint(workdir: Path, transform=None, configure=None) -> Path:
     if configure is not None:
         configure(cfg)
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    return save_train_state(cfg, workdir, "gen", transform)
+
+
+def save_train_state(cfg, workdir: Path, task: str, transform=None) -> Path:
+    """``cfg``'s random train state (every array through ``transform`` if given) saved by the trainer's own code
+    (build_run's init, Checkpointer) at step 0, on one device."""
     run = build_run(cfg, devices=jax.devices()[:1], materialize_frozen=False)
     state = jax.jit(run.init, out_shardings=run.shardings)()
     if transform is not None:
         state = jax.tree.map(transform, state)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": "gen", "step": 0}, wait=True)
+    ckpt.save(0, state, {}, {"config": cfg.to_json_best_effort(), "task": task, "step": 0}, wait=True)
     ckpt.close()
     return workdir
 
