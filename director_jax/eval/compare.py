@@ -27,6 +27,7 @@ from director_jax.eval.compare_common import (
     delta,
     entry,
     read_metrics,
+    settings_warning,
     suite_of,
     workdir_of,
 )
@@ -89,12 +90,7 @@ def _distance(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> dict 
 
 def _warnings(ra: Mapping[str, Any], rb: Mapping[str, Any], labels: Sequence[str], only_a: list, only_b: list
               ) -> list[str]:
-    out = []
-    sa, sb = ra.get("settings") or {}, rb.get("settings") or {}
-    differ = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
-    if differ:
-        out.append("metric settings differ (" + ", ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in differ)
-                   + "): the metrics they set (FVD, LPIPS) are not comparable between the runs.")
+    out = settings_warning(ra, rb, "the metrics they set (FVD, LPIPS) are not comparable between the runs.")
     if only_a or only_b:
         out.append(f"{len(only_a)} cases only in {labels[0]} and {len(only_b)} only in {labels[1]}: aggregates and "
                    "per-template means are over different cases; per-case deltas cover the shared cases only.")

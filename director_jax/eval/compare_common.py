@@ -94,3 +94,11 @@ def copy_sheets(out: Path, run: Path, side: str, indices: Sequence[int], stem: s
     return copied
 
 
+def settings_warning(ra: Mapping[str, Any], rb: Mapping[str, Any], consequence: str) -> list[str]:
+    """One warning listing the ``settings`` the two runs differ in (none when equal), ending in ``consequence``."""
+    sa, sb = ra.get("settings") or {}, rb.get("settings") or {}
+    differ = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+    if not differ:
+        return []
+    return [", ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in differ).join(("settings differ (", "): "))
+            + consequence]

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from director_jax.eval import report_html as rh
-from director_jax.eval.compare_common import better, check_suites, copy_sheets, delta, entry, workdir_of
+from director_jax.eval.compare_common import (
+    better,
+    check_suites,
+    copy_sheets,
+    delta,
+    entry,
+    settings_warning,
+    workdir_of,
+)
 from director_jax.eval.report import _clean
 from director_jax.eval.vsr import BETTER, METRICS
 from director_jax.io_utils import atomic_write_text, dir_path
@@ -121,12 +129,7 @@ def pair_vsr(ra: Mapping[str, Any], rb: Mapping[str, Any], labels: Sequence[str]
 
 def _warnings(ra: Mapping[str, Any], rb: Mapping[str, Any], labels: Sequence[str], seqs: list, unpaired: dict
               ) -> list[str]:
-    out = []
-    sa, sb = ra.get("settings") or {}, rb.get("settings") or {}
-    differ = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
-    if differ:
-        out.append("settings differ (" + ", ".join(f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in differ)
-                   + "): the numbers they set (crop, anchors, LPIPS network, windows) may not compare.")
+    out = settings_warning(ra, rb, "the numbers they set (crop, anchors, LPIPS network, windows) may not compare.")
     crops = [r.get("name") for r, q in seqs if r.get("crop_hr") != q.get("crop_hr")]
     if crops:
         out.append(f"{len(crops)} sequences are scored on different crops in the two runs (first: {crops[0]!r}): "
