@@ -177,6 +177,7 @@ def machine_description(script: str, watched: tuple[str, ...], jax_platforms: st
         f"flax {ver('flax')}, torch {ver('torch')}, diffusers {ver('diffusers')}",
         f"- Code: git {code}",
         f"- Command: `{shlex.join(['python', script, *sys.argv[1:]])}`",
+        f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`",
     ]
 
 

@@ -29,6 +29,10 @@ Run from the repository root::
     python benchmarks/dit.py --quick            # tiny sizes, 1 timed call: smoke test in well under a minute
     python benchmarks/dit.py --write-results    # also put the tables into benchmarks/RESULTS.md (## DiT)
     python benchmarks/dit.py --dtype bfloat16   # bf16 compute (JAX dtype=bf16, torch autocast), f32 params
+    python benchmarks/dit.py --attention xla --xla-default   # the configuration before issue 23's CPU work
+
+JAX runs with the project's CPU compiler flags (``director_jax/xla_flags.py``, as every command does)
+unless ``--xla-default``; the header names the XLA_FLAGS and the attention implementation used.
 
 Progress goes to stderr, the markdown tables to stdout.
 """
@@ -53,7 +57,7 @@ from bench_common import (
     make_log,
     usable_cores,
 )
-from dit_sides import JaxSide, TorchSide, build_config, build_torch_model, make_inputs
+from dit_sides import JaxSide, TorchSide, build_config, build_torch_model, make_inputs, model_flops
 
 log = make_log("dit-bench")
 
@@ -121,7 +125,8 @@ def report(args: argparse.Namespace, jx: dict, th: dict, agree: list[str], machi
         f"- Model: WanDiTConfig(heads {args.heads} x head_dim {args.head_dim} = dim {dim}, {args.layers} layers, "
         f"ffn {args.ffn_dim}, text_dim {args.text_dim}, freq_dim 256, patch (1, 2, 2), 16 -> 16 channels), "
         f"{jx['params'] / 1e6:.1f}M parameters, random weights (seed {args.seed}), {args.dtype}"
-        + (" compute with float32 parameters (JAX dtype=bf16; torch.autocast)" if args.dtype == "bfloat16" else ""),
+        + (" compute with float32 parameters (JAX dtype=bf16; torch.autocast)" if args.dtype == "bfloat16" else "")
+        + f"; JAX attention_impl `{args.attention}`",
         f"- Inputs: latents {args.batch}x{args.frames}x{args.height}x{args.width}x16 (BxFxHxWxC) -> {tokens} video "
         f"tokens per sample; text {args.batch}x{args.text_len}x{args.text_dim}; one timestep per sample; loss = "
         "mean(output²), gradients w.r.t. every parameter",
@@ -155,19 +160,20 @@ def report(args: argparse.Namespace, jx: dict, th: dict, agree: list[str], machi
         lines.append(f"| diffusers PyTorch, gradient checkpointing | first call {fmt_s(g['first_s'])} | - | "
                      f"{med_best(g)} | - | {ratio(g, t_eager)} (vs eager) | n/a | - / {fmt_mib(g['peak_rss'])} |")
 
-    flops_f = jx["fwd_xla"].get("flops")
-    flops_b = jx["policies"].get("none", {}).get("xla", {}).get("flops")
+    flops_f = args.batch * model_flops(build_config(args), tokens, args.text_len)
+    flops_b = 3 * flops_f
     lines += [""]
-    if flops_f and th["fwd"]["times"]:
+    if th["fwd"]["times"]:
         rate = [f"forward: JAX {flops_f / statistics.median(jx['fwd']['times']) / 1e9:.0f}, PyTorch "
                 f"{flops_f / statistics.median(th['fwd']['times']) / 1e9:.0f}"]
-        if flops_b and "none" in jx["policies"] and t_eager:
+        if "none" in jx["policies"] and "times" in jx["policies"]["none"] and t_eager:
             t_none = statistics.median(jx["policies"]["none"]["times"])
             rate.append(f"fwd+bwd (remat none): JAX {flops_b / t_none / 1e9:.0f}, PyTorch "
                         f"{flops_b / statistics.median(t_eager['times']) / 1e9:.0f}")
-        lines.append(f"- Work (XLA `cost_analysis()` flops): forward {flops_f / 1e9:.1f} GFLOP"
-                     + (f", fwd+bwd {flops_b / 1e9:.1f} GFLOP" if flops_b else "")
-                     + "; the same work divided by each framework's median time, in GFLOP/s: " + "; ".join(rate) + ".")
+        lines.append(f"- Work (model FLOPs: the matmuls of every layer, counted from the config, `dit_sides.model_flops`;"
+                     f" XLA's `cost_analysis()` counts the scanned layers' body once): forward {flops_f / 1e9:.1f} "
+                     f"GFLOP, fwd+bwd {flops_b / 1e9:.1f} GFLOP (3x); divided by each framework's median time, in "
+                     "GFLOP/s: " + "; ".join(rate) + ".")
     lines += [
         "- JAX / PyTorch < 1 means JAX is faster (ratio of medians). The fwd+bwd ratio of every remat policy is "
         "against PyTorch eager (no checkpointing); PyTorch's own gradient-checkpointing row is relative to eager.",
@@ -263,6 +269,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; parameters stay float32 [default float32]")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs [default 0]")
+    g.add_argument("--attention", default="auto",
+                   help="the JAX model's attention_impl (auto: rows on the CPU; xla: the materialising reference) "
+                        "[default auto]")
     g = p.add_argument_group("measurement")
     g.add_argument("--repeats", type=int, help=f"timed calls per variant [default {d['repeats']}]")
     g.add_argument("--warmup", type=int, help=f"untimed calls before them [default {d['warmup']}]")
@@ -276,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--torch-device", default="cpu", help="PyTorch device [default cpu]")
     g.add_argument("--jax-platforms", default="cpu",
                    help="JAX_PLATFORMS unless already set in the environment [default cpu]")
+    g.add_argument("--xla-default", action="store_true",
+                   help="XLA's own CPU flags, without director_jax/xla_flags.py's (the configuration before them)")
     g = p.add_argument_group("general")
     g.add_argument("--quick", action="store_true",
                    help="smoke test: dim 64, 2 layers, 128 tokens, text 32x256, 1 timed call")
@@ -309,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    if not args.xla_default:
+        from director_jax.xla_flags import apply_cpu_flags
+
+        apply_cpu_flags()  # what the commands run with; before JAX's backend starts
     # before the run: the load average is the one at the start
     machine = machine_description("benchmarks/dit.py", ("director_jax", "benchmarks/dit.py"))
     t_start = time.perf_counter()

@@ -105,6 +105,29 @@ def build_torch_model(cfg, seed: int):
     return model
 
 
+def model_flops(cfg, tokens: int, text_len: int, groups: int = 1) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one sample's forward: every linear layer and both attention products.
+
+    Counted from the config because XLA's ``cost_analysis()`` counts a scanned loop's body once: for the
+    layer-scanned DiT it reports about one block's work, not ``num_layers`` blocks'. The backward does
+    twice the forward's matmuls (input and weight gradients), so forward + backward is 3x this ("model
+    FLOPs"; what remat or a flash backward recompute is not counted).
+    """
+    d, f = cfg.inner_dim, cfg.ffn_dim
+    patch = int(np.prod(cfg.patch_size))
+    block = (4 * tokens * d * d            # self-attention q, k, v, out
+             + 2 * tokens * tokens * d     # q @ k^T and p @ v over all heads
+             + 2 * tokens * d * d          # cross-attention q, out
+             + 2 * text_len * d * d        # cross-attention k, v (text tokens)
+             + 2 * tokens * text_len * d   # cross-attention products
+             + 2 * tokens * d * f)         # FFN in and out
+    outside = (tokens * patch * cfg.in_channels * d                          # patch embedding
+               + text_len * (cfg.text_dim * d + d * d)                       # text projection
+               + groups * (cfg.freq_dim * d + d * d + d * 6 * d)             # time embedding and modulation
+               + tokens * d * patch * cfg.out_channels)                      # output head
+    return 2.0 * (cfg.num_layers * block + outside)
+
+
 def make_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(args.seed)
     b = args.batch
@@ -131,7 +154,7 @@ class JaxSide:
 
         self.args = args
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        self.model = load_transformer(state, cfg, dtype=dtype, param_dtype=jnp.float32)
+        self.model = load_transformer(state, cfg, dtype=dtype, param_dtype=jnp.float32, attention_impl=args.attention)
         self.x = {k: jnp.asarray(v) for k, v in inputs.items()}
         self.res: dict[str, Any] = {
             "backend": jax.default_backend(), "devices": str(jax.devices()[0]), "policies": {},

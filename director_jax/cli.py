@@ -2,8 +2,9 @@
 
 Each command is an absl program with underscore flags. ``run(main)`` replaces ``app.run(main)``:
 before ``main`` it sets up logging (this package's one line per stage at INFO; Orbax, absl, JAX and
-TensorStore chatter only with ``--verbose``) and keeps JAX off libtpu on a machine without TPU chips
-(libtpu otherwise warns at start-up that no TPU was found). A ``UserError`` (or absl's
+TensorStore chatter only with ``--verbose``), keeps JAX off libtpu on a machine without TPU chips
+(libtpu otherwise warns at start-up that no TPU was found) and adds the CPU compiler flags of
+``xla_flags.py``. A ``UserError`` (or absl's
 ``UsageError``) raised anywhere in ``main`` becomes one line ``error: ...`` on stderr and exit code 2.
 """
 
@@ -20,6 +21,7 @@ from absl import logging as absl_logging
 
 from director_jax.errors import UserError
 from director_jax.parallel.distributed import tpu_chip_count
+from director_jax.xla_flags import apply_cpu_flags
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, absl, JAX), not only one line per stage.")
 
@@ -59,7 +61,8 @@ def configure_logging(verbose: bool, level: int = logging.INFO) -> None:
 
 
 def prologue(verbose: bool | None = None, level: int = logging.INFO) -> None:
-    """Logging and JAX platform set-up; call before the first JAX computation (``run`` does)."""
+    """Logging, JAX platform and CPU compiler set-up; call before the first JAX computation (``run`` does)."""
+    apply_cpu_flags()  # read by XLA when its first backend starts (see xla_flags.py)
     if "JAX_PLATFORMS" not in os.environ:
         platforms = default_jax_platforms()
         if platforms is not None:

@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from director_jax.xla_flags import apply_cpu_flags  # noqa: E402  (no jax import: only sets XLA_FLAGS)
+
+apply_cpu_flags()  # the commands' CPU compiler flags, so the tests run what users run
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A persistent compilation cache shared by every test and every subprocess a test starts (they inherit the
 # environment): many tests compile the same small models, and the CLI, demo and multi-process cases compile

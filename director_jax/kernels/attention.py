@@ -6,14 +6,16 @@
 
 * ``xla``: the plain ``jnp`` reference (materialises the (B, H, S, L) scores; the ground truth
   every other implementation is tested against);
+* ``rows``: blocks of query rows, each with an exact softmax over all its keys, in plain jnp: never
+  stores the (S, L) scores, and the fastest choice on a CPU while a block's rows fit in cache;
 * ``blockwise``: flash attention in plain jnp (a scan over key blocks with an online softmax and a
   blockwise backward): never materialises the scores, runs anywhere, slower than a kernel;
 * ``pallas``: this project's Pallas flash kernels (``flash_tpu.py`` on TPU, ``flash_gpu.py`` on
   GPU; on the CPU the TPU kernel in interpret mode, for tests);
 * ``splash``: JAX's TPU splash-attention kernel;
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (NVIDIA GPUs);
-* ``auto``: by backend and shape (see ``dispatch.choose_implementation``); it never picks ``xla``
-  when the score matrix would exceed ``max_materialized`` elements per head.
+* ``auto``: by backend and shape (see ``dispatch.choose_implementation``): ``rows`` or ``blockwise``
+  on the CPU, never holding more than ``max_materialized`` score elements per head at once.
 
 Keys past ``kv_len[b]`` (valid key count per batch row) are masked out, so callers may pad
 sequences to any block size without changing the result.
@@ -24,8 +26,8 @@ sequences to any block size without changing the result.
 ``sequence`` axis is missing or of size 1, ``"auto"`` is local attention and ``"ulysses"`` /
 ``"ring"`` raise a ValueError.
 
-The kernels form a DAG: ``flash`` (the contract) <- ``blockwise``, ``flash_tpu``, ``flash_gpu``,
-``splash`` <- ``dispatch`` (one device) <- ``sequence_parallel`` <- ``attention`` (this module).
+The kernels form a DAG: ``flash`` (the contract) <- ``row_blocks``, ``blockwise``, ``flash_tpu``,
+``flash_gpu``, ``splash`` <- ``dispatch`` (one device) <- ``sequence_parallel`` <- ``attention`` (this module).
 """
 
 from __future__ import annotations

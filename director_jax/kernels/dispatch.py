@@ -6,6 +6,8 @@ The leaf of the attention stack: ``sequence_parallel.py`` runs these per device 
 
 * ``xla``: the plain ``jnp`` reference (``xla_attention``; materialises the (B, H, S, L) scores);
 * ``blockwise``: flash attention in plain jnp (``blockwise.py``);
+* ``rows``: blocks of query rows with an exact full-row softmax, in plain jnp (``row_blocks.py``):
+  the CPU's implementation while a block's score rows fit in cache;
 * ``pallas``: this project's Pallas flash kernels (``flash_tpu.py`` on TPU, ``flash_gpu.py`` on GPU;
   on the CPU the TPU kernel in interpret mode, for tests);
 * ``splash``: JAX's TPU splash-attention kernel (``splash.py``);
@@ -23,14 +25,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from director_jax.kernels import blockwise, flash, flash_gpu, flash_tpu, splash
+from director_jax.kernels import blockwise, flash, flash_gpu, flash_tpu, row_blocks, splash
 from director_jax.kernels.flash import BlockSizes
 from director_jax.parallel.rules import logical_to_mesh_spec, place
 
-LOCAL_IMPLEMENTATIONS = ("xla", "blockwise", "pallas", "splash", "cudnn")
-# Above this many score elements per (batch, head), ``auto`` does not materialise the matrix:
+LOCAL_IMPLEMENTATIONS = ("xla", "rows", "blockwise", "pallas", "splash", "cudnn")
+# ``auto`` never holds more than this many score elements per (batch, head) at once:
 # 8192^2 float32 scores are 256 MiB per head, already more than a kernel's whole working set.
 MAX_MATERIALIZED = 8192 * 8192
+# ``rows`` takes as many query rows per block as keep one head's (rows, L) float32 scores at 1 MiB (a
+# core's L2 cache; 256 rows for 1024 keys, measured fastest in ``benchmarks/attention.py --cpu-rows``).
+ROW_TILE_ELEMENTS = 256 * 1024
+MIN_ROW_BLOCK = 32  # ``auto`` needs room for this many rows under ``max_materialized``, else ``blockwise``
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None = None,
@@ -74,14 +80,19 @@ def local_pair(impl: str) -> tuple[flash.ForwardFn, flash.BackwardFn, bool]:
         return kernel_pair()
     if impl == "blockwise":
         return blockwise.forward, blockwise.backward, False
+    if impl == "rows":
+        return row_blocks.forward, row_blocks.backward, False
     if impl == "xla":
         return flash.reference_forward, flash.reference_backward, False
-    raise ValueError(f"Implementation {impl!r} has no forward/backward pair; use pallas, blockwise or xla.")
+    raise ValueError(f"Implementation {impl!r} has no forward/backward pair; use pallas, rows, blockwise or xla.")
 
 
 def choose_implementation(q: jax.Array, k: jax.Array, *, backend: str | None = None,
                           max_materialized: int = MAX_MATERIALIZED) -> str:
-    """``auto``: cuDNN on GPU where it applies, our kernel on TPU, else xla while the scores are small."""
+    """``auto``: cuDNN on GPU where it applies, our kernel on TPU. On the CPU ``rows`` (faster than XLA's own
+    attention at every size measured, ``benchmarks/attention.py``) while a block of MIN_ROW_BLOCK query rows
+    fits the cache-sized tile (up to 8192 keys) and ``max_materialized``; beyond, ``blockwise``, whose tiles
+    do not grow with the keys."""
     backend = flash.target_backend() if backend is None else backend
     if backend == "tpu":
         return "pallas"
@@ -89,7 +100,14 @@ def choose_implementation(q: jax.Array, k: jax.Array, *, backend: str | None = N
         if q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
             return "cudnn"
         return "pallas"
-    return "xla" if q.shape[1] * k.shape[1] <= max_materialized else "blockwise"
+    tile = min(MIN_ROW_BLOCK, q.shape[1]) * k.shape[1]
+    return "rows" if tile <= min(ROW_TILE_ELEMENTS, max_materialized) else "blockwise"
+
+
+def row_block_size(s: int, l: int) -> int:
+    """Query rows per ``rows`` block: a (rows, l) float32 tile of at most ROW_TILE_ELEMENTS per head, a multiple of
+    8 (at least 8), no more than s rounded up to 8 (one block for a short sequence)."""
+    return min(-(-s // 8) * 8, max(8, ROW_TILE_ELEMENTS // max(l, 1) // 8 * 8))
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None, impl: str,
@@ -105,6 +123,9 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Arr
                                                                     interpret=interpret), q, k, v, kv_len)
     forward, backward, default_interpret = local_pair(impl)
     interpret = default_interpret if interpret is None else interpret
+    if impl == "rows" and block_sizes is None:
+        rows = row_block_size(q.shape[1], k.shape[1])
+        block_sizes = flash.BlockSizes(rows, rows, rows, rows)
 
     def attend(q: jax.Array, k: jax.Array, v: jax.Array, n: jax.Array) -> jax.Array:
         return flash.flash_attention(forward, backward, q, k, v, kv_len=n, scale=scale, block_sizes=block_sizes,
