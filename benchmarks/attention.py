@@ -12,12 +12,17 @@ Before timing, every implementation's forward at the smallest length is compared
 reference (or ``blockwise`` where ``xla`` would materialise too much): the max abs difference is
 printed with the table, so a fast but wrong kernel shows.
 
-Skipped, with the reason in the table: ``xla`` where the score matrix would exceed
-``--max-materialized-gib`` per call, ``pallas`` / ``splash`` on the CPU (interpret mode is a
-correctness tool, not a speed), ``cudnn`` off GPU.
+``torch`` is PyTorch's ``scaled_dot_product_attention`` on the CPU (its fused flash kernel), in the
+same process, (B, H, S, D) layout: the reference a CPU user compares against. Skipped, with the reason
+in the table: ``xla`` where the score matrix would exceed ``--max-materialized-gib`` per call,
+``pallas`` / ``splash`` on the CPU (interpret mode is a correctness tool, not a speed), ``cudnn`` off
+GPU, ``torch`` off the CPU or without torch installed. JAX runs with the project's CPU compiler flags
+(``director_jax/xla_flags.py``) unless ``--xla-default``.
 
     python benchmarks/attention.py                                  # S = 4k, 16k, 32k, D = 128, bf16
     python benchmarks/attention.py --seq 4096 --heads 1 --impls xla,blockwise     # a quick CPU look
+    python benchmarks/attention.py --seq 1024,4096 --heads 4 --dtype float32 --impls xla,rows,blockwise,torch
+                                                      # the CPU's choice for the DiT benchmark's sizes
     python benchmarks/attention.py --write-results                  # also into RESULTS.md (## Attention)
 
 Progress goes to stderr, the markdown table to stdout.
@@ -26,6 +31,8 @@ Progress goes to stderr, the markdown table to stdout.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import re
 import statistics
 import sys
@@ -39,7 +46,7 @@ from bench_common import REPO, machine_description, make_log
 log = make_log("attn-bench")
 SECTION = "## Attention"
 BASELINE = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
-ALL_IMPLS = ("xla", "blockwise", "pallas", "splash", "cudnn")
+ALL_IMPLS = ("xla", "rows", "blockwise", "pallas", "splash", "cudnn", "torch")
 
 
 def skip_reason(impl: str, backend: str, b: int, s: int, h: int, max_gib: float) -> str | None:
@@ -49,6 +56,8 @@ def skip_reason(impl: str, backend: str, b: int, s: int, h: int, max_gib: float)
         return "TPU only (interpret mode elsewhere)"
     if impl == "pallas" and backend == "cpu":
         return "interpret mode on CPU: not a speed"
+    if impl == "torch" and (backend != "cpu" or importlib.util.find_spec("torch") is None):
+        return "CPU only, with torch installed"
     if impl == "xla":
         gib = b * h * s * s * 4 / 2**30
         if gib > max_gib:
@@ -56,23 +65,52 @@ def skip_reason(impl: str, backend: str, b: int, s: int, h: int, max_gib: float)
     return None
 
 
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+def timed(fn: Callable[[], object], warmup: int, repeats: int, block: bool = True) -> float:
     import jax
 
+    wait = jax.block_until_ready if block else (lambda x: x)
     for _ in range(warmup):
-        jax.block_until_ready(fn())
+        wait(fn())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn())
+        wait(fn())
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def measure_torch(row: dict, arrays: tuple, args: argparse.Namespace, fwd_flops: float) -> np.ndarray:
+    """PyTorch's CPU scaled_dot_product_attention, timed like ``measure``; returns its forward output."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    q, k, v, do = (torch.from_numpy(np.asarray(x, np.float32)).to(getattr(torch, args.dtype)).transpose(1, 2)
+                   .contiguous() for x in arrays)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def bwd():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.autograd.grad((out.float() * do.float()).sum(), (q, k, v))
+
+    row["fwd"] = timed(fwd, args.warmup, args.repeats, block=False)
+    row["fwd_tflops"] = fwd_flops / row["fwd"] / 1e12
+    if not args.no_backward:
+        row["bwd"] = timed(bwd, args.warmup, args.repeats, block=False)
+        row["fb_tflops"] = 3.5 * fwd_flops / row["bwd"] / 1e12
+    return fwd().transpose(1, 2).float().numpy()
 
 
 def measure(row: dict, impl: str, arrays: tuple, args: argparse.Namespace, fwd_flops: float) -> np.ndarray:
     """Times ``impl``'s forward (and gradient of <out, do>) into ``row``; returns the forward output."""
     import jax
     import jax.numpy as jnp
+
+    if impl == "torch":
+        return measure_torch(row, arrays, args, fwd_flops)
 
     from director_jax.kernels.attention import attention
 
@@ -103,7 +141,13 @@ def main() -> int:
     p.add_argument("--max-materialized-gib", type=float, default=8.0)
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--results-file", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    p.add_argument("--xla-default", action="store_true", help="without director_jax/xla_flags.py's CPU flags")
     args = p.parse_args()
+    if not args.xla_default:
+        sys.path.insert(0, str(REPO))
+        from director_jax.xla_flags import apply_cpu_flags
+
+        apply_cpu_flags()  # before JAX's backend starts
 
     import jax
     import jax.numpy as jnp

@@ -34,7 +34,7 @@ LOCAL_IMPLEMENTATIONS = ("xla", "rows", "blockwise", "pallas", "splash", "cudnn"
 # 8192^2 float32 scores are 256 MiB per head, already more than a kernel's whole working set.
 MAX_MATERIALIZED = 8192 * 8192
 # ``rows`` takes as many query rows per block as keep one head's (rows, L) float32 scores at 1 MiB (a
-# core's L2 cache; 256 rows for 1024 keys, measured fastest in ``benchmarks/attention.py --cpu-rows``).
+# core's L2 cache; 256 rows for 1024 keys, fastest of 128 / 256 / 512 / 1024 there, benchmarks/RESULTS.md).
 ROW_TILE_ELEMENTS = 256 * 1024
 MIN_ROW_BLOCK = 32  # ``auto`` needs room for this many rows under ``max_materialized``, else ``blockwise``
 
