@@ -170,10 +170,10 @@ def report(args: argparse.Namespace, jx: dict, th: dict, agree: list[str], machi
             t_none = statistics.median(jx["policies"]["none"]["times"])
             rate.append(f"fwd+bwd (remat none): JAX {flops_b / t_none / 1e9:.0f}, PyTorch "
                         f"{flops_b / statistics.median(t_eager['times']) / 1e9:.0f}")
-        lines.append(f"- Work (model FLOPs: the matmuls of every layer, counted from the config, `dit_sides.model_flops`;"
-                     f" XLA's `cost_analysis()` counts the scanned layers' body once): forward {flops_f / 1e9:.1f} "
-                     f"GFLOP, fwd+bwd {flops_b / 1e9:.1f} GFLOP (3x); divided by each framework's median time, in "
-                     "GFLOP/s: " + "; ".join(rate) + ".")
+        lines.append("- Work (model FLOPs: the matmuls of every layer, counted from the config, "
+                     "`dit_sides.model_flops`; XLA's `cost_analysis()` counts the scanned layers' body once): "
+                     f"forward {flops_f / 1e9:.1f} GFLOP, fwd+bwd {flops_b / 1e9:.1f} GFLOP (3x); divided by each "
+                     "framework's median time, in GFLOP/s: " + "; ".join(rate) + ".")
     lines += [
         "- JAX / PyTorch < 1 means JAX is faster (ratio of medians). The fwd+bwd ratio of every remat policy is "
         "against PyTorch eager (no checkpointing); PyTorch's own gradient-checkpointing row is relative to eager.",
