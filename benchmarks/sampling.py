@@ -290,6 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=usable_cores(), help="torch threads [default: usable cores]")
     p.add_argument("--no-torch-twin", dest="torch_twin", action="store_false",
                    help="skip our TorchDirectorPipeline.sample row")
+    p.add_argument("--xla-default", action="store_true",
+                   help="XLA's own CPU flags, without director_jax/xla_flags.py's (the configuration before them)")
     args = p.parse_args(argv)
     args.sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     if not args.sizes or set(args.sizes) - set(SIZES):
@@ -309,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    if not args.xla_default:
+        from director_jax.xla_flags import apply_cpu_flags
+
+        apply_cpu_flags()  # what the commands run with; before JAX's backend starts
     machine = machine_description("benchmarks/sampling.py", ("director_jax", "benchmarks/sampling.py"))
     t_start = time.perf_counter()
 

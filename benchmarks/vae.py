@@ -58,6 +58,10 @@ from bench_common import (
 )
 from vae_workers import worker_main
 
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from director_jax.xla_flags import apply_cpu_flags  # noqa: E402  (no jax import: only edits XLA_FLAGS)
+
 log = make_log("vae-bench")
 
 DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -306,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads [default: the usable cores]")
     g.add_argument("--jax-platforms", default="cpu",
                    help="JAX_PLATFORMS for the workers unless already set in the environment [default cpu]")
+    g.add_argument("--xla-default", action="store_true",
+                   help="XLA's own CPU flags in the JAX workers, without director_jax/xla_flags.py's")
     g.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="do not share a run-private persistent XLA compilation cache between the workers")
     g.add_argument("--timeout", type=int, default=3600, help="seconds before a worker is abandoned [default 3600]")
@@ -359,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         title = "Wan2.1 VAE: JAX vs diffusers PyTorch"
         if args.quick:
             title += " -- SMOKE TEST (--quick: tiny sizes, numbers not meaningful)"
+        if not args.xla_default:
+            apply_cpu_flags()  # the workers inherit it: what the commands run with (director_jax/xla_flags.py)
         machine = machine_description("benchmarks/vae.py", ("director_jax",), args.jax_platforms)
         sections = [f"## {title}", "", *machine,
                     f"- Model: WanVAEConfig() defaults (Wan2.1 VAE), {prep['params'] / 1e6:.1f}M parameters, "

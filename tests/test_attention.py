@@ -129,7 +129,7 @@ def test_backward_with_global_lse_splits_over_key_blocks():
 @pytest.mark.parametrize("impl,s,d,sizes", [("blockwise", 333, 64, BlockSizes(128, 256, 128, 128)),
                                              ("blockwise", 1031, 128, BlockSizes(128, 256, 128, 128)),
                                              ("rows", 333, 64, BlockSizes(64, 64, 96, 96)),
-                                             ("rows", 1031, 128, None)])  # None: row_block_size's 248 rows
+                                             ("rows", 1031, 128, None)])  # None: row_block_size: 5 blocks of 208 rows
 def test_flash_pairs_match_reference(impl, s, d, sizes):
     q, k, v, w = _qkv(s, 1, s, s, 2, d)
     kv_len = jnp.array([s - 17])

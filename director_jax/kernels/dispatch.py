@@ -105,9 +105,12 @@ def choose_implementation(q: jax.Array, k: jax.Array, *, backend: str | None = N
 
 
 def row_block_size(s: int, l: int) -> int:
-    """Query rows per ``rows`` block: a (rows, l) float32 tile of at most ROW_TILE_ELEMENTS per head, a multiple of
-    8 (at least 8), no more than s rounded up to 8 (one block for a short sequence)."""
-    return min(-(-s // 8) * 8, max(8, ROW_TILE_ELEMENTS // max(l, 1) // 8 * 8))
+    """Query rows per ``rows`` block: the fewest blocks whose (rows, l) float32 tile stays within
+    ROW_TILE_ELEMENTS per head, split evenly (576 rows under a 448-row cap: 2 blocks of 288, not 448 + 128
+    padded to 448), rounded up to a multiple of 8 (at least 8)."""
+    cap = max(8, ROW_TILE_ELEMENTS // max(l, 1) // 8 * 8)
+    blocks = -(-s // cap)
+    return max(8, -(-(-(-s // blocks)) // 8) * 8)
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None, impl: str,

@@ -50,6 +50,11 @@ from director_jax.models.layers import (
 from director_jax.parallel.rules import constrain
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' timestep scale: timestep = 1000 * sigma
+# Parameters kept in float32 whatever ``param_dtype`` is: the modulation tables, the time embedding and its
+# projection, the cross-attention LayerNorm (diffusers' ``_keep_in_fp32_modules`` for Wan) and the q / k RMS
+# norms. They are a few vectors per block, and a bfloat16 ``param_dtype`` (the low-memory training recipe)
+# would otherwise round the per-timestep shifts and scales every block applies.
+FLOAT32_PARAMS = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +128,10 @@ class WanBlock(nnx.Module):
         self.attn1 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl,
                                sequence_parallel=sequence_parallel, block_sizes=block_sizes, **kw)
         self.attn2 = Attention(dim, heads, eps=config.eps, attention_impl=attention_impl, block_sizes=block_sizes, **kw)
-        self.norm2 = LayerNorm(dim, eps=config.eps, param_dtype=param_dtype) if config.cross_attn_norm else None
+        self.norm2 = LayerNorm(dim, eps=config.eps, param_dtype=FLOAT32_PARAMS) if config.cross_attn_norm else None
         self.ffn = FeedForward(dim, config.ffn_dim, **kw)
         self.scale_shift_table = param(
-            torch_normal(rngs.params(), (1, 6, dim), 1.0 / math.sqrt(dim), param_dtype), (None, None, "embed"))
+            torch_normal(rngs.params(), (1, 6, dim), 1.0 / math.sqrt(dim), FLOAT32_PARAMS), (None, None, "embed"))
         self.eps = config.eps
 
     def __call__(self, x: jax.Array, text: jax.Array, modulation: jax.Array, rope: jax.Array, *,
@@ -222,9 +227,10 @@ class ConditionEmbedder(nnx.Module):
     def __init__(self, config: WanDiTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32):
         dim = config.inner_dim
-        # The time path stays in float32 (diffusers keeps ``time_embedder`` in fp32 too).
-        self.time_embedder = TimestepEmbedder(config.freq_dim, dim, rngs=rngs, param_dtype=param_dtype)
-        self.time_proj = Linear(dim, 6 * dim, axes=("embed", "embed_out"), rngs=rngs, param_dtype=param_dtype)
+        # The time path and its modulation stay in float32 parameters and compute whatever param_dtype is
+        # (diffusers keeps ``time_embedder`` in fp32 too, see FLOAT32_PARAMS).
+        self.time_embedder = TimestepEmbedder(config.freq_dim, dim, rngs=rngs, param_dtype=FLOAT32_PARAMS)
+        self.time_proj = Linear(dim, 6 * dim, axes=("embed", "embed_out"), rngs=rngs, param_dtype=FLOAT32_PARAMS)
         self.text_embedder = TextProjection(config.text_dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.freq_dim = config.freq_dim
 
@@ -274,7 +280,7 @@ class WanDiT(nnx.Module):
         self.proj_out = Linear(dim, config.out_channels * math.prod(config.patch_size), axes=("embed", None),
                                rngs=rngs, **kw)
         self.scale_shift_table = param(
-            torch_normal(rngs.params(), (1, 2, dim), 1.0 / math.sqrt(dim), param_dtype), (None, None, "embed"))
+            torch_normal(rngs.params(), (1, 2, dim), 1.0 / math.sqrt(dim), FLOAT32_PARAMS), (None, None, "embed"))
         self.remat_policy = remat_policy
         self.sequence_parallel = sequence_parallel
         self.dtype = dtype

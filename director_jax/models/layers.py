@@ -212,8 +212,9 @@ class Attention(nnx.Module):
         self.to_k = Linear(context_dim, dim, axes=("embed", "heads"), **kw)
         self.to_v = Linear(context_dim, dim, axes=("embed", "heads"), **kw)
         self.to_out = Linear(dim, dim, axes=("heads", "embed"), **kw)
-        self.norm_q = RMSNorm(dim, eps=eps, axis_name="heads", param_dtype=param_dtype)
-        self.norm_k = RMSNorm(dim, eps=eps, axis_name="heads", param_dtype=param_dtype)
+        # q / k norm weights stay float32 whatever param_dtype is (models/dit.py: FLOAT32_PARAMS)
+        self.norm_q = RMSNorm(dim, eps=eps, axis_name="heads", param_dtype=jnp.float32)
+        self.norm_k = RMSNorm(dim, eps=eps, axis_name="heads", param_dtype=jnp.float32)
         self.num_heads = num_heads
         self.attention_impl = attention_impl
         self.block_sizes = block_sizes  # flash-kernel tiles; None: the chip's entry of DEFAULT_BLOCK_SIZES

@@ -55,6 +55,11 @@ def check_numbers(cfg: ml_collections.ConfigDict) -> None:
         value = _get(cfg, name)
         if value is not None and value >= below:
             raise UserError(f"--config.{name}={value!r}: give a rate below 1.")
+    for name in ("optim.moment_dtype", "optim.ema_dtype"):
+        value = _get(cfg, name)
+        if value is not None and value not in ("float32", "bfloat16"):
+            raise UserError(f"--config.{name}={value!r}: choose float32 or bfloat16 (or leave it unset: the "
+                            "parameters' dtype).")
     mode = cfg.get("model_options", {}).get("sequence_parallel")
     if mode in ("ring", "ulysses") and "mesh" in cfg and int(cfg.mesh.get("sequence", 1)) * int(
             cfg.mesh.get("dcn_sequence", 1)) == 1:

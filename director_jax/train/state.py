@@ -28,14 +28,15 @@ from director_jax.build.shard_init import InitRequest, deferred_init_from, host_
 from director_jax.parallel import axis_rules, current_rules, param_shardings, validate_rules
 from director_jax.parallel.rules import Rules
 from director_jax.train.latent_stats import init_latent_stats
+from director_jax.train.optim import ema_copy
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: updates applied so far
-    params: nnx.State  # float32 master weights
+    params: nnx.State  # the master weights (model_options.param_dtype; float32 by default)
     opt_state: optax.OptState
-    ema: nnx.State | None  # EMA of params (None when optim.ema_decay == 0)
+    ema: nnx.State | None  # EMA of params in optim.ema_dtype (None when optim.ema_decay == 0)
     rng: jax.Array  # uint32 key data of the run's base key; step keys are fold_in(rng, step)
     nonfinite_skips: jax.Array  # int32 scalar: updates skipped because the loss or gradients were not finite
     # VAE runs: EMA sums of the posterior mean's per-channel moments (train/latent_stats.py); None otherwise
@@ -53,8 +54,8 @@ class Init:
     """
 
     def __init__(self, build_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
-                 use_ema: bool, table: Rules, latent_channels: int | None):
-        self.build_fn, self.tx, self.seed, self.use_ema = build_fn, tx, seed, use_ema
+                 use_ema: bool, table: Rules, latent_channels: int | None, ema_dtype: str | None = None):
+        self.build_fn, self.tx, self.seed, self.use_ema, self.ema_dtype = build_fn, tx, seed, use_ema, ema_dtype
         self.table, self.latent_channels = table, latent_channels
 
     def _build(self, build: Callable[[Callable[[], nnx.Module]], nnx.Module]
@@ -79,7 +80,7 @@ class Init:
 
     def from_params(self, params: nnx.State) -> TrainState:
         """The fresh train state around ``params`` (traceable): step 0, a new optimizer state, EMA = params."""
-        ema = jax.tree.map(jnp.copy, params) if self.use_ema else None
+        ema = ema_copy(params, self.ema_dtype) if self.use_ema else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), ema=ema,
                           rng=jax.random.key_data(jax.random.key(self.seed)),
                           nonfinite_skips=jnp.zeros((), jnp.int32),
@@ -88,14 +89,17 @@ class Init:
 
 
 def init_fn(build_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, *, seed: int,
-            use_ema: bool, rules: Rules | None = None, latent_channels: int | None = None) -> Init:
+            use_ema: bool, rules: Rules | None = None, latent_channels: int | None = None,
+            ema_dtype: str | None = None) -> Init:
     """A traceable function creating the whole train state from scratch (``Init``).
 
     ``rules`` (default: the table active now) is the logical-axis table active while it is traced;
-    ``latent_channels``: keep latent statistics over that many channels (the VAE task), None: none.
+    ``latent_channels``: keep latent statistics over that many channels (the VAE task), None: none;
+    ``ema_dtype``: the EMA copy's dtype (None: the parameters').
     """
     table = current_rules() if rules is None else validate_rules(rules)
-    return Init(build_fn, tx, seed=seed, use_ema=use_ema, table=table, latent_channels=latent_channels)
+    return Init(build_fn, tx, seed=seed, use_ema=use_ema, table=table, latent_channels=latent_channels,
+                ema_dtype=ema_dtype)
 
 
 def create_state(init: Callable[[], TrainState], shardings: TrainState) -> TrainState:

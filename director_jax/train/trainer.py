@@ -127,7 +127,7 @@ def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_froze
     graphdef = state_lib.model_graphdef(build_fn)
     ema_decay = float(cfg.optim.ema_decay)
     init = state_lib.init_fn(build_fn, tx, seed=int(cfg.seed), use_ema=ema_decay > 0, rules=rules,
-                             latent_channels=task.latent_channels)
+                             latent_channels=task.latent_channels, ema_dtype=cfg.optim.get("ema_dtype"))
     abstract = jax.eval_shape(init)
     shardings = state_lib.state_shardings(abstract, mesh, rules)
 
