@@ -109,8 +109,9 @@ def row_block_size(s: int, l: int) -> int:
     ROW_TILE_ELEMENTS per head, split evenly (576 rows under a 448-row cap: 2 blocks of 288, not 448 + 128
     padded to 448), rounded up to a multiple of 8 (at least 8)."""
     cap = max(8, ROW_TILE_ELEMENTS // max(l, 1) // 8 * 8)
-    blocks = -(-s // cap)
-    return max(8, -(-(-(-s // blocks)) // 8) * 8)
+    blocks = math.ceil(s / cap)
+    rows = math.ceil(s / blocks)
+    return max(8, math.ceil(rows / 8) * 8)
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None, impl: str,
