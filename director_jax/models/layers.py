@@ -30,8 +30,8 @@ def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype: An
     sampler is used instead.
     """
     bound = 1.0 / math.sqrt(fan_in)
-    if isinstance(key, jax.core.Tracer):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    if isinstance(key, jax.core.Tracer):  # drawn in float32 and rounded: the same weights whatever the dtype
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
     seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
     values = np.random.default_rng(seed).uniform(-bound, bound, shape).astype(np.float32)
     return jnp.asarray(values, dtype)
@@ -40,7 +40,7 @@ def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype: An
 def torch_normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any) -> jax.Array:
     """N(0, std^2), drawn like ``torch_uniform`` (NumPy when eager, JAX under a transform)."""
     if isinstance(key, jax.core.Tracer):
-        return std * jax.random.normal(key, shape, dtype)
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
     seed = np.asarray(jax.random.key_data(key)).astype(np.uint32).tolist()
     return jnp.asarray(std * np.random.default_rng(seed).standard_normal(shape).astype(np.float32), dtype)
 
