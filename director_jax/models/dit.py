@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from director_jax.kernels.attention import SEQUENCE_PARALLEL_MODES
 from director_jax.kernels.flash import BlockSizes
@@ -112,6 +113,11 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    # recompute the whole block, but keep each block's input in host memory instead of HBM (maxdiffusion's
+    # HIDDEN_STATE_WITH_OFFLOAD; on the CPU there is no pinned host memory, so only for accelerators)
+    "offload_hidden": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("block_input",), offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
@@ -380,9 +386,10 @@ class WanDiT(nnx.Module):
     def _run_blocks(self, x: jax.Array, context: jax.Array, modulation: jax.Array, rope: jax.Array,
                     kv_len: jax.Array | None = None, token_group: np.ndarray | None = None) -> jax.Array:
         def body(x: jax.Array, block: WanBlock) -> jax.Array:
-            # block boundary: batch over (data, fsdp), tokens over sequence (no-op without a mesh)
-            out = block(constrain(x, ACTIVATION_AXES), context, modulation, rope, kv_len=kv_len,
-                        token_group=token_group)
+            # block boundary: batch over (data, fsdp), tokens over sequence (no-op without a mesh); the name is
+            # what the offload_hidden policy moves to host memory
+            x = checkpoint_name(constrain(x, ACTIVATION_AXES), "block_input")
+            out = block(x, context, modulation, rope, kv_len=kv_len, token_group=token_group)
             return constrain(out, ACTIVATION_AXES)
 
         policy = REMAT_POLICIES[self.remat_policy]
