@@ -45,7 +45,10 @@ def _cli(workdir: Path, steps: int, every: int, *extra: str) -> list[str]:
             "--config.vae.init_from=random", f"--config.train.steps={steps}", f"--config.checkpoint.every={every}",
             "--config.checkpoint.keep_last=10",
             "--config.optim.decay_steps=20",
-            "--config.train.log_every=1", "--config.mesh.data=2", "--config.mesh.fsdp=4", "--noprogress", *extra]
+            "--config.train.log_every=1", "--config.mesh.data=2", "--config.mesh.fsdp=4", "--noprogress",
+            # the materialising reference attention: these runs compare training mechanics across processes and
+            # restarts bit for bit, and rows' scans partition differently on 1 x 8 and 2 x 4 devices
+            "--config.model_options.attention_impl=xla", *extra]
 
 
 def _env() -> dict:
@@ -322,7 +325,8 @@ def test_vae_task_trains_and_accumulation_matches_one_batch(tmp_path):
     cfg.train.micro_batches = 2
     split = train(cfg, tmp_path / "split", devices=devices, progress=False)
     losses = np.array([whole.losses[s] for s in range(1, 5)])
-    np.testing.assert_allclose([split.losses[s] for s in range(1, 5)], losses, rtol=0, atol=1e-5)
+    # float32 rounding: the two-micro-batch program sums in another order (YNNPACK picks matmul tiles by shape)
+    np.testing.assert_allclose([split.losses[s] for s in range(1, 5)], losses, rtol=5e-6, atol=1e-5)
     assert (tmp_path / "whole" / "checkpoints" / "4").is_dir()
 
 

@@ -45,7 +45,7 @@ from director_jax.parallel.rules import logical_to_mesh_spec, place
 
 SEQUENCE_AXIS = "sequence"
 MODES = ("ulysses", "ring", "auto")
-FLASH_IMPLS = ("pallas", "blockwise", "xla")  # implementations with a (forward, backward) contract pair
+FLASH_IMPLS = ("pallas", "rows", "blockwise", "xla")  # implementations with a (forward, backward) contract pair
 log = logging.getLogger(__name__)
 
 
