@@ -8,14 +8,19 @@ convention: 5 matmuls of the backward against 2 of the forward). The named basel
 the vendor kernel of the backend: ``cudnn`` on GPU, ``splash`` on TPU, ``xla`` on the CPU; the last
 column is each row's forward speed relative to it at the same length.
 
-Before timing, every implementation's forward at the smallest length is compared with the ``xla``
-reference (or ``blockwise`` where ``xla`` would materialise too much): the max abs difference is
-printed with the table, so a fast but wrong kernel shows.
+Before timing, an agreement pass runs every implementation at a small size (``--check-seq`` tokens,
+float32, two examples, the second with a quarter of its keys masked as padding) against the ``xla``
+reference: forward output and the gradients of q, k and v, as max abs differences in a table, so a fast
+but wrong kernel shows. On the CPU the Pallas kernels (``pallas``: this project's; ``splash``: JAX's;
+``tokamax``: the tokamax library's splash fork) run there in interpret mode: agreement, not speed.
+
+``tokamax`` is DeepMind's kernel library (pinned in ``requirements-test.txt``): its splash fork on
+TPU, its Mosaic GPU / Triton flash attention on GPU (``director_jax/kernels/splash.py``).
 
 ``torch`` is PyTorch's ``scaled_dot_product_attention`` on the CPU (its fused flash kernel), in the
 same process, (B, H, S, D) layout: the reference a CPU user compares against. Skipped, with the reason
 in the table: ``xla`` where the score matrix would exceed ``--max-materialized-gib`` per call,
-``pallas`` / ``splash`` on the CPU (interpret mode is a correctness tool, not a speed), ``cudnn`` off
+``pallas`` / ``splash`` / ``tokamax`` on the CPU (interpret mode is a correctness tool, not a speed), ``cudnn`` off
 GPU, ``torch`` off the CPU or without torch installed. JAX runs with the project's CPU compiler flags
 (``director_jax/xla_flags.py``) unless ``--xla-default``.
 
@@ -46,16 +51,19 @@ from bench_common import REPO, machine_description, make_log
 log = make_log("attn-bench")
 SECTION = "## Attention"
 BASELINE = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
-ALL_IMPLS = ("xla", "rows", "blockwise", "pallas", "splash", "cudnn", "torch")
+ALL_IMPLS = ("xla", "rows", "blockwise", "pallas", "splash", "tokamax", "cudnn", "torch")
+INTERPRETED_ON_CPU = ("pallas", "splash", "tokamax")
 
 
 def skip_reason(impl: str, backend: str, b: int, s: int, h: int, max_gib: float) -> str | None:
     if impl == "cudnn" and backend != "gpu":
         return "GPU only"
-    if impl == "splash" and backend != "tpu":
-        return "TPU only (interpret mode elsewhere)"
-    if impl == "pallas" and backend == "cpu":
+    if impl == "splash" and backend == "gpu":
+        return "TPU only"
+    if impl in INTERPRETED_ON_CPU and backend == "cpu":
         return "interpret mode on CPU: not a speed"
+    if impl == "tokamax" and importlib.util.find_spec("tokamax") is None:
+        return "tokamax not installed"
     if impl == "torch" and (backend != "cpu" or importlib.util.find_spec("torch") is None):
         return "CPU only, with torch installed"
     if impl == "xla":
@@ -79,8 +87,8 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int, block: bool = Tru
     return statistics.median(times)
 
 
-def measure_torch(row: dict, arrays: tuple, args: argparse.Namespace, fwd_flops: float) -> np.ndarray:
-    """PyTorch's CPU scaled_dot_product_attention, timed like ``measure``; returns its forward output."""
+def measure_torch(row: dict, arrays: tuple, args: argparse.Namespace, fwd_flops: float) -> None:
+    """PyTorch's CPU scaled_dot_product_attention, timed like ``measure``."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -101,16 +109,16 @@ def measure_torch(row: dict, arrays: tuple, args: argparse.Namespace, fwd_flops:
     if not args.no_backward:
         row["bwd"] = timed(bwd, args.warmup, args.repeats, block=False)
         row["fb_tflops"] = 3.5 * fwd_flops / row["bwd"] / 1e12
-    return fwd().transpose(1, 2).float().numpy()
 
 
-def measure(row: dict, impl: str, arrays: tuple, args: argparse.Namespace, fwd_flops: float) -> np.ndarray:
-    """Times ``impl``'s forward (and gradient of <out, do>) into ``row``; returns the forward output."""
+def measure(row: dict, impl: str, arrays: tuple, args: argparse.Namespace, fwd_flops: float) -> None:
+    """Times ``impl``'s forward (and gradient of <out, do>) into ``row``."""
     import jax
     import jax.numpy as jnp
 
     if impl == "torch":
-        return measure_torch(row, arrays, args, fwd_flops)
+        measure_torch(row, arrays, args, fwd_flops)
+        return
 
     from director_jax.kernels.attention import attention
 
@@ -118,13 +126,82 @@ def measure(row: dict, impl: str, arrays: tuple, args: argparse.Namespace, fwd_f
     fwd = jax.jit(lambda q, k, v: attention(q, k, v, impl=impl))
     bwd = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(attention(q, k, v, impl=impl).astype(jnp.float32),
                                                     do.astype(jnp.float32)), argnums=(0, 1, 2)))
-    out = np.asarray(fwd(q, k, v).astype(jnp.float32))
     row["fwd"] = timed(lambda: fwd(q, k, v), args.warmup, args.repeats)
     row["fwd_tflops"] = fwd_flops / row["fwd"] / 1e12
     if not args.no_backward:
         row["bwd"] = timed(lambda: bwd(q, k, v), args.warmup, args.repeats)
         row["fb_tflops"] = 3.5 * fwd_flops / row["bwd"] / 1e12
-    return out
+
+
+def agreement_reason(impl: str, backend: str) -> str | None:
+    if impl == "cudnn" and backend != "gpu":
+        return "GPU only"
+    if impl == "splash" and backend == "gpu":
+        return "TPU only"
+    if impl == "tokamax" and importlib.util.find_spec("tokamax") is None:
+        return "tokamax not installed"
+    if impl == "torch" and importlib.util.find_spec("torch") is None:
+        return "torch not installed"
+    return None
+
+
+def torch_output_and_grads(q: np.ndarray, k: np.ndarray, v: np.ndarray, w: np.ndarray,
+                           kv_len: np.ndarray) -> list[np.ndarray]:
+    """PyTorch SDPA's output and <out, w>'s q / k / v gradients, keys past ``kv_len`` masked, (B, S, H, D)."""
+    import torch
+
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    mask = torch.from_numpy(np.arange(k.shape[1])[None, :] < kv_len[:, None])[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask)
+    grads = torch.autograd.grad((out * torch.from_numpy(w).transpose(1, 2)).sum(), (tq, tk, tv))
+    return [x.detach().transpose(1, 2).numpy() for x in (out, *grads)]
+
+
+def agreement(impls: list[str], backend: str, seq: int, head_dim: int) -> list[str]:
+    """Forward output and q / k / v gradients of each implementation against ``xla``, float32, one example of
+    two with a quarter of its keys padding; a Markdown table (max abs differences)."""
+    import jax
+    import jax.numpy as jnp
+
+    from director_jax.kernels.attention import attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, w = (jax.random.normal(key, (2, seq, 2, head_dim), jnp.float32) for key in keys)
+    kv_len = jnp.array([seq, seq - seq // 4], jnp.int32)
+
+    def output_and_grads(impl: str) -> list[np.ndarray]:
+        if impl == "torch":
+            return torch_output_and_grads(*(np.asarray(x) for x in (q, k, v, w, kv_len)))
+        dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32  # cuDNN's flash kernel takes bf16 / f16 only
+
+        def run(q, k, v):
+            out, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl=impl), q, k, v)
+            return out, *pullback(w.astype(dtype))
+
+        return [np.asarray(x.astype(jnp.float32)) for x in jax.jit(run)(*(x.astype(dtype) for x in (q, k, v)))]
+
+    reference = output_and_grads("xla")
+    lines = [f"Agreement with `xla` (float32, B=2, S={seq}, H=2, D={head_dim}, the second example's last "
+             f"{seq // 4} keys masked): max abs difference of the output and of the q / k / v gradients.", "",
+             "| impl | runs as | out | dq | dk | dv |", "|---|---|---:|---:|---:|---:|"]
+    for impl in impls:
+        if impl == "xla":
+            continue
+        mode = "interpret mode" if backend == "cpu" and impl in INTERPRETED_ON_CPU else \
+            "PyTorch" if impl == "torch" else "bf16 inputs" if impl == "cudnn" else "compiled"
+        reason = agreement_reason(impl, backend)
+        if reason:
+            lines.append(f"| `{impl}` | skipped: {reason} | | | | |")
+            continue
+        try:
+            got = output_and_grads(impl)
+        except Exception as e:  # a failing implementation is a row, not the end of the run
+            lines.append(f"| `{impl}` | failed: {type(e).__name__}: {str(e).splitlines()[0][:100]} | | | | |")
+            continue
+        diffs = [float(np.max(np.abs(a - b))) for a, b in zip(got, reference, strict=True)]
+        lines.append(f"| `{impl}` | {mode} | " + " | ".join(f"{x:.1e}" for x in diffs) + " |")
+        log(f"agreement {impl}: " + ", ".join(f"{x:.1e}" for x in diffs))
+    return lines
 
 
 def main() -> int:
@@ -139,6 +216,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-materialized-gib", type=float, default=8.0)
+    p.add_argument("--check-seq", type=int, default=256, help="tokens of the agreement pass (0: skip it)")
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--results-file", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     p.add_argument("--xla-default", action="store_true", help="without director_jax/xla_flags.py's CPU flags")
@@ -165,13 +243,12 @@ def main() -> int:
     b, d = args.batch, args.head_dim
     log(f"backend {backend} ({device}); B={b} H={heads} D={d} {args.dtype}; S in {seqs}; baseline {baseline}")
 
+    checks = agreement(impls, backend, args.check_seq, d) if args.check_seq else []
     rows: list[dict] = []
-    agreement: list[str] = []
     for s in seqs:
         keys = jax.random.split(jax.random.key(s), 4)
         q, k, v, do = (jax.random.normal(key, (b, s, heads, d), jnp.float32).astype(dtype) for key in keys)
         fwd_flops = 4.0 * b * s * s * heads * d
-        reference = None
         for impl in impls:
             reason = skip_reason(impl, backend, b, s, heads, args.max_materialized_gib)
             row = {"impl": impl, "seq": s, "skip": reason}
@@ -180,13 +257,7 @@ def main() -> int:
                 log(f"S={s} {impl}: skipped ({reason})")
                 continue
             try:
-                out = measure(row, impl, (q, k, v, do), args, fwd_flops)
-                if s == seqs[0]:
-                    if reference is None:
-                        reference = (impl, out)
-                    else:
-                        err = float(np.max(np.abs(out - reference[1])))
-                        agreement.append(f"- S={s}: `{impl}` vs `{reference[0]}` forward max abs diff {err:.2e}")
+                measure(row, impl, (q, k, v, do), args, fwd_flops)
                 log(f"S={s} {impl}: fwd {row['fwd'] * 1e3:.2f} ms = {row['fwd_tflops']:.3g} TFLOP/s"
                     + (f", fwd+bwd {row['bwd'] * 1e3:.2f} ms" if "bwd" in row else ""))
             except Exception as e:  # a failing implementation is a row, not the end of the run
@@ -205,7 +276,7 @@ def main() -> int:
         fb = (f"{r['bwd'] * 1e3:.2f} | {r['fb_tflops']:.3g}" if "bwd" in r else "- | -")
         lines.append(f"| {r['seq']} | `{r['impl']}` | {r['fwd'] * 1e3:.2f} | {r['fwd_tflops']:.3g} | {fb} | {ratio} |")
     block = "\n".join([*machine_description("benchmarks/attention.py", ("director_jax", "benchmarks")), "", *lines,
-                       "", *agreement])
+                       "", *checks])
     print(block)
     if args.write_results:
         write_results(args.results_file, block, backend)

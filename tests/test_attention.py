@@ -152,16 +152,44 @@ def test_flash_pairs_bf16_and_cross_attention_shapes(impl):
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(ref), atol=2e-2)
 
 
-def test_splash_interpret_matches_reference():
+@pytest.mark.parametrize("impl", ["splash", "tokamax"])
+def test_splash_kernels_interpret_match_reference(impl):
+    """JAX's splash and tokamax's fork of it, interpreted on the CPU, under jit then under grad of jit: the
+    second trace reuses the cached kernel, which must not hold the first trace's tracers."""
     q, k, v, w = _qkv(4, 2, 130, 130, 1, 64)
     kv_len = jnp.array([100, 0])
-    got = attention(q, k, v, kv_len=kv_len, impl="splash", interpret=True)
+    got = jax.jit(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl=impl, interpret=True))(q, k, v)
     np.testing.assert_allclose(np.asarray(got), np.asarray(xla_attention(q, k, v, kv_len=kv_len)), atol=1e-5)
+    assert np.all(np.asarray(got)[1] == 0)
     kv_len = jnp.array([100, 130])
-    ours = _grads(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl="splash", interpret=True), q, k, v, w)
+    ours = _grads(jax.jit(lambda q, k, v: attention(q, k, v, kv_len=kv_len, impl=impl, interpret=True)), q, k, v, w)
     ref = _grads(lambda q, k, v: xla_attention(q, k, v, kv_len=kv_len), q, k, v, w)
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["splash", "tokamax"])
+def test_splash_kernels_compile_for_v5p_under_a_mesh(impl):
+    """Forward and backward compiled by libtpu / Mosaic for v5p (no TPU needed), per (batch, head) shard on a
+    mesh of compile-only devices, where the kernel's mask info cannot be made as eager arrays."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from director_jax.train import aot
+
+    mesh = aot.topology_mesh("v5p:2x2x1", {"fsdp": -1})
+    batch, s, heads, d = 4, 640, 2, 128
+    x = jax.ShapeDtypeStruct((batch, s, heads, d), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+
+    def grads(q, k, v):
+        return jax.grad(lambda *a: jnp.sum(attention(*a, impl=impl).astype(jnp.float32) ** 2),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    with jax.set_mesh(mesh):
+        report = aot.compile_report(jax.jit(grads), x, x, x, topology="v5p:2x2x1", mesh=mesh)
+    shard_bytes = s * heads * d * 2  # one batch row per device
+    assert report.num_devices == 4 and report.argument_bytes == 3 * shard_bytes and report.fits
+    assert 3 * shard_bytes <= report.output_bytes < 3 * shard_bytes + 4096  # the grads (and a tuple header)
 
 
 def test_rows_handle_a_batch_row_without_valid_keys():

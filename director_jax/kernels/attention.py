@@ -13,6 +13,8 @@
 * ``pallas``: this project's Pallas flash kernels (``flash_tpu.py`` on TPU, ``flash_gpu.py`` on
   GPU; on the CPU the TPU kernel in interpret mode, for tests);
 * ``splash``: JAX's TPU splash-attention kernel;
+* ``tokamax``: the ``tokamax`` library's flash attention (optional package; its splash fork on TPU,
+  its Mosaic GPU / Triton kernel on GPU, interpreted on the CPU);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (NVIDIA GPUs);
 * ``auto``: by backend and shape (see ``dispatch.choose_implementation``): ``rows`` or ``blockwise``
   on the CPU, never holding more than ``max_materialized`` score elements per head at once.

@@ -11,6 +11,8 @@ The leaf of the attention stack: ``sequence_parallel.py`` runs these per device 
 * ``pallas``: this project's Pallas flash kernels (``flash_tpu.py`` on TPU, ``flash_gpu.py`` on GPU;
   on the CPU the TPU kernel in interpret mode, for tests);
 * ``splash``: JAX's TPU splash-attention kernel (``splash.py``);
+* ``tokamax``: the flash attention of DeepMind's ``tokamax`` kernel library, when it is installed
+  (``splash.py``: its splash fork on TPU, and interpreted on the CPU; its Mosaic GPU / Triton kernel on GPU);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (NVIDIA GPUs).
 
 The Pallas modules import on any machine (their lowering needs the backend, their import does not),
@@ -29,7 +31,7 @@ from director_jax.kernels import blockwise, flash, flash_gpu, flash_tpu, row_blo
 from director_jax.kernels.flash import BlockSizes
 from director_jax.parallel.rules import logical_to_mesh_spec, place
 
-LOCAL_IMPLEMENTATIONS = ("xla", "rows", "blockwise", "pallas", "splash", "cudnn")
+LOCAL_IMPLEMENTATIONS = ("xla", "rows", "blockwise", "pallas", "splash", "tokamax", "cudnn")
 # ``auto`` never holds more than this many score elements per (batch, head) at once:
 # 8192^2 float32 scores are 256 MiB per head, already more than a kernel's whole working set.
 MAX_MATERIALIZED = 8192 * 8192
@@ -122,9 +124,14 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Arr
         return xla_attention(q, k, v, kv_len=kv_len, scale=scale)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, kv_len=kv_len, scale=scale)
-    if impl == "splash":
+    if impl == "tokamax" and flash.target_backend() == "gpu":
+        return per_shard(lambda q, k, v, n: splash.tokamax_gpu_attention(q, k, v, kv_len=n, scale=scale),
+                         q, k, v, kv_len)
+    if impl in ("splash", "tokamax"):
+        library = "jax" if impl == "splash" else "tokamax"
         return per_shard(lambda q, k, v, n: splash.splash_attention(q, k, v, kv_len=n, scale=scale,
-                                                                    interpret=interpret), q, k, v, kv_len)
+                                                                    interpret=interpret, library=library),
+                         q, k, v, kv_len)
     forward, backward, default_interpret = local_pair(impl)
     interpret = default_interpret if interpret is None else interpret
     if impl == "rows" and block_sizes is None:

@@ -118,10 +118,10 @@ def resolve_mode(mode: str, num_heads: int, head_shards: int, n: int) -> str:
 
 
 def ring_implementation(impl: str) -> str:
-    """The local implementation ring attention uses for ``impl``: itself, or "pallas" for cudnn / splash."""
+    """The local implementation ring attention uses for ``impl``: itself, or "pallas" for cudnn / splash / tokamax."""
     if impl in FLASH_IMPLS:
         return impl
-    if impl in ("cudnn", "splash"):
+    if impl in ("cudnn", "splash", "tokamax"):
         log.info("Ring attention: %s has no (o, lse) kernel pair; using the pallas flash kernel.", impl)
         return "pallas"
     raise ValueError(f"Ring attention has no local implementation for {impl!r}; use one of {FLASH_IMPLS}.")
