@@ -7,6 +7,13 @@ Each case (model x size x topology x remat) is compiled in a fresh subprocess (`
 released and a failing or slow case does not stop the rest; each result is appended to ``--out`` as one JSON
 line as soon as it completes. Figures are XLA's per-device ``memory_analysis()`` for the TPU (libtpu compile-only
 devices; no TPU needed). Cases are run in the order given: models, then sizes, then topologies.
+
+``--hardware-flops`` also reports what the chips compute against the model's FLOPs (the recompute overhead of
+remat and of a flash kernel's backward). XLA's ``cost_analysis()`` counts the layer scan's body once, so the
+step is compiled twice more, with one and with two layers and no loop (``model_options.scan_unroll``): the
+difference is one layer's hardware FLOPs ``body``, and the full step's are ``f1 + (L - 1) * body`` per chip.
+Pallas kernels count what their cost estimates declare: ours and tokamax's do, JAX's splash does not (its
+attention is missing from the count).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 BASELINE_NOTE = ("baseline (maxdiffusion): Wan2.1 14B at 720p x 81 frames, global batch 1, trained on a v5p-8 "
                  "(= v5p:2x2x1)")
 COLUMNS = ("model", "size", "tokens", "topology", "remat", "attention", "args GiB", "temps GiB", "peak+code GiB",
-           "HBM GiB", "fits", "TFLOP/step", "compile s")
+           "HBM GiB", "fits", "TFLOP/step", "hw / model FLOPs", "compile s")
 
 
 def apply_overrides(cfg, overrides: list[str]) -> None:
@@ -51,7 +58,7 @@ def apply_overrides(cfg, overrides: list[str]) -> None:
 
 def run_one(model: str, size: str, topology: str, remat: str, attention: str = "xla",
             sequence_parallel: str | None = None, mesh: dict[str, int] | None = None,
-            overrides: list[str] | None = None) -> dict:
+            overrides: list[str] | None = None, hardware_flops: bool = False) -> dict:
     """Compiles one case in this process and returns its JSON-able result."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(REPO))
@@ -82,6 +89,21 @@ def run_one(model: str, size: str, topology: str, remat: str, attention: str = "
     print(f"train step of {cfg.task} ({run.task.describe()}), global batch {cfg.train.batch_size}, "
           f"mesh {dict(run.mesh.shape)}", flush=True)
     print(format_report(report), flush=True)
+    hardware = None
+    if hardware_flops:
+        layers = int(cfg.model.num_layers)
+
+        def unrolled_flops(n: int) -> float:
+            cfg.model.num_layers, cfg.model_options.scan_unroll = n, n  # n layers, no loop
+            small = build_run(cfg, devices=topology_devices(topology), materialize_frozen=False)
+            return compile_report(small.step_fn, with_shardings(small.abstract, small.shardings), small.frozen_state,
+                                  abstract_batch(small), topology=topology, mesh=small.mesh).flops
+
+        one, two = unrolled_flops(1), unrolled_flops(2)
+        body = two - one  # one layer's forward, recompute and backward, per chip
+        hardware = (one + (layers - 1) * body) * report.num_devices / 1e12
+        print(f"hardware FLOPs: {hardware:.1f} TFLOP per step ({body / 1e12:.2f} TFLOP per layer per chip)"
+              + (f", {hardware / tflop:.3f}x the model's {tflop:.1f}" if tflop else ""), flush=True)
     return {
         "model": model, "size": size, "height": height, "width": width, "frames": int(cfg.video.num_frames),
         "tokens": int(run.task.tokens_per_example()), "batch": int(cfg.train.batch_size), "topology": topology,
@@ -93,7 +115,7 @@ def run_one(model: str, size: str, topology: str, remat: str, attention: str = "
         "total_bytes": report.total_bytes, "hbm_bytes": report.hbm_bytes, "fits": report.fits,
         "analytic_tflop_per_step": tflop, "lower_seconds": report.lower_seconds,
         "compile_seconds": report.compile_seconds, "flops_per_device": report.flops, "status": "ok",
-        "overrides": list(overrides or []), "task": run.task.describe(),
+        "overrides": list(overrides or []), "task": run.task.describe(), "hardware_tflop_per_step": hardware,
     }
 
 
@@ -143,11 +165,15 @@ def table_row(r: dict) -> str:
         note = (f"**NO**: XLA refused one buffer, {shape} = {bench.fmt_gib(r['largest_buffer_bytes'])} GiB "
                 f"> {bench.fmt_gib(r['hbm_limit_bytes'])} GiB")
         wall = f"refused after {r['wall_seconds']:.0f} s wall" if "wall_seconds" in r else "-"
-        return "| " + " | ".join(head + ["-", "-", "-", bench.fmt_gib(r["hbm_limit_bytes"]), note, tflop, wall]) + " |"
+        cells = ["-", "-", "-", bench.fmt_gib(r["hbm_limit_bytes"]), note, tflop, "-", wall]
+        return "| " + " | ".join(head + cells) + " |"
     if r.get("status") != "ok":
-        return "| " + " | ".join(head + ["-"] * 6 + [r.get("note", r.get("status", "failed"))]) + " |"
+        return "| " + " | ".join(head + ["-"] * 7 + [r.get("note", r.get("status", "failed"))]) + " |"
     tflop = "-" if r["analytic_tflop_per_step"] is None else f"{r['analytic_tflop_per_step']:.1f}"
-    cells = head + bench.memory_cells(r) + [tflop, f"{r['compile_seconds']:.0f}"]
+    ratio = "-"
+    if r.get("hardware_tflop_per_step") and r["analytic_tflop_per_step"]:
+        ratio = f"{r['hardware_tflop_per_step'] / r['analytic_tflop_per_step']:.2f}x"
+    cells = head + bench.memory_cells(r) + [tflop, ratio, f"{r['compile_seconds']:.0f}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -163,6 +189,8 @@ def main() -> int:
     bench.add_output_args(p, out="aot_train.jsonl", timeout_min=12.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.timelines=per_example (repeatable)")
+    p.add_argument("--hardware-flops", action="store_true",
+                   help="also compile a 2-layer unrolled step to count the chips' FLOPs (recompute overhead)")
     bench.add_mode_args(p)
     args = p.parse_args()
     models, sizes = bench.split_list(args.models), bench.split_list(args.sizes)
@@ -176,7 +204,7 @@ def main() -> int:
     mesh = {k: int(v) for k, v in (item.split("=") for item in bench.split_list(args.mesh))}
     if args.one:
         bench.emit_result(run_one(models[0], sizes[0], topologies[0], remats[0], args.attention,
-                                  args.sequence_parallel, mesh, args.set))
+                                  args.sequence_parallel, mesh, args.set, args.hardware_flops))
         return 0
 
     def cases():
@@ -187,6 +215,8 @@ def main() -> int:
                 cmd += ["--sequence-parallel", args.sequence_parallel]
             for item in args.set:
                 cmd += ["--set", item]
+            if args.hardware_flops:
+                cmd.append("--hardware-flops")
             yield cmd, {"model": model, "size": size, "topology": topology, "remat": remat,
                         "attention": args.attention, "sequence_parallel": args.sequence_parallel}
 

@@ -35,7 +35,10 @@ def gen_config(*, dim: int, heads: int, layers: int, ffn: int, height: int, widt
         sequence_parallel=ml_collections.config_dict.placeholder(str),
         # flash-kernel tiles, e.g. {block_q: 512, block_kv: 1024, block_q_bwd: 512, block_kv_bwd: 512}; None: the
         # chip's entry of kernels/flash.py:DEFAULT_BLOCK_SIZES
-        attention_block_sizes=ml_collections.config_dict.placeholder(dict)))
+        attention_block_sizes=ml_collections.config_dict.placeholder(dict),
+        # blocks per loop iteration of the layer scan; True: no loop (longer compiles; the compiler's FLOP count
+        # of an unrolled step is exact, benchmarks/aot_train.py --hardware-flops)
+        scan_unroll=1))
 
     c.video = ml_collections.ConfigDict(dict(height=height, width=width, num_frames=81, fps=16.0))
     c.text = ml_collections.ConfigDict(dict(max_length=512, conditioning=True))

@@ -173,6 +173,21 @@ def test_positions_and_remat_and_bad_input():
     g2 = nnx.grad(loss)(remat)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # so does unrolling the layer scan
+    unrolled = nnx.merge(graphdef, state)
+    unrolled.scan_unroll = True
+
+    def program(m):
+        gd, st = nnx.split(m)
+        return jax.jit(lambda st, x: nnx.merge(gd, st)(x, jnp.asarray(TIMESTEP), jnp.asarray(TEXT))).lower(
+            st, jnp.asarray(LATENTS)).as_text()
+
+    # the layer loop is gone (attention keeps loops of its own)
+    assert program(unrolled).count("stablehlo.while") == program(model).count("stablehlo.while") - 1
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(nnx.grad(loss)(unrolled)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(ValueError, match="scan_unroll must be a positive int"):
+        WanDiT(TINY, rngs=nnx.Rngs(0), scan_unroll=0)
     with pytest.raises(ValueError, match="timestep has shape"):
         model(jnp.asarray(LATENTS), jnp.ones((2, 5)), jnp.asarray(TEXT))
     with pytest.raises(ValueError, match="positions has shape"):

@@ -29,7 +29,7 @@ def model_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(dtype=jnp.dtype(opts.dtype), param_dtype=jnp.dtype(opts.param_dtype),
                 attention_impl=opts.attention_impl, remat_policy=opts.remat_policy,
                 sequence_parallel=opts.get("sequence_parallel"),
-                attention_block_sizes=opts.get("attention_block_sizes"))
+                attention_block_sizes=opts.get("attention_block_sizes"), scan_unroll=opts.get("scan_unroll", 1))
 
 
 def dit_config(model: ml_collections.ConfigDict | Mapping[str, Any]) -> WanDiTConfig:

@@ -261,12 +261,16 @@ class WanDiT(nnx.Module):
 
     def __init__(self, config: WanDiTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, attention_impl: str = "auto", remat_policy: str = "none",
-                 sequence_parallel: str | None = None, attention_block_sizes: BlockSizes | dict | None = None):
+                 sequence_parallel: str | None = None, attention_block_sizes: BlockSizes | dict | None = None,
+                 scan_unroll: int | bool = 1):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat_policy {remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.")
         if sequence_parallel not in SEQUENCE_PARALLEL_MODES:
             raise ValueError(f"Unknown sequence_parallel {sequence_parallel!r}; choose one of "
                              f"{SEQUENCE_PARALLEL_MODES}.")
+        if not isinstance(scan_unroll, bool) and (not isinstance(scan_unroll, int) or scan_unroll < 1):
+            raise ValueError(f"scan_unroll must be a positive int (layers per loop iteration) or True (no loop); "
+                             f"got {scan_unroll!r}.")
         self.config = config
         dim = config.inner_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -288,6 +292,7 @@ class WanDiT(nnx.Module):
         self.scale_shift_table = param(
             torch_normal(rngs.params(), (1, 2, dim), 1.0 / math.sqrt(dim), FLOAT32_PARAMS), (None, None, "embed"))
         self.remat_policy = remat_policy
+        self.scan_unroll = scan_unroll
         self.sequence_parallel = sequence_parallel
         self.dtype = dtype
 
@@ -395,7 +400,7 @@ class WanDiT(nnx.Module):
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             body = nnx.remat(body, policy=policy, prevent_cse=False)
-        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.scan_unroll)(x, self.blocks)
 
     def _unpatchify(self, x: jax.Array, f: int, h: int, w: int) -> jax.Array:
         b = x.shape[0]
