@@ -85,12 +85,14 @@ def add_training(c: ml_collections.ConfigDict, *, task: str, batch_size: int, st
         anchor_weight=0.0,  # VAE task: weight of train/losses.py:temporal_anchor_loss (multi-frame clips)
     ))
     # moment_dtype / ema_dtype: None (the parameters' dtype), "float32" or "bfloat16" (train/optim.py); with
-    # model_options.param_dtype they make the precision recipe (benchmarks/RESULTS.md, "Precision recipes")
+    # model_options.param_dtype they make the precision recipe (benchmarks/RESULTS.md, "Precision recipes");
+    # ema_memory: "device" or "host" (the EMA kept in the hosts' memory, not HBM; updated on the chips each step)
     c.optim = ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=warmup_steps, decay_steps=0,
                                              end_lr_ratio=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                                              grad_clip=1.0, ema_decay=0.999,
                                              moment_dtype=ml_collections.config_dict.placeholder(str),
-                                             ema_dtype=ml_collections.config_dict.placeholder(str)))
+                                             ema_dtype=ml_collections.config_dict.placeholder(str),
+                                             ema_memory="device"))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep_last=3, keep_every=0, async_save=True))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",  # "synthetic" (generated on the fly) or "curated" (the TFDS shards of data/shards.py)

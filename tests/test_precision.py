@@ -72,6 +72,9 @@ def test_bad_precision_settings_are_one_line_errors():
         check_numbers(cfg)
     with pytest.raises(ValueError, match="moment_dtype"):
         make_optimizer(_optim(moment_dtype="int8"), 10)
+    cfg.optim = _optim(ema_memory="hbm")
+    with pytest.raises(UserError, match=r"ema_memory='hbm': choose device or host"):
+        check_numbers(cfg)
 
 
 def test_bfloat16_dit_keeps_norms_modulation_and_time_path_in_float32():

@@ -15,6 +15,7 @@ from director_jax.build import RANDOM_VAE
 from director_jax.errors import UserError
 from director_jax.io_utils import writable_dir_problem
 from director_jax.parallel.rules import rules_from_config
+from director_jax.train.optim import EMA_MEMORY
 from director_jax.train.tasks import make_task
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -55,6 +56,9 @@ def check_numbers(cfg: ml_collections.ConfigDict) -> None:
         value = _get(cfg, name)
         if value is not None and value >= below:
             raise UserError(f"--config.{name}={value!r}: give a rate below 1.")
+    ema_memory = _get(cfg, "optim.ema_memory")
+    if ema_memory is not None and ema_memory not in EMA_MEMORY:
+        raise UserError(f"--config.optim.ema_memory={ema_memory!r}: choose {' or '.join(EMA_MEMORY)}.")
     for name in ("optim.moment_dtype", "optim.ema_dtype"):
         value = _get(cfg, name)
         if value is not None and value not in ("float32", "bfloat16"):

@@ -5,7 +5,9 @@ not updates, and because evaluation and export read it as a plain parameter tree
 
 Precision: ``optim.moment_dtype`` stores both Adam moments in that dtype (``None``: the parameter's
 dtype, optax's own AdamW); the arithmetic is float32 either way, only the stored state is rounded.
-``optim.ema_dtype`` is the EMA copy's dtype (``None``: the parameter's). With float32 parameters,
+``optim.ema_dtype`` is the EMA copy's dtype (``None``: the parameter's); ``optim.ema_memory="host"``
+keeps it in the hosts' memory instead of the chips' (``EMA_MEMORY``; the step brings it in, updates it
+and sends it back, a read and a write of the EMA over the host link per step). With float32 parameters,
 bfloat16 moments halve the optimizer state; the cost in loss is measured in ``benchmarks/RESULTS.md``
 ("Precision recipes", ``benchmarks/precision_curves.py``).
 """
@@ -16,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+EMA_MEMORY = ("device", "host")  # where optim.ema_memory keeps the EMA: HBM, or the hosts' pinned memory
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -85,6 +89,16 @@ def ema_update(ema, params, decay: float):
     """``decay * ema + (1 - decay) * params``, leaf by leaf, computed in float32, stored in the EMA's dtype."""
     return jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)
                                       ).astype(e.dtype), ema, params)
+
+
+def ema_on_chips(ema, memory: str):
+    """The EMA in the chips' memory, for the step to update: a host-memory EMA (``memory="host"``) is brought in."""
+    return ema if memory == "device" else jax.device_put(ema, jax.memory.Space.Device)
+
+
+def ema_to_memory(ema, memory: str):
+    """The updated EMA back where ``optim.ema_memory`` keeps it."""
+    return ema if memory == "device" else jax.device_put(ema, jax.memory.Space.Host)
 
 
 def ema_copy(params, dtype: str | None):

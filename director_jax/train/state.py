@@ -128,8 +128,10 @@ def model_graphdef(build_fn: Callable[[], nnx.Module]) -> nnx.GraphDef:
     return graphdef
 
 
-def state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules | None = None) -> TrainState:
-    """NamedShardings for every leaf of the (abstract) train state on ``mesh`` (``rules``: default the active table)."""
+def state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules | None = None, ema_memory: str = "device"
+                    ) -> TrainState:
+    """NamedShardings for every leaf of the (abstract) train state on ``mesh`` (``rules``: default the active table);
+    the EMA's as the parameters', in the hosts' pinned memory when ``ema_memory`` is "host"."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params_sharding = param_shardings(abstract.params, mesh, rules)
     by_path = {}
@@ -146,8 +148,11 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules | None = None
         return replicated
 
     opt_sharding = jax.tree_util.tree_map_with_path(mirror, abstract.opt_state)
+    ema_sharding = params_sharding
+    if ema_memory == "host":
+        ema_sharding = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), params_sharding)
     return TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
-                      ema=None if abstract.ema is None else params_sharding, rng=replicated,
+                      ema=None if abstract.ema is None else ema_sharding, rng=replicated,
                       nonfinite_skips=replicated,
                       latent_stats=jax.tree.map(lambda _: replicated, abstract.latent_stats))
 

@@ -28,7 +28,7 @@ from director_jax.parallel import axis_rules, constrain, current_rules, logical_
 from director_jax.parallel.rules import Rules
 from director_jax.train.latent_stats import DECAY as LATENT_STATS_DECAY
 from director_jax.train.latent_stats import pop_moments, update_latent_stats
-from director_jax.train.optim import ema_update, global_norm
+from director_jax.train.optim import ema_on_chips, ema_to_memory, ema_update, global_norm
 from director_jax.train.state import TrainState
 from director_jax.train.tasks import BatchField, Task
 
@@ -46,8 +46,10 @@ def split_micro_batches(x: jax.Array, micro_batches: int, logical: tuple[str | N
 
 def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.GraphDef | None,
                     tx: optax.GradientTransformation, *, micro_batches: int, ema_decay: float,
-                    schedule: optax.Schedule | None = None, latent_stats_decay: float = LATENT_STATS_DECAY) -> StepFn:
-    """The pure train step for ``task`` (trace it under a mesh and ``axis_rules`` for activation constraints)."""
+                    schedule: optax.Schedule | None = None, latent_stats_decay: float = LATENT_STATS_DECAY,
+                    ema_memory: str = "device") -> StepFn:
+    """The pure train step for ``task`` (trace it under a mesh and ``axis_rules`` for activation constraints);
+    ``ema_memory``: where the state's EMA lives ("host": its shardings' memory kind is pinned_host)."""
     fields = task.batch_fields(1)
 
     def micro_loss(params, frozen, batch, key):
@@ -94,7 +96,10 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.Gra
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        ema = None if state.ema is None else ema_update(state.ema, params, ema_decay)
+        ema = None
+        if state.ema is not None:
+            old_ema = ema_on_chips(state.ema, ema_memory)
+            ema = ema_to_memory(keep(ema_update(old_ema, params, ema_decay), old_ema), ema_memory)
         stats = state.latent_stats
         if stats is not None:
             stats = keep(update_latent_stats(stats, moments, latent_stats_decay), stats)
@@ -102,7 +107,7 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.Gra
             step=state.step + 1,
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
-            ema=None if ema is None else keep(ema, state.ema),
+            ema=ema,
             nonfinite_skips=state.nonfinite_skips + jnp.where(finite, 0, 1).astype(jnp.int32),
             latent_stats=stats,
         )

@@ -38,7 +38,7 @@ from director_jax.parallel import MeshConfig, create_mesh, param_shardings, rule
 from director_jax.train import state as state_lib
 from director_jax.train.checkpoint import Checkpointer
 from director_jax.train.metrics import MetricWriter, Progress, peak_flops
-from director_jax.train.optim import learning_rate_schedule, make_optimizer
+from director_jax.train.optim import EMA_MEMORY, learning_rate_schedule, make_optimizer
 from director_jax.train.step import batch_shardings, jit_train_step, make_train_step
 from director_jax.train.tasks import Task, make_task
 
@@ -129,7 +129,10 @@ def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_froze
     init = state_lib.init_fn(build_fn, tx, seed=int(cfg.seed), use_ema=ema_decay > 0, rules=rules,
                              latent_channels=task.latent_channels, ema_dtype=cfg.optim.get("ema_dtype"))
     abstract = jax.eval_shape(init)
-    shardings = state_lib.state_shardings(abstract, mesh, rules)
+    ema_memory = cfg.optim.get("ema_memory") or "device"
+    if ema_memory not in EMA_MEMORY:
+        raise ValueError(f"optim.ema_memory={ema_memory!r}; choose one of {EMA_MEMORY}.")
+    shardings = state_lib.state_shardings(abstract, mesh, rules, ema_memory=ema_memory)
 
     frozen_graphdef = frozen_state = frozen_sharding = None
     if task.frozen_build_fn() is not None:
@@ -145,7 +148,8 @@ def build_run(cfg: ml_collections.ConfigDict, *, devices=None, materialize_froze
     fields = task.batch_fields(int(t.batch_size))
     batch_sharding = batch_shardings(fields, mesh, rules)
     step = make_train_step(task, graphdef, frozen_graphdef, tx, micro_batches=int(t.micro_batches),
-                           ema_decay=ema_decay, schedule=learning_rate_schedule(cfg.optim, int(t.steps)))
+                           ema_decay=ema_decay, schedule=learning_rate_schedule(cfg.optim, int(t.steps)),
+                           ema_memory=ema_memory)
     step_fn = jit_train_step(step, mesh, shardings, frozen_sharding, batch_sharding, rules)
     return Run(cfg, task, mesh, rules, tx, graphdef, init, abstract, shardings, frozen_graphdef, frozen_state,
                frozen_sharding, fields, batch_sharding, step_fn)
