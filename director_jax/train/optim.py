@@ -6,18 +6,22 @@ not updates, and because evaluation and export read it as a plain parameter tree
 Precision: ``optim.moment_dtype`` stores both Adam moments in that dtype (``None``: the parameter's
 dtype, optax's own AdamW); the arithmetic is float32 either way, only the stored state is rounded.
 ``optim.ema_dtype`` is the EMA copy's dtype (``None``: the parameter's); ``optim.ema_memory="host"``
-keeps it in the hosts' memory instead of the chips' (``EMA_MEMORY``; the step brings it in, updates it
-and sends it back, a read and a write of the EMA over the host link per step). With float32 parameters,
+keeps it in the hosts' memory instead of the chips' (``EMA_MEMORY``; the host updates it each step from
+a copy of the new weights: one weights-sized transfer to the host and the update's arithmetic on the host's
+cores per step). With float32 parameters,
 bfloat16 moments halve the optimizer state; the cost in loss is measured in ``benchmarks/RESULTS.md``
 ("Precision recipes", ``benchmarks/precision_curves.py``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.experimental.compute_on import compute_on
 
 EMA_MEMORY = ("device", "host")  # where optim.ema_memory keeps the EMA: HBM, or the hosts' pinned memory
 
@@ -91,14 +95,23 @@ def ema_update(ema, params, decay: float):
                                       ).astype(e.dtype), ema, params)
 
 
-def ema_on_chips(ema, memory: str):
-    """The EMA in the chips' memory, for the step to update: a host-memory EMA (``memory="host"``) is brought in."""
-    return ema if memory == "device" else jax.device_put(ema, jax.memory.Space.Device)
+def next_ema(ema, params, finite: jax.Array, decay: float, memory: str = "device"):
+    """The step's new EMA: ``ema_update`` where the step is finite, else the old EMA unchanged.
+
+    With ``memory="host"`` (the EMA in pinned host memory) the update runs on the host, beside the EMA,
+    on the new weights copied out to it: HBM then holds no copy of the EMA at any point of the step
+    (bringing the EMA in to update it on the chips would hold two, the old and the new)."""
+    if memory == "device":
+        return _kept_ema_update(ema, params, finite, decay)
+    to_host = functools.partial(jax.device_put, device=jax.memory.Space.Host)
+    return _host_ema_update(ema, to_host(params), to_host(finite), decay)
 
 
-def ema_to_memory(ema, memory: str):
-    """The updated EMA back where ``optim.ema_memory`` keeps it."""
-    return ema if memory == "device" else jax.device_put(ema, jax.memory.Space.Host)
+def _kept_ema_update(ema, params, finite: jax.Array, decay: float):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), ema_update(ema, params, decay), ema)
+
+
+_host_ema_update = compute_on("device_host")(jax.jit(_kept_ema_update, static_argnums=(3,)))
 
 
 def ema_copy(params, dtype: str | None):

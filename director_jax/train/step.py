@@ -28,7 +28,7 @@ from director_jax.parallel import axis_rules, constrain, current_rules, logical_
 from director_jax.parallel.rules import Rules
 from director_jax.train.latent_stats import DECAY as LATENT_STATS_DECAY
 from director_jax.train.latent_stats import pop_moments, update_latent_stats
-from director_jax.train.optim import ema_on_chips, ema_to_memory, ema_update, global_norm
+from director_jax.train.optim import global_norm, next_ema
 from director_jax.train.state import TrainState
 from director_jax.train.tasks import BatchField, Task
 
@@ -96,10 +96,7 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, frozen_graphdef: nnx.Gra
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        ema = None
-        if state.ema is not None:
-            old_ema = ema_on_chips(state.ema, ema_memory)
-            ema = ema_to_memory(keep(ema_update(old_ema, params, ema_decay), old_ema), ema_memory)
+        ema = None if state.ema is None else next_ema(state.ema, params, finite, ema_decay, ema_memory)
         stats = state.latent_stats
         if stats is not None:
             stats = keep(update_latent_stats(stats, moments, latent_stats_decay), stats)
