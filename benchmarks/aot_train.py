@@ -112,6 +112,7 @@ def run_one(model: str, size: str, topology: str, remat: str, attention: str = "
         "device_kind": report.device_kind, "argument_bytes": report.argument_bytes,
         "output_bytes": report.output_bytes, "temp_bytes": report.temp_bytes, "alias_bytes": report.alias_bytes,
         "generated_code_bytes": report.generated_code_bytes, "peak_bytes": report.peak_bytes,
+        "host_bytes": report.host_bytes,
         "total_bytes": report.total_bytes, "hbm_bytes": report.hbm_bytes, "fits": report.fits,
         "analytic_tflop_per_step": tflop, "lower_seconds": report.lower_seconds,
         "compile_seconds": report.compile_seconds, "flops_per_device": report.flops, "status": "ok",

@@ -221,8 +221,14 @@ def main() -> int:
     p.add_argument("--results-file", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     p.add_argument("--xla-default", action="store_true", help="without director_jax/xla_flags.py's CPU flags")
     args = p.parse_args()
+    sys.path.insert(0, str(REPO))
+    from director_jax.cli import default_jax_platforms
+
+    platforms = default_jax_platforms()  # as the commands choose: no libtpu probing without TPU chips
+    if platforms and "JAX_PLATFORMS" not in os.environ:
+        os.environ["JAX_PLATFORMS"] = platforms
+        sys.modules["jax"].config.update("jax_platforms", platforms)  # imported with director_jax.cli
     if not args.xla_default:
-        sys.path.insert(0, str(REPO))
         from director_jax.xla_flags import apply_cpu_flags
 
         apply_cpu_flags()  # before JAX's backend starts

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -53,6 +54,29 @@ def test_sharded_matmul_report(mesh):
     aot.check_fits(report)
     text = aot.format_report(report)
     assert "v5p:2x2x1: 4 x TPU v5" in text and "TFLOP" in text and "MiB" in text
+
+
+def test_host_memory_arguments_are_not_counted_as_hbm(mesh):
+    """XLA's peak counts arguments and outputs in pinned host memory too (a program of host buffers alone
+    reports their size): the report takes them out of the HBM peak and shows them as host bytes."""
+    n = 2**20  # 4 MiB of float32 per device
+    device = NamedSharding(mesh, P("fsdp"))
+    host = device.with_memory_kind("pinned_host")
+    x = jax.ShapeDtypeStruct((4 * n,), jnp.float32, sharding=device)
+    h = jax.ShapeDtypeStruct((4 * n,), jnp.float32, sharding=host)
+
+    def step(x, h):  # x on the chips, h updated on the host from a copy of x (the host-memory EMA's pattern)
+        x = x + 1
+        return x, _host_update(h, jax.device_put(x, jax.memory.Space.Host))
+
+    fn = jax.jit(step, out_shardings=(device, host), donate_argnums=(0, 1))
+    report = aot.compile_report(fn, x, h, topology=TOPOLOGY, mesh=mesh)
+    shard = n * 4  # bytes of one device's quarter of x (and of h)
+    assert report.host_bytes == shard  # h: in and out, donated, counted once
+    assert report.argument_bytes == shard and shard <= report.peak_bytes < shard + 64 * 1024  # HBM: x (+ staging)
+
+
+_host_update = compute_on("device_host")(jax.jit(lambda h, x: 0.9 * h + 0.1 * x))
 
 
 def test_check_fits_raises_when_arguments_exceed_hbm(mesh):

@@ -140,13 +140,16 @@ class CompileReport:
     """What XLA's compiler says one device needs for a program, and whether that fits the chip.
 
     Byte figures are per device, from ``compiled.memory_analysis()``: ``peak_bytes`` is the
-    compiler's peak of live buffers (arguments, outputs, temporaries; donated arguments counted
-    once), ``total_bytes`` adds the program binary. ``flops`` and ``bytes_accessed`` are
-    ``compiled.cost_analysis()`` of the SPMD-partitioned program, i.e. per device: a matmul
-    sharded 4 ways reports 2*M*N*K/4, a replicated one 2*M*N*K. ``global_flops`` multiplies by the
-    device count (work done by all chips, replicated work included). XLA counts a while loop's body
-    once, whatever its trip count, so for a model that scans over its layers (``WanDiT``) these are
-    far below the real step's FLOPs: use them to compare programs, an analytic count for MFU.
+    compiler's peak of live buffers in HBM (arguments, outputs, temporaries; donated arguments counted
+    once), ``total_bytes`` adds the program binary. XLA's own peak also counts the arguments and
+    outputs that live in host memory (a pinned-host EMA, say; a program with only host buffers reports
+    their size as its peak); they are taken out of ``peak_bytes`` and reported as ``host_bytes``.
+    ``flops`` and ``bytes_accessed`` are ``compiled.cost_analysis()`` of the SPMD-partitioned program,
+    i.e. per device: a matmul sharded 4 ways reports 2*M*N*K/4, a replicated one 2*M*N*K.
+    ``global_flops`` multiplies by the device count (work done by all chips, replicated work included).
+    XLA counts a while loop's body once, whatever its trip count, so for a model that scans over its
+    layers (``WanDiT``) these are far below the real step's FLOPs: use them to compare programs, an
+    analytic count for MFU.
     """
 
     topology: str
@@ -158,6 +161,7 @@ class CompileReport:
     alias_bytes: int
     generated_code_bytes: int
     peak_bytes: int
+    host_bytes: int
     flops: float
     bytes_accessed: float
     lower_seconds: float
@@ -239,12 +243,15 @@ def compile_report(jitted_fn: Callable[..., Any], *abstract_args: Any, topology:
     mem = compiled.memory_analysis()
     args, outs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     temps, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0) or args + outs + temps - alias
+    host = sum(int(getattr(mem, f"host_{name}_size_in_bytes", 0) or 0) for name in ("argument", "output")) - int(
+        getattr(mem, "host_alias_size_in_bytes", 0) or 0)  # host-memory arguments and outputs, donated ones once
+    xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    peak = xla_peak - host if xla_peak else args + outs + temps - alias
     code = int(mem.generated_code_size_in_bytes)
     cost = _cost(compiled)
     return CompileReport(
         topology=topology, num_devices=len(devices), device_kind=kind, argument_bytes=args, output_bytes=outs,
-        temp_bytes=temps, alias_bytes=alias, generated_code_bytes=code, peak_bytes=peak,
+        temp_bytes=temps, alias_bytes=alias, generated_code_bytes=code, peak_bytes=peak, host_bytes=host,
         flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         lower_seconds=t1 - t0, compile_seconds=t2 - t1, hbm_bytes=hbm_bytes,
         fits=hbm_bytes is None or peak + code <= hbm_bytes)
@@ -268,6 +275,7 @@ def format_report(report: CompileReport) -> str:
         ("aliased (donated)", _bytes(report.alias_bytes)),
         ("generated code", _bytes(report.generated_code_bytes)),
         ("peak live buffers", _bytes(report.peak_bytes)),
+        ("host memory", _bytes(report.host_bytes) + " (arguments and outputs kept in host memory)"),
         ("total (peak + code)", _bytes(report.total_bytes)),
         ("chip HBM", hbm),
         ("fits", fit),
