@@ -113,7 +113,9 @@ def test_a_model_sharded_over_devices_gives_the_same_numbers(cli_runs, checkpoin
                       *zip(sharded["cases"], replicated["cases"], strict=True)]:
         for key, value in want.items():
             if isinstance(value, float):
-                rel = 2e-4 if key.startswith("fvd_ci") else 1e-5  # see the device-count test below
+                # FVD of two clips (rank-deficient sets, a matrix square root) amplifies the float32 rounding
+                # of a different sharding: 1.7e-5 relative measured on a 2-core AMD EPYC; see also below
+                rel = 2e-4 if key.startswith("fvd") else 1e-5
                 assert got[key] == pytest.approx(value, rel=rel, abs=1e-9), key
 
 
