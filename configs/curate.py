@@ -66,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
         frames_per_shot=3,  # frames sampled evenly from each shot of a sample for the captioner
         openai=ml_collections.ConfigDict(dict(
             url="http://127.0.0.1:8000/v1", model="", api_key_env="", timeout_s=60.0, retries=3, backoff_s=1.0,
-            max_image_side=512, max_tokens=1024, temperature=0.2)),
+            max_image_side=512, max_tokens=1024, temperature=0.2,
+            # per curation worker: requests started per second (0: no limit) and requests in flight at once
+            max_requests_per_s=0.0, concurrency=1)),
         jsonl=ml_collections.ConfigDict(dict(path="")),
     ))
     c.progress = True

@@ -19,30 +19,26 @@ structured caption of ``director_jax.data.captions.format_multishot_caption``.
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import logging
 import os
 import re
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from director_jax.curation.shots import check_number
+from director_jax.curation.vlm_client import AnswerCache, CaptionError, ChatClient, RetryableError, completed_future
 from director_jax.data.captions import format_multishot_caption, parse_multishot_caption
 
 log = logging.getLogger(__name__)
-
-
-class CaptionError(RuntimeError):
-    """A caption could not be made for a sample (a server error, a bad answer, a missing entry)."""
 
 
 class MissingCaptionError(CaptionError):
@@ -182,38 +178,39 @@ def parse_shot_answer(text: str, num_shots: int) -> list[str]:
     return captions
 
 
-class _RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 class OpenAICaptioner:
     """Captions from a vision-language model behind an OpenAI-compatible ``/v1/chat/completions``.
 
     Frames go as JPEG data URLs (long side <= ``max_image_side``), grouped and labelled by shot; the
     prompt (``DEFAULT_PROMPT``; placeholders ``{num_shots}``, ``{durations}``, ``{cut_note}``) asks
-    for JSON with one caption per shot. Timeouts, connection errors, HTTP 429 and 5xx and malformed
-    answers are retried ``retries`` times with exponential backoff (``backoff_s`` * 2^attempt, or
-    the server's Retry-After); other 4xx fail at once. Failures raise ``CaptionError``.
+    for JSON with one caption per shot. The calls go through ``vlm_client.ChatClient``: timeouts,
+    connection errors, HTTP 429 and 5xx and malformed answers retried ``retries`` times with exponential
+    backoff (``backoff_s`` * 2^attempt, or the server's Retry-After), other 4xx failing at once, at most
+    ``max_requests_per_s`` requests a second (0: no limit), ``concurrency`` of them in flight through
+    ``submit``, and answers kept in ``use_cache``'s file so an identical request is never paid twice.
+    Failures raise ``CaptionError``.
     """
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout_s: float = 60.0,
                  retries: int = 3, backoff_s: float = 1.0, max_image_side: int = 512, prompt: str = DEFAULT_PROMPT,
                  max_tokens: int = 1024, temperature: float = 0.2, jpeg_quality: int = 90,
-                 api_key_env: str | None = None, extra_body: Mapping[str, Any] | None = None):
+                 api_key_env: str | None = None, extra_body: Mapping[str, Any] | None = None,
+                 max_requests_per_s: float = 0.0, concurrency: int = 1):
         for name, value, kind, bounds in (("timeout_s", timeout_s, float, (1e-3, 86400.0)),  # finite, in range
                 ("retries", retries, int, (0, 100)), ("backoff_s", backoff_s, float, (0.0, 3600.0)),
                 ("max_image_side", max_image_side, int, (16, 8192)), ("max_tokens", max_tokens, int, (1, 1 << 20)),
-                ("temperature", temperature, float, (0.0, 2.0)), ("jpeg_quality", jpeg_quality, int, (1, 100))):
+                ("temperature", temperature, float, (0.0, 2.0)), ("jpeg_quality", jpeg_quality, int, (1, 100)),
+                ("max_requests_per_s", max_requests_per_s, float, (0.0, 1e6)),
+                ("concurrency", concurrency, int, (1, 256))):
             check_number(f"caption.openai.{name}", value, kind, bounds)
         if api_key is None and api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ValueError(f"api_key_env={api_key_env!r} but that environment variable is not set.")
         self.endpoint = chat_completions_endpoint(url)
-        self.model, self.api_key = model, api_key
-        self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
+        self.model = model
+        self.client = ChatClient(self.endpoint, api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
+                                 max_requests_per_s=max_requests_per_s, concurrency=concurrency)
         self.max_image_side, self.prompt, self.jpeg_quality = int(max_image_side), prompt, int(jpeg_quality)
         self.max_tokens, self.temperature = int(max_tokens), float(temperature)
         self.extra_body = dict(extra_body or {})
@@ -233,68 +230,42 @@ class OpenAICaptioner:
         return {"model": self.model, "messages": [{"role": "user", "content": content}],
                 "max_tokens": self.max_tokens, "temperature": self.temperature, **self.extra_body}
 
-    def _post(self, data: bytes) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            body = e.read().decode("utf-8", "replace")[:500] if e.fp is not None else ""
-            message = f"{self.endpoint} answered HTTP {e.code}: {body!r}"
-            if e.code == 429 or e.code >= 500:
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                try:
-                    delay = min(float(retry_after), 60.0) if retry_after else None
-                except ValueError:
-                    delay = None
-                raise _RetryableError(message, delay) from None
-            hint = {401: " Check api_key.", 403: " Check api_key and its permissions.",
-                    404: " Check the url (the base ends in /v1) and the model name.",
-                    413: " Send fewer or smaller frames (max_image_side)."}.get(e.code, "")
-            raise CaptionError(message + hint) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise _RetryableError(f"{self.endpoint}: {type(reason).__name__}: {reason} "
-                                  f"(timeout_s={self.timeout_s})") from None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise _RetryableError(f"{self.endpoint} answered non-JSON: {raw[:300]!r}") from None
+    def use_cache(self, path: str | os.PathLike) -> None:
+        """Keeps every answer in ``path`` (JSON lines) and answers identical requests from it."""
+        self.client.cache = AnswerCache(path)
 
-    def _attempt(self, data: bytes, num_shots: int) -> str:
-        answer = self._post(data)
+    def _parse(self, answer: dict, num_shots: int) -> str:
         try:
             text = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise _RetryableError(f"{self.endpoint} answered without choices[0].message.content: "
-                                  f"{json.dumps(answer)[:300]}") from None
+            raise RetryableError(f"{self.endpoint} answered without choices[0].message.content: "
+                                 f"{json.dumps(answer)[:300]}") from None
         if isinstance(text, list):  # content given as parts
             text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
         try:
             return format_multishot_caption(parse_shot_answer(str(text or ""), num_shots))
         except ValueError as e:
-            raise _RetryableError(f"{self.endpoint} ({self.model}) gave a malformed answer: {e}") from None
+            raise RetryableError(f"{self.endpoint} ({self.model}) gave a malformed answer: {e}") from None
+
+    def _call(self, shot_frames: list[np.ndarray], sample: dict) -> tuple[bytes, Any, str]:
+        num_shots = len(sample_shots(sample))
+        data = json.dumps(self.request_body(shot_frames, sample)).encode("utf-8")
+        return data, lambda answer: self._parse(answer, num_shots), f"captioning {_sample_name(sample)}"
 
     def caption(self, shot_frames: list[np.ndarray], sample: dict) -> str:
         """The structured caption, from the server's per-shot captions (see the class doc)."""
-        num_shots = len(sample_shots(sample))
-        data = json.dumps(self.request_body(shot_frames, sample)).encode("utf-8")
-        last, delay = "", 0.0
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(delay)
-            try:
-                return self._attempt(data, num_shots)
-            except _RetryableError as e:
-                last = str(e)
-                delay = e.retry_after if e.retry_after is not None else self.backoff_s * 2 ** attempt
-                log.warning("captioning %s, attempt %d/%d failed: %s", sample.get("id"), attempt + 1,
-                            self.retries + 1, last)
-        raise CaptionError(f"no caption for {_sample_name(sample)} after {self.retries + 1} attempt(s); last "
-                           f"error: {last}")
+        return self.client.request(*self._call(shot_frames, sample))
+
+    def submit(self, shot_frames: list[np.ndarray], sample: dict) -> Future:
+        """``caption`` in flight: the request is built now (the frames can go), sent on the client's pool."""
+        return self.client.submit(*self._call(shot_frames, sample))
+
+    def close(self) -> None:
+        self.client.close()
+
+    @property
+    def concurrency(self) -> int:
+        return self.client.concurrency
 
 
 # --- Captions from a file ------------------------------------------------------------------------------
@@ -416,6 +387,33 @@ class FallbackCaptioner:
             log.warning("captioner %s failed for %s, using %s: %s", type(self.primary).__name__, sample.get("id"),
                         type(self.fallback).__name__, e)
             return self.fallback.caption(shot_frames, sample)
+
+    def submit(self, shot_frames: list[np.ndarray], sample: dict) -> Future:
+        """``caption`` in flight: the primary's request, its failure answered by the fallback when it comes."""
+        if not hasattr(self.primary, "submit"):
+            return completed_future(self.caption, shot_frames, sample)
+        result: Future = Future()
+
+        def settle(primary: Future) -> None:
+            try:
+                result.set_result(primary.result())
+            except CaptionError as e:
+                self.num_fallbacks += 1
+                log.warning("captioner %s failed for %s, using %s: %s", type(self.primary).__name__,
+                            sample.get("id"), type(self.fallback).__name__, e)
+                try:
+                    result.set_result(self.fallback.caption(shot_frames, sample))
+                except BaseException as fallback_error:  # noqa: BLE001 - the caller gets it from the future
+                    result.set_exception(fallback_error)
+            except BaseException as other:  # noqa: BLE001
+                result.set_exception(other)
+
+        self.primary.submit(shot_frames, sample).add_done_callback(settle)
+        return result
+
+    @property
+    def concurrency(self) -> int:
+        return getattr(self.primary, "concurrency", 1)
 
 
 KINDS = ("openai", "jsonl", "template")

@@ -32,6 +32,7 @@ from director_jax.io_utils import atomic_write_text
 log = logging.getLogger(__name__)
 
 SHOTS, MANIFEST, SKIPPED, SUMMARY, CLIPS = "shots.jsonl", "manifest.jsonl", "skipped.jsonl", "summary.json", "clips"
+CAPTION_CACHE = "caption_cache.jsonl"  # the VLM captioner's answers by request digest (curation/vlm_client.py)
 LOCK = ".lock"
 _CLIP_NAME = re.compile(r"^[0-9a-f]{16}\.mp4$")
 

@@ -2,10 +2,11 @@
 
 ``curate(inputs, out_dir, cfg)`` (the ``python -m director_jax.curate`` command) writes the layout of
 the data contract (``OUT/shots.jsonl``, ``manifest.jsonl``, ``skipped.jsonl``, ``clips/``,
-``summary.json``): the inputs are walked (``director_jax.curation.inputs``), each source not yet
-done is curated (``director_jax.curation.source``: two streaming decodes, the clips and their
-captions) and recorded (``director_jax.curation.outdir``: crash safety and resume), and the run's
-counts go to ``summary.json``.
+``summary.json``; with a VLM captioner also ``caption_cache.jsonl``, its answers, so a rerun pays for
+none twice): the inputs are walked (``director_jax.curation.inputs``), each source not yet done is
+curated (``director_jax.curation.source``: two streaming decodes, the clips and their captions) and
+recorded (``director_jax.curation.outdir``: crash safety and resume), and the run's counts go to
+``summary.json``.
 
 Before anything is written the inputs are walked: when none of them is a video to try (all
 missing, or directories without a file of a video extension) the run is refused (``UserError``)
@@ -35,7 +36,7 @@ from typing import Any
 from director_jax.curation import decode
 from director_jax.curation.captioners import make_captioner
 from director_jax.curation.inputs import Candidate, display_path, split_inputs, walk_inputs
-from director_jax.curation.outdir import SUMMARY, OutputDir, lock_output
+from director_jax.curation.outdir import CAPTION_CACHE, SUMMARY, OutputDir, lock_output
 from director_jax.curation.source import CurationSettings, SourceResult, curate_source
 from director_jax.errors import UserError
 from director_jax.io_utils import atomic_write_text
@@ -106,10 +107,21 @@ def curate(inputs: Sequence[str], out_dir: str | os.PathLike, cfg, *, captioner=
         return _curate_locked(candidates, out_dir, settings, captioner, progress, t0)
 
 
+def _vlm_client(captioner):
+    """The VLM captioner's ``ChatClient`` (inside a fallback too), or None for captioners that call no server."""
+    for c in (captioner, getattr(captioner, "primary", None)):
+        if hasattr(c, "use_cache"):
+            return c
+    return None
+
+
 def _curate_locked(candidates: list[Candidate], out_dir, settings: CurationSettings, captioner, progress: bool,
                    t0: float) -> dict:
     out = OutputDir(out_dir)
     recovered = out.recover()
+    vlm = _vlm_client(captioner)
+    if vlm is not None:  # answers kept: a rerun (after a crash, say) asks the server only what it never answered
+        vlm.use_cache(out.root / CAPTION_CACHE)
     if any(recovered.values()):
         log.info("recovered %s: %s", out.root, recovered)
     summary: dict[str, Any] = {
@@ -159,6 +171,9 @@ def _curate_locked(candidates: list[Candidate], out_dir, settings: CurationSetti
     finally:
         if bar is not None:
             bar.close()
+        if vlm is not None:
+            vlm.close()
+            summary["caption_requests"] = {"sent": vlm.client.calls, "from_cache": vlm.client.cache.hits}
         seconds = time.perf_counter() - t0
         summary["seconds"] = round(seconds, 3)
         summary["frames_per_second"] = round(summary["frames"] / max(seconds, 1e-9), 1)
@@ -206,4 +221,6 @@ def format_summary(summary: dict, out_dir: str | os.PathLike) -> str:
         f"samples: {sa['total']} ({sa['single_shot']} single-shot, {sa['multi_shot']} multi-shot)",
         f"frames: {summary['frames']} in {summary['seconds']:.1f} s ({summary['frames_per_second']:.0f} frames/s)",
         f"{out_dir}: {o['sources_done']} sources done, {o['sources_skipped']} skipped, {o['samples']} samples",
+        *([f"caption requests: {r['sent']} sent, {r['from_cache']} answered from {CAPTION_CACHE}"]
+          if (r := summary.get("caption_requests")) else []),
     ])

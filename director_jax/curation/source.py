@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from concurrent.futures import Future
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from director_jax.curation import assembly, decode, shots
 from director_jax.curation.outdir import CLIPS
+from director_jax.curation.vlm_client import completed_future
 from director_jax.data.captions import parse_multishot_caption
 
 
@@ -200,6 +202,9 @@ def _write_samples(path, source, info, samples, clip_size, settings, captioner, 
     written: list[Path] = []
     max_open = max_caption = decoded = 0
     stop = max(s.end for s in samples)
+    # samples whose captions are being made: up to twice the captioner's requests in flight, written in order
+    captioning: collections.deque[tuple[dict, Future, int]] = collections.deque()
+    window = 2 * int(getattr(captioner, "concurrency", 1))
     lines = spool.open("w", encoding="utf-8")
     try:
         for i, frame in enumerate(decode.iter_video_frames(path, stop=stop)):
@@ -226,12 +231,18 @@ def _write_samples(path, source, info, samples, clip_size, settings, captioner, 
             for o in [o for o in open_ if o.sample.end == i + 1]:
                 open_.remove(o)
                 written.append(o.writer.close())
-                lines.write(json.dumps(_manifest_line(o, source, info, clip_w, clip_h, captioner)) + "\n")
+                captioning.append(_manifest_line(o, source, info, clip_w, clip_h, captioner))
+                while len(captioning) > window:  # the oldest caption is needed before more are asked for
+                    _write_line(lines, *captioning.popleft())
         if pending or open_:
             raise decode.VideoReadError(path, "truncated", f"the clip pass ended after {decoded} frames")
+        while captioning:
+            _write_line(lines, *captioning.popleft())
         lines.close()
     except BaseException:
         lines.close()
+        for _, caption, _ in captioning:
+            caption.cancel()
         for o in open_:
             o.writer.abort()
         for f in written:  # orphans without manifest lines
@@ -240,15 +251,30 @@ def _write_samples(path, source, info, samples, clip_size, settings, captioner, 
     return decoded, max_open, max_caption
 
 
-def _manifest_line(o: _OpenSample, source: str, info: decode.VideoInfo, width: int, height: int, captioner) -> dict:
+def submit_caption(captioner, shot_frames: list[np.ndarray], sample: dict) -> Future:
+    """The captioner's ``submit`` where it has one (requests in flight), else its caption made now, as a Future."""
+    if hasattr(captioner, "submit"):
+        return captioner.submit(shot_frames, sample)
+    return completed_future(captioner.caption, shot_frames, sample)
+
+
+def _write_line(lines, line: dict, caption: Future, num_shots: int) -> None:
+    line["caption"] = _check_caption(caption.result(), num_shots, line["id"])
+    lines.write(json.dumps(line) + "\n")
+
+
+def _manifest_line(o: _OpenSample, source: str, info: decode.VideoInfo, width: int, height: int, captioner
+                   ) -> tuple[dict, Future, int]:
+    """The sample's manifest line, its caption asked for (a Future), and its shot count."""
     s = o.sample
     if o.writer.count != s.num_frames:
         raise RuntimeError(f"clip {o.id} got {o.writer.count} frames for a {s.num_frames}-frame sample (a bug).")
     building = {"id": o.id, "source": source, "start_frame": s.start, "end_frame": s.end, "fps": info.fps,
                 "cuts": s.cuts, "kind": s.kind, "shots": [list(seg) for seg in s.segments]}
     shot_frames = [np.stack(f) for f in o.shot_frames]
-    caption = _check_caption(captioner.caption(shot_frames, building), len(s.segments), o.id)
-    return {"id": o.id, "source": source, "start_frame": s.start, "end_frame": s.end, "fps": info.fps,
-            "cuts": s.cuts, "kind": s.kind, "caption": caption, "clip": f"{CLIPS}/{o.id}.mp4",
+    caption = submit_caption(captioner, shot_frames, building)
+    line = {"id": o.id, "source": source, "start_frame": s.start, "end_frame": s.end, "fps": info.fps,
+            "cuts": s.cuts, "kind": s.kind, "caption": None, "clip": f"{CLIPS}/{o.id}.mp4",
             "width": width, "height": height, "num_frames": s.num_frames,
             "keyframe_candidates": s.keyframe_candidates}
+    return line, caption, len(s.segments)
