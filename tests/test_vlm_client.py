@@ -69,11 +69,13 @@ def test_requests_in_flight_are_bounded_by_concurrency(counting, concurrency):
 
 def test_rate_limit_spaces_request_starts(counting):
     server = counting(ANSWER)
-    captioner = _captioner(server.url, concurrency=4, max_requests_per_s=20.0)
+    captioner = _captioner(server.url, concurrency=4, max_requests_per_s=5.0)
     futures = [captioner.submit(_shot_frames(), {**SAMPLE, "id": f"{k:016x}"}) for k in range(5)]
     [f.result(timeout=30) for f in futures]
-    gaps = np.diff(sorted(server.starts))
-    assert len(gaps) == 4 and gaps.min() >= 0.045  # 1 / 20 s apart (a loaded machine only spaces them more)
+    # started 0.2 s apart by the client; seen by the server with some jitter in transit (a busy machine)
+    starts = sorted(server.starts)
+    gaps = np.diff(starts)
+    assert len(gaps) == 4 and gaps.min() >= 0.1 and starts[-1] - starts[0] >= 0.7, gaps
 
 
 def test_answers_are_kept_and_an_identical_request_is_not_sent_again(counting, tmp_path):

@@ -200,8 +200,9 @@ class ChatClient:
         return self._pool.submit(self.request, data, parse, what)
 
     def close(self) -> None:
-        """Waits for the requests in flight and stops the pool (a later ``submit`` starts a new one)."""
+        """Drops the requests not yet started, waits for those in flight, stops the pool (a later ``submit``
+        starts a new one)."""
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
