@@ -98,14 +98,15 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def wait(self) -> None:
+        """Returns when this request may start: threads wait their turn, each at least ``1 / rate`` after the
+        previous one really started (a late wake-up delays the next start instead of bunching two)."""
         if not self.interval:
             return
         with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            time.sleep(start - now)
+            delay = self._next - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self._next = time.monotonic() + self.interval
 
 
 def completed_future(fn: Callable[..., str], *args) -> concurrent.futures.Future:
