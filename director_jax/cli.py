@@ -27,7 +27,8 @@ VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs (Orbax, ab
 
 # Loggers of libraries that speak at INFO on every checkpoint, compile or file open.
 _CHATTY = ("absl", "orbax", "jax", "jax._src", "tensorstore", "etils", "grain", "tensorflow_datasets", "fsspec",
-           "gcsfs", "urllib3", "google", "PIL", "matplotlib", "numexpr", "filelock", "httpx", "diffusers")
+           "gcsfs", "urllib3", "google", "PIL", "matplotlib", "numexpr", "filelock", "httpx", "diffusers",
+           "apache_beam")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

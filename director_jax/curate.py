@@ -1,7 +1,9 @@
 """``python -m director_jax.curate [--config configs/curate.py] --input FILES_OR_DIRS --out DIR [--config.a.b=v]``
 
 Cuts movies into shots, filters them, assembles single- and multi-shot samples and writes their
-clips, captions and manifest to DIR (the layout in ``director_jax.curation.pipeline``). ``--input`` may
+clips, captions and manifest to DIR (the layout in ``director_jax.curation.pipeline``). ``--runner direct
+--workers N`` runs the same work as an Apache Beam pipeline on N worker processes
+(``director_jax.curation.beam_pipeline``). ``--input`` may
 repeat and may hold comma-separated paths. Rerunning with the same ``--out`` resumes. Without
 ``--config`` the repository's ``configs/curate.py`` is used.
 
@@ -30,6 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "A curation config file (get_config()); default configs/curate.py.")
 _INPUT = flags.DEFINE_multi_string("input", [], "Video files or directories (repeatable, comma separated).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed when it holds a previous run).")
+_RUNNER = flags.DEFINE_string("runner", "", "Empty: the sources one after another in this process; 'direct': an "
+                              "Apache Beam pipeline on Beam's DirectRunner with --workers processes.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Worker processes of a --runner run.")
 
 
 def main(argv: list[str]) -> None:
@@ -45,10 +50,15 @@ def main(argv: list[str]) -> None:
     try:  # the config and the output location are checked before any video is read
         CurationSettings.from_config(cfg)
         captioner = build_captioner(cfg.caption)
+        runner = None
+        if _RUNNER.value:
+            from director_jax.curation.beam_pipeline import BeamRun  # apache-beam only for a --runner run
+
+            runner = BeamRun(_RUNNER.value, _WORKERS.value)
     except (TypeError, ValueError) as e:
         raise cli.UserError(str(e)) from e
     _check_out(Path(_OUT.value))
-    summary = curate(_INPUT.value, _OUT.value, cfg, captioner=captioner)  # inputs, then the lock, then the work
+    summary = curate(_INPUT.value, _OUT.value, cfg, captioner=captioner, runner=runner)  # inputs, lock, work
     print(format_summary(summary, _OUT.value))
 
 

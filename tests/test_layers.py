@@ -31,7 +31,9 @@ COMMAND_FLOOR = 8  # every package's __main__ is a command
 # The demo drives the trainer's Python API the way a user's script would (train/__main__ is inside train/).
 ALLOWED_UPWARD = {("demo", "train")}
 # Function-level imports of this package are allowed only for the optional PyTorch side (needs torch).
-LAZY_OK = ("director_jax.pytorch",)
+# imported inside functions on purpose: optional heavy dependencies (PyTorch; apache-beam, only for a --runner
+# curation run)
+LAZY_OK = ("director_jax.pytorch", "director_jax.curation.beam_pipeline")
 
 
 def _modules() -> dict[str, Path]:

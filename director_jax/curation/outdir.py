@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SHOTS, MANIFEST, SKIPPED, SUMMARY, CLIPS = "shots.jsonl", "manifest.jsonl", "skipped.jsonl", "summary.json", "clips"
 CAPTION_CACHE = "caption_cache.jsonl"  # the VLM captioner's answers by request digest (curation/vlm_client.py)
 LOCK = ".lock"
+COMMIT_LOCK = ".commit.lock"  # held while one source's lines are appended (Beam workers append from many processes)
 _CLIP_NAME = re.compile(r"^[0-9a-f]{16}\.mp4$")
 
 
@@ -76,6 +77,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _commit_lock(root: Path):
+    """An exclusive, blocking ``flock`` on ``root/.commit.lock`` for one source's appends (released on exit)."""
+    with open(root / COMMIT_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -173,7 +185,8 @@ class OutputDir:
         """Records ``source`` as skipped (``source_bytes``: the hex of a path whose name is not UTF-8)."""
         if source not in self.skipped:
             line = {"source": source, "reason": reason, **({"source_bytes": source_bytes} if source_bytes else {})}
-            _append(self.root / SKIPPED, [line])
+            with _commit_lock(self.root):
+                _append(self.root / SKIPPED, [line])
             self.skipped[source] = reason
             self._skip_lines[source] = line
 
@@ -186,12 +199,13 @@ class OutputDir:
     def add_source(self, shots_line: dict, spool: Path, num_samples: int) -> None:
         """The source's manifest lines (from its spool file), then its shots.jsonl line (which marks it done)."""
         _fsync_dir(self.clips)
-        if num_samples:
-            with spool.open("rb") as src, (self.root / MANIFEST).open("ab") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-        _append(self.root / SHOTS, [shots_line])
+        with _commit_lock(self.root):  # whole sources in the files, whichever process finishes first
+            if num_samples:
+                with spool.open("rb") as src, (self.root / MANIFEST).open("ab") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            _append(self.root / SHOTS, [shots_line])
         spool.unlink(missing_ok=True)
         self.done[shots_line["source"]] = shots_line
         self.num_samples += num_samples

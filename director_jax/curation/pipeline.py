@@ -25,21 +25,25 @@ would otherwise skip everything (``caption.fallback`` makes failed captions fall
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from director_jax.curation import decode
+from director_jax.curation.candidate import curate_candidate, merge_counts
 from director_jax.curation.captioners import make_captioner
 from director_jax.curation.inputs import Candidate, display_path, split_inputs, walk_inputs
 from director_jax.curation.outdir import CAPTION_CACHE, SUMMARY, OutputDir, lock_output
-from director_jax.curation.source import CurationSettings, SourceResult, curate_source
+from director_jax.curation.source import CurationSettings
 from director_jax.errors import UserError
 from director_jax.io_utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from director_jax.curation.beam_pipeline import BeamRun
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +89,12 @@ def plan_inputs(inputs: Sequence[str], out_dir: str | os.PathLike, extensions: f
 
 
 def curate(inputs: Sequence[str], out_dir: str | os.PathLike, cfg, *, captioner=None,
-           progress: bool | None = None) -> dict:
+           progress: bool | None = None, runner: BeamRun | None = None) -> dict:
     """Curates ``inputs`` (files and directories) into ``out_dir``; returns (and writes) the run's summary.
 
     Raises ``UserError`` before writing anything when the config is out of range, no input is a
-    video to try, or another run holds ``out_dir``'s lock.
+    video to try, or another run holds ``out_dir``'s lock. ``runner`` (``beam_pipeline.BeamRun``) curates the
+    sources as an Apache Beam pipeline on that runner instead of one after another in this process.
     """
     t0 = time.perf_counter()
     try:
@@ -104,7 +109,8 @@ def curate(inputs: Sequence[str], out_dir: str | os.PathLike, cfg, *, captioner=
             raise UserError(str(e)) from e
     progress = bool(cfg.get("progress", True)) if progress is None else progress
     with lock_output(out_dir):
-        return _curate_locked(candidates, out_dir, settings, captioner, progress, t0)
+        make_captioner = functools.partial(build_captioner, cfg.caption)  # for the workers of a Beam run
+        return _curate_locked(candidates, out_dir, settings, captioner, progress, t0, runner, make_captioner)
 
 
 def _vlm_client(captioner):
@@ -116,7 +122,7 @@ def _vlm_client(captioner):
 
 
 def _curate_locked(candidates: list[Candidate], out_dir, settings: CurationSettings, captioner, progress: bool,
-                   t0: float) -> dict:
+                   t0: float, runner: BeamRun | None = None, make_captioner=None) -> dict:
     out = OutputDir(out_dir)
     recovered = out.recover()
     vlm = _vlm_client(captioner)
@@ -132,37 +138,27 @@ def _curate_locked(candidates: list[Candidate], out_dir, settings: CurationSetti
         "max_open_samples": 0, "max_caption_frames": 0, "recovered": recovered,
     }
     src, shot_counts = summary["sources"], summary["shots"]
+    if runner is not None:  # the Beam workers build their own captioners (one per worker process)
+        vlm = None
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(candidates), unit="source", desc="curate", position=0, dynamic_ncols=True)
     try:
+        todo = [c for c in candidates if c.reason is None and c.source not in out.done | out.skipped.keys()]
+        if runner is not None and todo:
+            from director_jax.curation.beam_pipeline import run_beam  # apache-beam only for a --runner run
+
+            for delta in run_beam(todo, out, settings, runner, make_captioner):
+                merge_counts(summary, delta)
+            if bar is not None:
+                bar.update(len(todo))
+            out.recover()  # this process's view of what the workers recorded (nothing to repair after a clean run)
+            done_by_beam = {c.source for c in todo}
+            candidates = [c for c in candidates if c.source not in done_by_beam]  # the rest: counted or skipped
         for c in candidates:
-            if c.source in out.done:
-                src["already_done"] += 1
-            elif c.source in out.skipped:
-                src["already_skipped"] += 1
-            elif c.reason is not None:
-                _skip(out, src, c, c.reason, c.detail)
-            else:
-                spool = out.spool()
-                try:
-                    result = curate_source(c.path, c.source, settings, captioner, out.clips, spool, progress)
-                except decode.VideoReadError as e:
-                    spool.unlink(missing_ok=True)
-                    _skip(out, src, c, e.reason, e.detail)
-                except BaseException:
-                    spool.unlink(missing_ok=True)
-                    raise
-                else:
-                    if c.source_bytes is not None:
-                        result.shots_line["source_bytes"] = c.source_bytes
-                    out.add_source(result.shots_line, spool, sum(result.samples.values()))
-                    _count(summary, result)
-                    log.info("%s: %d frames, %d shots (%d kept), %d samples", c.source,
-                             result.shots_line["num_frames"], len(result.verdicts),
-                             len(result.shots_line["kept_shots"]), sum(result.samples.values()))
+            merge_counts(summary, curate_candidate(c, out, settings, captioner, progress))
             if bar is not None:
                 bar.update(1)
                 seconds = time.perf_counter() - t0
@@ -183,29 +179,6 @@ def _curate_locked(candidates: list[Candidate], out_dir, settings: CurationSetti
         shot_counts["dropped"] = dict(sorted(shot_counts["dropped"].items()))
         atomic_write_text(out.root / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _skip(out: OutputDir, src: dict, c: Candidate, reason: str, detail: str) -> None:
-    detail = display_path(detail) if detail else ""  # an FFmpeg message may quote a name that is not UTF-8
-    log.warning("skipping %s: %s%s", c.source, reason, f" ({detail})" if detail else "")
-    out.add_skipped(c.source, reason, c.source_bytes)
-    src["skipped"][reason] = src["skipped"].get(reason, 0) + 1
-
-
-def _count(summary: dict, result: SourceResult) -> None:
-    summary["sources"]["done"] += 1
-    summary["frames"] += result.shots_line["num_frames"]
-    summary["frames_decoded"] += result.frames_decoded
-    summary["max_open_samples"] = max(summary["max_open_samples"], result.max_open_samples)
-    summary["max_caption_frames"] = max(summary["max_caption_frames"], result.max_caption_frames)
-    for v in result.verdicts:
-        if v.reason is None:
-            summary["shots"]["kept"] += 1
-        else:
-            summary["shots"]["dropped"][v.reason] = summary["shots"]["dropped"].get(v.reason, 0) + 1
-    for kind, n in result.samples.items():
-        summary["samples"][kind] += n
-        summary["samples"]["total"] += n
 
 
 def format_summary(summary: dict, out_dir: str | os.PathLike) -> str:

@@ -17,6 +17,7 @@ The VLM captioner (``captioners.OpenAICaptioner``) builds one request per sample
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import http.client
 import json
@@ -84,9 +85,11 @@ class AnswerCache:
                 line, self._torn = "\n" + line, False
             self.answers[key] = answer
             with self.path.open("a", encoding="utf-8") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # whole lines when several worker processes share the file
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class RateLimiter:
