@@ -9,8 +9,9 @@ the in-process loop. Per-element failures of a video are skips (``skipped.jsonl`
 per-source counts come back to the driver, which merges them into ``summary.json``.
 
 The runner is Beam's ``DirectRunner``: ``multi_processing`` with ``--workers`` processes, or in this
-process (``in_memory``) for one. Outputs equal the in-process command's (the same samples, cut frames and
-clip bytes; line order follows completion). Running on Dataflow, Flink or Spark needs the output directory's
+process (``in_memory``) for one. Outputs equal the in-process command's (the same samples and cut frames;
+line order follows completion; clips equal up to the H.264 encoder, whose bytes differ from run to run even in
+one process). Running on Dataflow, Flink or Spark needs the output directory's
 appends and locks on a shared filesystem, which object stores (gs://) do not give: not supported yet.
 """
 
